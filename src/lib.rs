@@ -1,0 +1,5 @@
+//! frontdesk: every client message in one durable queue, SLA clocks, digests through one channel.
+//!
+//! Modules in reading order; `ARCHITECTURE.md` has the map and the invariants.
+
+pub mod message;

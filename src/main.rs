@@ -1,0 +1,3 @@
+//! The `frontdesk` command line.
+
+fn main() {}
