@@ -1,0 +1,4 @@
+//! The single integration-test binary: each module is one area, run against real servers.
+
+mod rig;
+mod rig_smoke;
