@@ -137,10 +137,6 @@ impl TestDaemon {
         self.dir.path().join("frontdesk.db")
     }
 
-    /// Path inside the state directory.
-    pub fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
 }
 
 impl Drop for TestDaemon {
