@@ -136,7 +136,6 @@ impl TestDaemon {
     pub fn db(&self) -> PathBuf {
         self.dir.path().join("frontdesk.db")
     }
-
 }
 
 impl Drop for TestDaemon {
