@@ -6,3 +6,4 @@ mod daemon;
 mod rig;
 mod rig_smoke;
 mod support;
+mod systemd;
