@@ -6,6 +6,7 @@
 //! Readers use their own pool and never block the writer.
 
 mod messages;
+pub mod webhook;
 
 pub use messages::{Ingested, MessageFilter, StoredMessage};
 
