@@ -74,11 +74,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let app = http::router(state);
     let server_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
-            .await
-    });
+    let header_timeout = config_rx.borrow().server.header_timeout;
+    let server = tokio::spawn(http::serve(listener, app, header_timeout, server_shutdown));
 
     // READY only now: config valid, secrets read, store open and migrated, listener bound.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);

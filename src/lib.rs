@@ -7,5 +7,6 @@ pub mod config;
 pub mod daemon;
 pub mod health;
 pub mod http;
+pub mod ingest;
 pub mod message;
 pub mod store;

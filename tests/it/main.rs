@@ -8,3 +8,4 @@ mod rig;
 mod rig_smoke;
 mod support;
 mod systemd;
+mod webhook;
