@@ -4,3 +4,4 @@
 
 pub mod digest;
 pub mod message;
+pub mod notify;
