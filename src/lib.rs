@@ -2,6 +2,11 @@
 //!
 //! Modules in reading order; `ARCHITECTURE.md` has the map and the invariants.
 
+pub mod cli_text;
+pub mod config;
+pub mod daemon;
 pub mod digest;
+pub mod http;
 pub mod message;
 pub mod notify;
+pub mod store;
