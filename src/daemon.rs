@@ -32,6 +32,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         accepting: accepting.clone(),
     };
 
+    let sender = crate::notify::Sender::new(store.clone(), config.clone())
+        .context("cannot set up the output channels")?;
+    tracker.spawn(sender.run(shutdown.clone()));
+
     let app = http::router(state);
     let server_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {

@@ -4,8 +4,11 @@
 //! item and says whether a failure is worth retrying. Every send runs under an overall timeout,
 //! because lettre's own timeout covers only the connect (stack.md §5.3).
 
+pub mod sender;
 pub mod smtp;
 pub mod webhook;
+
+pub use sender::{RoundReport, Sender};
 
 use std::time::Duration;
 
@@ -93,6 +96,71 @@ impl Channel {
         match self {
             Channel::Email(c) => &c.name,
             Channel::Webhook(c) => &c.name,
+        }
+    }
+
+    /// Builds a channel from its validated configuration (no network access yet).
+    pub fn from_config(c: &crate::config::Channel) -> Result<Channel, String> {
+        use crate::config::{
+            ChannelKind, EmailTransport as CfgTransport, TlsMode, WebhookChannelKind,
+        };
+        match &c.kind {
+            ChannelKind::Email(e) => {
+                let (transport, send_timeout) = match &e.transport {
+                    CfgTransport::File(dir) => (
+                        smtp::EmailTransport::File(dir.clone()),
+                        Duration::from_secs(30),
+                    ),
+                    CfgTransport::Smtp(s) => (
+                        smtp::EmailTransport::Smtp(smtp::SmtpSettings {
+                            host: s.host.clone(),
+                            port: Some(s.port),
+                            tls: match s.tls {
+                                TlsMode::Implicit => smtp::SmtpTls::Implicit,
+                                TlsMode::Starttls => smtp::SmtpTls::StartTls,
+                                TlsMode::None => smtp::SmtpTls::None,
+                            },
+                            ca_file: s.ca_file.clone(),
+                            username: s.username.clone(),
+                            password: s.password.as_ref().map(|p| p.expose().to_string()),
+                            connect_timeout: s.timeout.min(Duration::from_secs(30)),
+                        }),
+                        s.timeout,
+                    ),
+                };
+                smtp::EmailChannel::new(&smtp::EmailSettings {
+                    name: c.name.clone(),
+                    transport,
+                    from: e.from.clone(),
+                    to: e.to.clone(),
+                    reply_to: e.reply_to.clone(),
+                    send_timeout,
+                })
+                .map(Channel::Email)
+                .map_err(|e| e.to_string())
+            }
+            ChannelKind::Webhook(w) => webhook::WebhookChannel::new(&webhook::WebhookSettings {
+                name: c.name.clone(),
+                kind: match w.kind {
+                    WebhookChannelKind::Slack => webhook::WebhookKind::Slack,
+                    WebhookChannelKind::Teams => webhook::WebhookKind::Teams,
+                    WebhookChannelKind::Discord => webhook::WebhookKind::Discord,
+                    WebhookChannelKind::Json => webhook::WebhookKind::Json,
+                },
+                url: w.url.expose().to_string(),
+                signing_secret: w.secret.as_ref().map(|s| s.expose().to_string()),
+                send_timeout: w.timeout,
+            })
+            .map(Channel::Webhook)
+            .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The overall limit of one send on this channel.
+    pub fn send_timeout(&self) -> Duration {
+        match self {
+            Channel::Email(c) => c.send_timeout,
+            Channel::Webhook(c) => c.send_timeout,
         }
     }
 
