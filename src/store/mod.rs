@@ -163,3 +163,6 @@ pub(crate) fn from_ms(ms: i64) -> DateTime<Utc> {
         .single()
         .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
 }
+
+#[cfg(test)]
+mod tests;
