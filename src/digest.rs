@@ -24,7 +24,7 @@ const ERROR_CHARS: usize = 120;
 /// Longest list of conversation lines per section; the rest is summarised as "and N more".
 const MAX_LINES: usize = 25;
 /// Longest list of client names in the one-line sections.
-const MAX_NAMES: usize = 8;
+const MAX_NAMES: usize = 10;
 /// The statistics window ("this week") and its baseline (the four weeks before it).
 const STATS_WEEK: TimeDelta = TimeDelta::days(7);
 const STATS_BASELINE: TimeDelta = TimeDelta::days(28);
@@ -753,6 +753,11 @@ pub fn clean_line(s: &str, max_chars: usize) -> String {
         }
         if pending_space {
             if chars + 1 >= max_chars {
+                // No room for the space and another character: end with the ellipsis, replacing
+                // the last character when the line is already full.
+                if chars >= max_chars {
+                    out.pop();
+                }
                 out.push('…');
                 return out;
             }

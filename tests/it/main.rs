@@ -3,6 +3,7 @@
 
 mod config_check;
 mod daemon;
+mod digest;
 mod rig;
 mod rig_smoke;
 mod support;
