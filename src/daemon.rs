@@ -72,6 +72,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         wake_core: shared.wake_core.clone(),
     };
 
+    // Build the channels once up front so a broken channel fails the start, not the first send.
+    crate::notify::Sender::new(store.clone(), config_rx.borrow().clone())
+        .context("cannot set up the output channels")?;
+    tracker.spawn(sender_task(shared.clone()));
+
     let app = http::router(state);
     let server_shutdown = shutdown.clone();
     let header_timeout = config_rx.borrow().server.header_timeout;
@@ -137,6 +142,46 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Runs the outbox sender, rebuilding it whenever a reload replaces the configuration.
+///
+/// A generation is stopped only between rounds (its `run` checks the token while sleeping), so a
+/// send in progress finishes and is recorded before the new channels take over.
+async fn sender_task(shared: Shared) {
+    let mut config = shared.config.clone();
+    loop {
+        let current = config.borrow_and_update().clone();
+        let generation = shared.shutdown.child_token();
+        match crate::notify::Sender::new(shared.store.clone(), current) {
+            Ok(sender) => {
+                let handle = tokio::spawn(sender.run(generation.clone()));
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => {
+                        let _ = handle.await;
+                        return;
+                    }
+                    changed = config.changed() => {
+                        generation.cancel();
+                        let _ = handle.await;
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "output channels not usable; waiting for a config reload");
+                shared
+                    .health
+                    .failed("sender", &e.to_string(), chrono::Utc::now());
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => return,
+                    changed = config.changed() => if changed.is_err() { return },
+                }
+            }
+        }
+    }
 }
 
 /// Re-reads the config file: a valid one replaces the old, an invalid one is logged and ignored.

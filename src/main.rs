@@ -68,6 +68,33 @@ enum Command {
         /// bash, zsh, fish, elvish or powershell
         shell: clap_complete::Shell,
     },
+    /// Show the digest that would go out now (--preview) or send it now through the outbox (--send)
+    Digest {
+        /// Print the digest instead of sending it
+        #[arg(long, conflicts_with = "send", required_unless_present = "send")]
+        preview: bool,
+        /// Send it now through the outbox
+        #[arg(long)]
+        send: bool,
+        /// text or html (preview only)
+        #[arg(long, value_enum, default_value_t = DigestFormat::Text)]
+        format: DigestFormat,
+        /// Only this owner's digest (their conversations plus unowned ones)
+        #[arg(long)]
+        owner: Option<String>,
+        /// Which configured digest (default: the first)
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+/// How `digest --preview` prints.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DigestFormat {
+    /// The text part, with the subject on top
+    Text,
+    /// The HTML part
+    Html,
 }
 
 /// A failure with the exit code it maps to.
@@ -230,6 +257,17 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             runtime()?.block_on(frontdesk::daemon::run(loaded.config))?;
             Ok(())
         }
+        Command::Digest {
+            preview: _,
+            send,
+            format,
+            owner,
+            name,
+        } => {
+            let path = config::resolve_path(cli.config.as_deref());
+            let loaded = load_config(&path)?;
+            runtime()?.block_on(digest_command(loaded.config, send, format, owner, name))
+        }
         Command::Messages {
             json,
             source,
@@ -258,6 +296,73 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             })
         }
     }
+}
+
+async fn digest_command(
+    config: config::Config,
+    send: bool,
+    format: DigestFormat,
+    owner: Option<String>,
+    name: Option<String>,
+) -> Result<(), Failure> {
+    use frontdesk::notify::Sender;
+    let store = open_store(&config).await?;
+    let sender = Sender::new(store, std::sync::Arc::new(config)).map_err(anyhow::Error::from)?;
+    let now = chrono::Utc::now();
+    if send {
+        let ids = sender
+            .enqueue_digest_now(name.as_deref(), owner.as_deref(), now)
+            .await
+            .map_err(anyhow::Error::from)?;
+        let report = sender
+            .send_due_only(now, Some(&ids))
+            .await
+            .map_err(anyhow::Error::from)?;
+        emit(&format!(
+            "digest: {} queued, {} sent, {} to retry, {} failed\n",
+            ids.len(),
+            report.sent,
+            report.retried,
+            report.failed
+        ));
+        if report.sent == ids.len() {
+            return Ok(());
+        }
+        return Err(Failure {
+            code: 1,
+            message: "not every digest was accepted; see the log (retries continue in the daemon)"
+                .into(),
+        });
+    }
+    let schedule = sender
+        .schedule(name.as_deref())
+        .map_err(anyhow::Error::from)?;
+    let since =
+        frontdesk::notify::sender::previous_occurrence(&schedule.schedule, sender_tz(&sender), now)
+            .unwrap_or(now - chrono::TimeDelta::days(1));
+    let input = sender
+        .digest_input(since, now)
+        .await
+        .map_err(anyhow::Error::from)?;
+    let target = frontdesk::notify::sender::DigestTarget {
+        owner,
+        recipient: String::new(),
+    };
+    let rendered = sender
+        .render_digest(&input, &target, now)
+        .map_err(anyhow::Error::from)?;
+    match format {
+        DigestFormat::Text => emit(&format!(
+            "Subject: {}\n\n{}",
+            rendered.subject, rendered.text
+        )),
+        DigestFormat::Html => emit(&rendered.html),
+    }
+    Ok(())
+}
+
+fn sender_tz(sender: &frontdesk::notify::Sender) -> chrono_tz::Tz {
+    sender.timezone()
 }
 
 async fn open_store(config: &config::Config) -> Result<Store, Failure> {

@@ -5,10 +5,14 @@
 //! writes inside the process; `BEGIN IMMEDIATE` serializes them against other processes (the CLI).
 //! Readers use their own pool and never block the writer.
 
+mod digest;
 mod messages;
+mod outbox;
 pub mod webhook;
 
+pub use digest::SourceRef;
 pub use messages::{Ingested, MessageFilter, StoredMessage};
+pub use outbox::{NewOutboxItem, OutboxRow, insert_alert_event};
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

@@ -4,6 +4,7 @@
 mod config_check;
 mod daemon;
 mod deploy;
+mod digest;
 mod rig;
 mod rig_smoke;
 mod support;
