@@ -2,4 +2,5 @@
 //!
 //! Modules in reading order; `ARCHITECTURE.md` has the map and the invariants.
 
+pub mod ingest;
 pub mod message;
