@@ -2,5 +2,10 @@
 //!
 //! Modules in reading order; `ARCHITECTURE.md` has the map and the invariants.
 
+pub mod cli_text;
+pub mod config;
+pub mod daemon;
+pub mod http;
 pub mod ingest;
 pub mod message;
+pub mod store;

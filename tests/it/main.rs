@@ -1,5 +1,9 @@
-//! The single integration-test binary: each module is one area, run against real servers.
+//! The one integration-test binary: each module is one area, run against real processes, real
+//! HTTP and real mail servers on loopback.
 
+mod config_check;
+mod daemon;
 mod email_golden;
 mod rig;
 mod rig_smoke;
+mod support;
