@@ -40,6 +40,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .await
     });
 
+    // one task per IMAP source; `core` is woken after new rows are committed
+    let core = Arc::new(tokio::sync::Notify::new());
+    for source in crate::ingest::imap::sources(&config, &store, None) {
+        tracker.spawn(crate::ingest::imap::run(
+            source,
+            core.clone(),
+            shutdown.clone(),
+        ));
+    }
+
     // READY only now: config valid, store open and migrated, listener bound, secrets read.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 

@@ -72,6 +72,11 @@ pub fn synthesized_message_id(raw: &[u8]) -> String {
 /// The Message-ID a raw message would be stored under, without normalizing the whole message
 /// (headers only): used to fingerprint messages after a UIDVALIDITY change.
 pub fn fingerprint(raw: &[u8]) -> String {
+    message_id_of(raw).unwrap_or_else(|| synthesized_message_id(raw))
+}
+
+/// The Message-ID in a message's header (or a header-only fetch), without angle brackets.
+pub fn message_id_of(raw: &[u8]) -> Option<String> {
     catch_unwind(AssertUnwindSafe(|| {
         MessageParser::default()
             .parse_headers(raw)
@@ -79,7 +84,6 @@ pub fn fingerprint(raw: &[u8]) -> String {
     }))
     .ok()
     .flatten()
-    .unwrap_or_else(|| synthesized_message_id(raw))
 }
 
 /// What `extract` found; `reasons` lists what could not be understood.

@@ -5,8 +5,10 @@
 //! writes inside the process; `BEGIN IMMEDIATE` serializes them against other processes (the CLI).
 //! Readers use their own pool and never block the writer.
 
+mod imap;
 mod messages;
 
+pub use imap::{AccountedKind, AccountedUid, BatchOutcome, FolderLedger, ImapCursor, SourceHealth};
 pub use messages::{Ingested, MessageFilter, StoredMessage};
 
 use std::path::{Path, PathBuf};
