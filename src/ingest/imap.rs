@@ -249,9 +249,19 @@ pub async fn connect(cfg: &ImapSource) -> Result<(Session, bool), ImapError> {
             what: "tls handshake",
             secs,
         })?
-        .map_err(|e| ImapError::Tls {
-            host: cfg.host.clone(),
-            reason: e.to_string(),
+        .map_err(|e| {
+            // the socket's read timeout surfaces as an io error inside the handshake
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                ImapError::Timeout {
+                    what: "tls handshake",
+                    secs,
+                }
+            } else {
+                ImapError::Tls {
+                    host: cfg.host.clone(),
+                    reason: e.to_string(),
+                }
+            }
         })
     };
 

@@ -4,6 +4,7 @@
 mod config_check;
 mod daemon;
 mod email_golden;
+mod imap;
 mod rig;
 mod rig_smoke;
 mod support;
