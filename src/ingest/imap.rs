@@ -525,7 +525,7 @@ impl SourceCtx {
             // UIDs accounted for ahead of the cursor (UIDVALIDITY matches) are not fetched again
             let known = self
                 .store
-                .imap_known_uids(&self.name, &folder.name, uid_validity)
+                .imap_accounted_above(&self.name, &folder.name, uid_validity, cursor.last_uid)
                 .await?;
             let total = listed.len() as u64;
             let mut done = 0u64;
@@ -1036,6 +1036,7 @@ fn drain_unsolicited(session: &mut Session) -> bool {
 async fn idle_wait(
     mut session: Session,
     folder: &str,
+    last_uid: u32,
     segment: Duration,
     t: Duration,
     shutdown: &CancellationToken,
@@ -1047,6 +1048,12 @@ async fn idle_wait(
     if drain_unsolicited(&mut session) {
         return Ok((session, Wake::Check));
     }
+    // mail that arrived after the last listing is in no EXISTS we will see: look once more
+    let newer = list_uids_above(&mut session, last_uid, t).await?;
+    if newer {
+        return Ok((session, Wake::Check));
+    }
+    let unsolicited = session.unsolicited_responses.clone();
     let mut idle = session.idle();
     tokio::time::timeout(t, idle.init())
         .await
@@ -1055,9 +1062,19 @@ async fn idle_wait(
             secs: t.as_secs(),
         })?
         .map_err(protocol("idle", t))?;
+    // an EXISTS sent while IDLE started goes to the unsolicited channel, not to the wait below
+    let mut arrived = false;
+    while let Ok(r) = unsolicited.try_recv() {
+        arrived |= matches!(
+            r,
+            UnsolicitedResponse::Exists(_) | UnsolicitedResponse::Recent(_)
+        );
+    }
     // keepalives come every few minutes at most: silence is handled by IDLE_SILENCE instead
     set_read_timeout(idle.as_mut(), None);
-    let wake = {
+    let wake = if arrived {
+        Wake::Check
+    } else {
         let (wait, _stop) = idle.wait_with_timeout(IDLE_SILENCE);
         tokio::select! {
             r = wait => { r.map_err(protocol("idle", t))?; Wake::Check }
@@ -1069,6 +1086,22 @@ async fn idle_wait(
     // DONE must be answered within the read timeout: this is what detects a dead link
     let session = idle.done().await.map_err(protocol("idle done", t))?;
     Ok((session, wake))
+}
+
+/// True when the selected folder has a UID above `last_uid` (`UID FETCH n:*`, filtered).
+async fn list_uids_above(
+    session: &mut Session,
+    last_uid: u32,
+    t: Duration,
+) -> Result<bool, ImapError> {
+    let fetches: Vec<Fetch> = session
+        .uid_fetch(format!("{}:*", last_uid.saturating_add(1)), "(UID)")
+        .await
+        .map_err(protocol("uid fetch", t))?
+        .try_collect()
+        .await
+        .map_err(protocol("uid fetch", t))?;
+    Ok(fetches.iter().any(|f| f.uid.is_some_and(|u| u > last_uid)))
 }
 
 /// The source task of `frontdesk run`: sync, then IDLE (or poll), forever; reconnects with
@@ -1142,7 +1175,12 @@ async fn watch(
                 } else {
                     IDLE_REFRESH
                 };
-                let (s, wake) = idle_wait(session, folder, segment, t, shutdown).await?;
+                let last_uid = ctx
+                    .store
+                    .imap_cursor(&ctx.name, folder)
+                    .await?
+                    .map_or(0, |c| c.last_uid);
+                let (s, wake) = idle_wait(session, folder, last_uid, segment, t, shutdown).await?;
                 session = s;
                 if let Wake::Shutdown = wake {
                     let _ = tokio::time::timeout(t, session.logout()).await;

@@ -247,6 +247,30 @@ impl Store {
         Ok(known)
     }
 
+    /// UIDs above `last_uid` already accounted for without a row (matched after a UIDVALIDITY
+    /// change): the incremental pass skips them. Message rows never lie above the cursor.
+    pub async fn imap_accounted_above(
+        &self,
+        source: &str,
+        folder: &str,
+        uid_validity: u32,
+        last_uid: u32,
+    ) -> Result<HashSet<u32>, Error> {
+        let rows: Vec<(i64,)> = sqlx::query_as(
+            "SELECT uid FROM imap_accounted WHERE source = ? AND folder = ? AND uid_validity = ? AND uid > ?",
+        )
+        .bind(source)
+        .bind(folder)
+        .bind(i64::from(uid_validity))
+        .bind(i64::from(last_uid))
+        .fetch_all(self.reader())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(u,)| u32::try_from(u).ok())
+            .collect())
+    }
+
     /// How many rows of this folder (any UIDVALIDITY) carry each Message-ID: the fingerprints a
     /// UIDVALIDITY change is reconciled against.
     pub async fn imap_folder_fingerprints(
