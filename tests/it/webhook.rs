@@ -100,7 +100,11 @@ impl Daemon {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("daemon exited early: {status}; log:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "daemon not listening; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "daemon not listening; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -504,7 +508,8 @@ fn credential_mutants(c: &Case) -> Vec<Vec<(&'static str, String)>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scheme_verifies_vectors_and_rejects_mutations() {
     let tmp = tempfile::tempdir().unwrap();
-    let sources = all_schemes_sources(tmp.path()).replace("{dir}", &tmp.path().display().to_string());
+    let sources =
+        all_schemes_sources(tmp.path()).replace("{dir}", &tmp.path().display().to_string());
     let d = Daemon::start(&sources, None, "");
     for c in vector_cases() {
         let r = request(d.port, &c.path, &c.headers, &c.body).await;
@@ -514,7 +519,12 @@ async fn every_scheme_verifies_vectors_and_rejects_mutations() {
         assert_eq!(before, 1, "{}", c.source);
         // The same delivery again: same id, no new row.
         let again = request(d.port, &c.path, &c.headers, &c.body).await;
-        assert_eq!((again.status, reply_id(&again)), (200, id), "{} repeat", c.source);
+        assert_eq!(
+            (again.status, reply_id(&again)),
+            (200, id),
+            "{} repeat",
+            c.source
+        );
         if c.body_signed {
             for bit in [0, c.body.len() / 2, c.body.len() - 1] {
                 let r = request(d.port, &c.path, &c.headers, &flip(&c.body, bit)).await;
@@ -550,7 +560,8 @@ async fn every_scheme_verifies_vectors_and_rejects_mutations() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn window_rotation_and_status_codes() {
     let tmp = tempfile::tempdir().unwrap();
-    let sources = all_schemes_sources(tmp.path()).replace("{dir}", &tmp.path().display().to_string());
+    let sources =
+        all_schemes_sources(tmp.path()).replace("{dir}", &tmp.path().display().to_string());
     let d = Daemon::start(&sources, None, "");
     let body = br#"{"type":"contact.created","data":{"email":"w@x.test"}}"#;
     let now = now_secs();
@@ -560,20 +571,37 @@ async fn window_rotation_and_status_codes() {
         ("w-ok-old", now - 290, 200),
         ("w-ok-future", now + 290, 200),
     ] {
-        let r = request(d.port, "/hooks/sw-now", &sw_headers(SW_SECRET, id, ts, body), body).await;
+        let r = request(
+            d.port,
+            "/hooks/sw-now",
+            &sw_headers(SW_SECRET, id, ts, body),
+            body,
+        )
+        .await;
         assert_eq!(r.status, want, "{id}: {r:?}");
     }
     // Two secrets configured: both sign valid requests; a list with one bad signature passes.
     for (i, secret) in [SW_OTHER, SW_SECRET].iter().enumerate() {
         let id = format!("rot-{i}");
-        let r = request(d.port, "/hooks/sw", &sw_headers(secret, &id, now, body), body).await;
+        let r = request(
+            d.port,
+            "/hooks/sw",
+            &sw_headers(secret, &id, now, body),
+            body,
+        )
+        .await;
         assert_eq!(r.status, 200, "secret {i}");
     }
     let mut h = sw_headers(SW_SECRET, "rot-list", now, body);
     h[3].1 = format!("v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA= {}", h[3].1);
     assert_eq!(request(d.port, "/hooks/sw", &h, body).await.status, 200);
     // Unknown key set on the sender side -> 401, never 403/406/410.
-    let h = sw_headers("whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "rot-bad", now, body);
+    let h = sw_headers(
+        "whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "rot-bad",
+        now,
+        body,
+    );
     let r = request(d.port, "/hooks/sw", &h, body).await;
     assert_eq!(r.status, 401);
     // Missing required field -> 422 naming the field and pointer.
@@ -581,13 +609,20 @@ async fn window_rotation_and_status_codes() {
     let sig = format!("sha256={}", hex::encode(hmac256(b"s3cret", &[hm])));
     let r = request(d.port, "/hooks/hm", &[("x-signature", sig)], hm).await;
     assert_eq!(r.status, 422);
-    assert!(r.body.contains("from") && r.body.contains("/from"), "{}", r.body);
+    assert!(
+        r.body.contains("from") && r.body.contains("/from"),
+        "{}",
+        r.body
+    );
     // Slack url_verification is answered, nothing stored.
     let ch = br#"{"type":"url_verification","challenge":"abc123"}"#;
     let ts = now.to_string();
     let sig = format!(
         "v0={}",
-        hex::encode(hmac256(SLACK_SECRET.as_bytes(), &[format!("v0:{ts}:").as_bytes(), ch]))
+        hex::encode(hmac256(
+            SLACK_SECRET.as_bytes(),
+            &[format!("v0:{ts}:").as_bytes(), ch]
+        ))
     );
     let r = request(
         d.port,
@@ -608,7 +643,8 @@ async fn window_rotation_and_status_codes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_identical_deliveries_make_one_row() {
     let tmp = tempfile::tempdir().unwrap();
-    let sources = all_schemes_sources(tmp.path()).replace("{dir}", &tmp.path().display().to_string());
+    let sources =
+        all_schemes_sources(tmp.path()).replace("{dir}", &tmp.path().display().to_string());
     let d = Daemon::start(&sources, None, "");
     let body: &'static [u8] = br#"{"type":"t","data":{"email":"dup@x.test"}}"#;
     let h = Arc::new(sw_headers(SW_SECRET, "msg_dup", now_secs(), body));
@@ -633,7 +669,8 @@ async fn fifty_concurrent_identical_deliveries_make_one_row() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_catalogue() {
     let tmp = tempfile::tempdir().unwrap();
-    let sources = all_schemes_sources(tmp.path()).replace("{dir}", &tmp.path().display().to_string());
+    let sources =
+        all_schemes_sources(tmp.path()).replace("{dir}", &tmp.path().display().to_string());
     let d = Daemon::start(&sources, None, "  header_timeout: 2s\n");
     let port = d.port;
 
@@ -660,8 +697,7 @@ async fn bad_input_catalogue() {
             break;
         }
         let mut peek = [0u8; 12];
-        if let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_millis(1), s.peek(&mut peek)).await
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), s.peek(&mut peek)).await
             && n >= 12
         {
             status = Some(String::from_utf8_lossy(&peek[9..12]).to_string());
@@ -706,7 +742,10 @@ async fn bad_input_catalogue() {
     .await;
     assert_eq!(r.status, 200);
     let waited = slow.await.unwrap();
-    assert!(waited <= Duration::from_secs(5), "slow client held for {waited:?}");
+    assert!(
+        waited <= Duration::from_secs(5),
+        "slow client held for {waited:?}"
+    );
 
     // Invalid UTF-8 in a JSON body with a valid signature: stored raw as degraded, 2xx.
     let bad = b"{\"id\":\"u1\",\"from\":\"\xff\xfe\",\"text\":\"x\"}";
@@ -715,7 +754,10 @@ async fn bad_input_catalogue() {
     assert_eq!(r.status, 200, "{r:?}");
     // JSON nested 100,000 deep: degraded, fast, no stack overflow.
     let deep = "[".repeat(100_000);
-    let sig = format!("sha256={}", hex::encode(hmac256(b"s3cret", &[deep.as_bytes()])));
+    let sig = format!(
+        "sha256={}",
+        hex::encode(hmac256(b"s3cret", &[deep.as_bytes()]))
+    );
     let t = Instant::now();
     let r = request(port, "/hooks/hm", &[("x-signature", sig)], deep.as_bytes()).await;
     assert_eq!(r.status, 200, "{r:?}");
@@ -753,14 +795,21 @@ async fn bad_input_catalogue() {
         )
         .await
         .unwrap();
-    let (degraded,): (i64,) = sqlx::query_as("SELECT count(*) FROM messages WHERE parse = 'degraded'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let (degraded,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM messages WHERE parse = 'degraded'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert!(degraded >= 3, "degraded rows: {degraded}");
     // The daemon is still alive and serving.
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-    let r = request(port, "/hooks/open", &[], br#"{"email":"z@x.test","message":"alive"}"#).await;
+    let r = request(
+        port,
+        "/hooks/open",
+        &[],
+        br#"{"email":"z@x.test","message":"alive"}"#,
+    )
+    .await;
     assert_eq!(r.status, 200);
 }
 
@@ -833,7 +882,11 @@ async fn sigkill_during_flood_loses_and_duplicates_nothing() {
                 d.kill9();
                 let t = Instant::now();
                 d.spawn();
-                assert!(t.elapsed() < Duration::from_secs(5), "restart took {:?}", t.elapsed());
+                assert!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "restart took {:?}",
+                    t.elapsed()
+                );
             }
         })
     };
@@ -974,5 +1027,9 @@ async fn disk_full_answers_503_then_recovers_without_restart() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(recovered, "no 2xx within 5 s of freeing space; log:\n{}", d.log());
+    assert!(
+        recovered,
+        "no 2xx within 5 s of freeing space; log:\n{}",
+        d.log()
+    );
 }
