@@ -5,6 +5,7 @@
 pub mod cli_text;
 pub mod config;
 pub mod daemon;
+pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod message;

@@ -113,11 +113,11 @@ pub struct WebhookCounters {
 
 impl Store {
     /// Starts the group-commit writer task; it stops when every `WebhookWriter` is dropped.
-    pub fn spawn_webhook_writer(&self) -> WebhookWriter {
+    pub fn spawn_webhook_writer(&self, wake_core: Arc<tokio::sync::Notify>) -> WebhookWriter {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let pending: Pending = Arc::default();
         let store = self.clone();
-        tokio::spawn(run_writer(store, rx, pending.clone()));
+        tokio::spawn(run_writer(store, rx, pending.clone(), wake_core));
         WebhookWriter { jobs: tx, pending }
     }
 
@@ -166,7 +166,12 @@ impl Store {
     }
 }
 
-async fn run_writer(store: Store, mut rx: mpsc::Receiver<Job>, pending: Pending) {
+async fn run_writer(
+    store: Store,
+    mut rx: mpsc::Receiver<Job>,
+    pending: Pending,
+    wake_core: Arc<tokio::sync::Notify>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -191,8 +196,12 @@ async fn run_writer(store: Store, mut rx: mpsc::Receiver<Job>, pending: Pending)
         let now = Utc::now();
         match commit_batch(&store, &batch, &counts, now).await {
             Ok(results) => {
+                let any = !batch.is_empty();
                 for (job, result) in batch.into_iter().zip(results) {
                     let _ = job.reply.send(result);
+                }
+                if any {
+                    wake_core.notify_one();
                 }
             }
             Err(e) => {
@@ -364,7 +373,7 @@ mod tests {
     async fn concurrent_same_id_is_one_row_and_counters_add_up() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("q.db")).await.unwrap();
-        let writer = store.spawn_webhook_writer();
+        let writer = store.spawn_webhook_writer(Default::default());
         let mut tasks = Vec::new();
         for i in 0..50 {
             let w = writer.clone();
@@ -403,7 +412,7 @@ mod tests {
     async fn replay_token_with_another_delivery_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("q.db")).await.unwrap();
-        let writer = store.spawn_webhook_writer();
+        let writer = store.spawn_webhook_writer(Default::default());
         let first = writer
             .ingest(WebhookDelivery {
                 message: message("mg", "a"),

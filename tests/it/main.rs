@@ -3,7 +3,9 @@
 
 mod config_check;
 mod daemon;
+mod deploy;
 mod rig;
 mod rig_smoke;
 mod support;
+mod systemd;
 mod webhook;

@@ -138,16 +138,22 @@ type Configured = Result<Endpoint, String>;
 
 #[derive(Clone)]
 struct Hooks {
-    endpoints: Arc<HashMap<String, Configured>>,
+    config: tokio::sync::watch::Receiver<Arc<config::Config>>,
+    built: Arc<std::sync::Mutex<Built>>,
     writer: WebhookWriter,
     slots: Arc<Semaphore>,
     accepting: Arc<AtomicBool>,
 }
 
-/// The webhook routes for every configured webhook source; starts the group-commit writer.
-pub fn routes(state: &AppState) -> Router {
+/// The endpoints built from one configuration; rebuilt when a reload replaces it.
+struct Built {
+    from: Arc<config::Config>,
+    endpoints: Arc<HashMap<String, Configured>>,
+}
+
+fn build_endpoints(config: &config::Config) -> HashMap<String, Configured> {
     let mut endpoints = HashMap::new();
-    for s in &state.config.sources {
+    for s in &config.sources {
         if let SourceKind::Webhook(hook) = &s.kind {
             let built = Endpoint::from_config(&s.name, hook).map_err(|e| {
                 tracing::error!(source = %s.name, error = %e, "webhook route disabled (answers 503)");
@@ -156,10 +162,35 @@ pub fn routes(state: &AppState) -> Router {
             endpoints.insert(s.name.clone(), built);
         }
     }
+    endpoints
+}
+
+impl Hooks {
+    /// The endpoints of the configuration in force (a SIGHUP reload takes effect here).
+    fn endpoints(&self) -> Arc<HashMap<String, Configured>> {
+        let current = self.config.borrow().clone();
+        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        if !Arc::ptr_eq(&built.from, &current) {
+            *built = Built {
+                endpoints: Arc::new(build_endpoints(&current)),
+                from: current,
+            };
+        }
+        built.endpoints.clone()
+    }
+}
+
+/// The webhook routes for every configured webhook source; starts the group-commit writer.
+pub fn routes(state: &AppState) -> Router {
+    let current = state.config.borrow().clone();
     let hooks = Hooks {
-        endpoints: Arc::new(endpoints),
-        writer: state.store.spawn_webhook_writer(),
-        slots: Arc::new(Semaphore::new(state.config.server.max_concurrency)),
+        config: state.config.clone(),
+        built: Arc::new(std::sync::Mutex::new(Built {
+            endpoints: Arc::new(build_endpoints(&current)),
+            from: current.clone(),
+        })),
+        writer: state.store.spawn_webhook_writer(state.wake_core.clone()),
+        slots: Arc::new(Semaphore::new(current.server.max_concurrency)),
         accepting: state.accepting.clone(),
     };
     Router::new()
@@ -220,7 +251,8 @@ async fn receive(
     if !h.accepting.load(Ordering::Relaxed) {
         return unavailable("shutting down");
     }
-    let Some(configured) = h.endpoints.get(&source) else {
+    let endpoints = h.endpoints();
+    let Some(configured) = endpoints.get(&source) else {
         return error(StatusCode::NOT_FOUND, "no such webhook source");
     };
     let ep = match configured {
