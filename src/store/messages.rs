@@ -62,7 +62,7 @@ pub(crate) fn automation_str(a: Automation) -> &'static str {
 
 /// Inserts one message inside `tx` unless its origin exists; returns the row id either way.
 pub(crate) async fn insert_message(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut Transaction<'_, Sqlite>,
     msg: &Message,
     now: DateTime<Utc>,
 ) -> Result<Ingested, Error> {

@@ -250,7 +250,24 @@ async fn commit_batch(
     counts: &HashMap<(String, String), i64>,
     now: DateTime<Utc>,
 ) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
-    let mut tx = store.begin_write().await?;
+    let mut conn = store.writer.acquire().await?;
+    let out = insert_batch(&mut conn, batch, counts, now).await;
+    if out.is_err() {
+        // A failed COMMIT (disk full, I/O error) can leave sqlx believing a transaction is still
+        // open on this connection, and every later BEGIN would fail. A fresh connection does not
+        // carry that state, so the store recovers by itself once space is back.
+        conn.close_on_drop();
+    }
+    out
+}
+
+async fn insert_batch(
+    conn: &mut sqlx::pool::PoolConnection<sqlx::Sqlite>,
+    batch: &[Job],
+    counts: &HashMap<(String, String), i64>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
+    let mut tx = sqlx::Connection::begin_with(&mut **conn, "BEGIN IMMEDIATE").await?;
     let mut results = Vec::with_capacity(batch.len());
     let mut tally: HashMap<(String, String), i64> = counts.clone();
     let mut touched: HashMap<&str, ()> = HashMap::new();

@@ -336,3 +336,59 @@ async fn receive(
         }
     }
 }
+
+/// The webhook part of `frontdesk sources`: one aligned line per source with its counters.
+pub fn counters_text(counters: &[crate::store::webhook::WebhookCounters]) -> String {
+    let mut out = format!(
+        "{:<20} {:>9} {:>10} {:>8}  {:<20}  OTHER\n",
+        "WEBHOOK", "ACCEPTED", "DUPLICATES", "REJECTED", "LAST DELIVERY (UTC)"
+    );
+    for c in counters {
+        let rejected: i64 = c
+            .other
+            .iter()
+            .filter(|(name, _)| name.starts_with("rejected:"))
+            .map(|(_, n)| n)
+            .sum();
+        let last = c.last_delivery_at.map_or_else(
+            || "-".to_string(),
+            |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
+        );
+        let other: Vec<String> = c.other.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        out.push_str(&format!(
+            "{:<20} {:>9} {:>10} {:>8}  {:<20}  {}\n",
+            c.source,
+            c.accepted,
+            c.duplicates,
+            rejected,
+            last,
+            other.join(" ")
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::webhook::WebhookCounters;
+
+    #[test]
+    fn counters_text_sums_rejections() {
+        let text = counters_text(&[WebhookCounters {
+            source: "sms".into(),
+            accepted: 5,
+            duplicates: 2,
+            other: vec![
+                ("ignored".into(), 1),
+                ("rejected:bad_signature".into(), 3),
+                ("rejected:too_large".into(), 1),
+            ],
+            last_delivery_at: None,
+        }]);
+        let line = text.lines().nth(1).unwrap();
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(&cols[..5], &["sms", "5", "2", "4", "-"]);
+        assert!(line.contains("rejected:bad_signature=3"));
+    }
+}

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Durable webhook ingest vs the HTTP ceiling, in the same run on the same machine.
+#
+#   bench/webhook.sh                      # builds target/release/frontdesk if FRONTDESK_BIN is unset
+#
+# Targets, each measured with wrk (THREADS=2, CONNS=64, DURATION=10 s, after a 2 s warm-up):
+#   nginx-204 : a private nginx (1 worker) answering `return 204` -> the HTTP ceiling here
+#   frontdesk : `frontdesk run` with one `json` source authenticated by hmac-sha256; every request
+#               is a ~1.5 KB JSON body with a fresh unique id and a valid signature, computed in
+#               wrk's LuaJIT (bench/wrk_signed.lua); 2xx only after the row is fsync'd
+#               (WAL + synchronous=FULL, group commit).
+# Both targets get the same Lua script, so the signing cost on the client side is the same.
+# Prints acknowledged req/s, p50, p99, errors, rows stored, and the frontdesk/nginx ratio.
+# Knobs: DURATION THREADS CONNS FRONTDESK_BIN WORK (scratch dir, default a fresh mktemp -d).
+set -euo pipefail
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$BENCH_DIR/.." && pwd)
+DURATION=${DURATION:-10}
+THREADS=${THREADS:-2}
+CONNS=${CONNS:-64}
+WORK=${WORK:-$(mktemp -d /tmp/frontdesk-bench.XXXXXX)}
+SECRET=bench-secret
+
+command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; exit 1; }
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+[ -x "$NGINX" ] || { echo "nginx is needed (apt-get install nginx-light)" >&2; exit 1; }
+
+if [ -z "${FRONTDESK_BIN:-}" ]; then
+    (cd "$ROOT" && cargo build --release --locked --bin frontdesk >&2)
+    FRONTDESK_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/frontdesk"
+fi
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+    for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
+    echo "nothing listening on port $1" >&2; return 1
+}
+
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+# --- nginx: the HTTP ceiling ---
+NGINX_PORT=$(free_port)
+mkdir -p "$WORK/nginx/tmp"
+cat > "$WORK/nginx/nginx.conf" <<EOF
+worker_processes 1;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/tmp/body;
+    proxy_temp_path $WORK/nginx/tmp/proxy;
+    fastcgi_temp_path $WORK/nginx/tmp/fastcgi;
+    uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
+    scgi_temp_path $WORK/nginx/tmp/scgi;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:$NGINX_PORT backlog=4096;
+        location / { return 204; }
+    }
+}
+EOF
+"$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' </dev/null >"$WORK/nginx/stdout.log" 2>&1 &
+PIDS+=($!)
+wait_port "$NGINX_PORT"
+
+# --- frontdesk ---
+FD_PORT=$(free_port)
+printf '%s' "$SECRET" > "$WORK/secret"; chmod 600 "$WORK/secret"
+cat > "$WORK/frontdesk.yaml" <<EOF
+timezone: UTC
+storage:
+  sqlite: $WORK/state/frontdesk.db
+server:
+  listen: 127.0.0.1:$FD_PORT
+sources:
+  - name: bench
+    webhook:
+      preset: json
+      auth: { scheme: hmac-sha256, header: X-Signature, prefix: "sha256=", encoding: hex, secret_file: $WORK/secret }
+      mapping: { id: /id, from: /customer/email, name: /customer/name, subject: /subject, text: /text }
+channels:
+  - name: out
+    email: { file: $WORK/outbox, from: "fd <fd@example.test>", to: [owner@example.test] }
+EOF
+FRONTDESK_LOG=warn "$FRONTDESK_BIN" run --config "$WORK/frontdesk.yaml" </dev/null >"$WORK/frontdesk.log" 2>&1 &
+FD_PID=$!
+PIDS+=($FD_PID)
+wait_port "$FD_PORT"
+
+rows() { python3 -c "import sqlite3,sys; print(sqlite3.connect('file:$WORK/state/frontdesk.db?mode=ro', uri=True).execute('select count(*) from messages').fetchone()[0])"; }
+fsync_probe() {  # median fsync latency of 4 KiB appends, in ms: fsync-bound figures scale with it
+    python3 - "$WORK" <<'EOF'
+import os, sys, time, statistics
+p = os.path.join(sys.argv[1], "fsync-probe")
+fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+t = []
+for _ in range(50):
+    os.write(fd, b"x" * 4096); a = time.perf_counter(); os.fsync(fd); t.append(time.perf_counter() - a)
+os.close(fd); os.unlink(p)
+t.sort(); print(f"fsync p50 {statistics.median(t)*1e3:.2f} ms, p99 {t[int(len(t)*0.99)-1]*1e3:.2f} ms, load {open('/proc/loadavg').read().split()[0]}")
+EOF
+}
+
+run_wrk() {  # run_wrk NAME URL -> prints one TSV row
+    local name=$1 url=$2
+    wrk -t"$THREADS" -c"$CONNS" -d2s -s "$BENCH_DIR/wrk_signed.lua" "$url" >"$WORK/$name.warmup.log" 2>&1 || true
+    local before after
+    before=$( [ "$name" = frontdesk ] && rows || echo 0)
+    wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --timeout 5s -s "$BENCH_DIR/wrk_signed.lua" "$url" >"$WORK/$name.log" 2>&1
+    after=$( [ "$name" = frontdesk ] && rows || echo 0)
+    local j; j=$(grep '^WRKJSON ' "$WORK/$name.log" | tail -1 | cut -d' ' -f2-)
+    python3 - "$name" "$j" "$((after - before))" <<'EOF'
+import json, sys
+name, j, stored = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+acked = j["requests"] - j["non2xx"]
+print("\t".join(str(x) for x in [name, j["requests"], f'{acked / j["duration_s"]:.0f}', f'{j["p50_ms"]:.2f}',
+      f'{j["p99_ms"]:.2f}', j["non2xx"], j["socket_errors"], j["timeouts"], stored if name == "frontdesk" else "-", j["body_bytes"]]))
+EOF
+}
+
+echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ)  $(nproc) cores  wrk -t$THREADS -c$CONNS -d${DURATION}s  (scratch: $WORK)"
+echo "# before: $(fsync_probe)"
+NGINX_ROW=$(run_wrk nginx-204 "http://127.0.0.1:$NGINX_PORT/hooks/bench")
+FD_ROW=$(run_wrk frontdesk "http://127.0.0.1:$FD_PORT/hooks/bench")
+echo "# after:  $(fsync_probe)"
+printf 'target\trequests\tacked_rps\tp50_ms\tp99_ms\tnon2xx\tsocket_errors\ttimeouts\trows_stored\tbody_bytes\n'
+printf '%s\n%s\n' "$NGINX_ROW" "$FD_ROW"
+python3 - "$NGINX_ROW" "$FD_ROW" <<'EOF'
+import sys
+n, f = (r.split("\t") for r in sys.argv[1:3])
+print(f"ratio frontdesk/nginx acked req/s: {float(f[2]) / float(n[2]):.1%}")
+if f[8] != "-" and int(f[8]) < int(f[1]) - int(f[5]):
+    print("WARNING: fewer rows stored than 2xx answers")
+EOF
