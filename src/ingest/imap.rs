@@ -624,27 +624,31 @@ impl SourceCtx {
     ) -> Result<ImapCursor, ImapError> {
         let t = self.cfg.timeout;
         let now = Utc::now();
-        let fetches: Vec<Fetch> = session
-            .uid_fetch(
-                "1:*",
-                "(UID INTERNALDATE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])",
-            )
-            .await
-            .map_err(protocol("uid fetch (fingerprint)", t))?
-            .try_collect()
-            .await
-            .map_err(protocol("uid fetch (fingerprint)", t))?;
-        let mut server: Vec<(u32, Option<String>, Option<DateTime<Utc>>)> = fetches
-            .iter()
-            .filter_map(|f| {
-                let uid = f.uid?;
-                let id = f.header().and_then(email::message_id_of);
-                Some((uid, id, f.internal_date().map(|d| d.with_timezone(&Utc))))
-            })
-            .collect();
-        drop(fetches);
+        // headers in chunks, so a large folder never sits in memory at once
+        let listed = list(session, "1:*", t).await?;
+        let mut server: Vec<(u32, Option<String>, Option<DateTime<Utc>>)> =
+            Vec::with_capacity(listed.len());
+        for chunk in listed.chunks(500) {
+            let uids: Vec<u32> = chunk.iter().map(|l| l.uid).collect();
+            let fetches: Vec<Fetch> = session
+                .uid_fetch(uid_set(&uids), "(UID BODY.PEEK[HEADER])")
+                .await
+                .map_err(protocol("uid fetch (fingerprint)", t))?
+                .try_collect()
+                .await
+                .map_err(protocol("uid fetch (fingerprint)", t))?;
+            for l in chunk {
+                let id = fetches
+                    .iter()
+                    .find(|f| f.uid == Some(l.uid))
+                    .and_then(|f| f.header())
+                    .and_then(email::message_id_of);
+                server.push((l.uid, id, l.internal_date));
+            }
+        }
         server.sort_by_key(|s| s.0);
         // messages without a Message-ID are fingerprinted by the hash of their bytes
+        let hashed = server.iter().filter(|s| s.1.is_none()).count();
         for entry in server.iter_mut().filter(|s| s.1.is_none()) {
             let f: Vec<Fetch> = session
                 .uid_fetch(entry.0.to_string(), "(UID BODY.PEEK[])")
@@ -702,7 +706,8 @@ impl SourceCtx {
             .commit_imap_batch(&self.name, &folder.name, &[], &accounted, &cursor, now)
             .await?;
         let detail = format!(
-            "uidvalidity {} -> {uid_validity}: {} on server, {} already stored, {missing} to fetch",
+            "uidvalidity {} -> {uid_validity}: {} on server ({hashed} without Message-ID, \
+             fingerprinted by content hash), {} already stored, {missing} to fetch",
             old.uid_validity,
             server.len(),
             accounted

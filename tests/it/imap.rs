@@ -272,6 +272,7 @@ async fn uid_validity_change_loses_nothing_and_duplicates_nothing() {
         .unwrap();
     assert_eq!(events.len(), 1, "{events:?}");
     assert!(events[0].1.contains("100 already stored"), "{events:?}");
+    assert!(events[0].1.contains("(5 without Message-ID"), "{events:?}");
 
     assert_eq!(s.inserted().await, 0, "stable after the change");
     let ledger = imap::ledger(&s.config, &s.store).await.unwrap();
@@ -316,6 +317,23 @@ async fn sent_reply_is_outbound_and_linked_to_the_client_message() {
     assert_eq!(reply.2, r#"["ask-1@client.test"]"#);
     // a team address is outbound wherever it is
     assert_eq!(by_id("first@shop.test").1, "outbound");
+}
+
+#[tokio::test]
+async fn an_empty_folder_syncs_to_nothing_and_is_fully_accounted() {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("empty");
+    rig.create_folder(&user, "INBOX");
+    let s = Setup::new(rig, &user, "").await;
+    assert_eq!(s.inserted().await, 0);
+    assert_eq!(s.inserted().await, 0);
+    let l = &imap::ledger(&s.config, &s.store).await.unwrap()[0];
+    assert_eq!(
+        (l.folder.server_messages, l.folder.unaccounted),
+        (Some(0), Some(0))
+    );
+    rig.append(&user, "INBOX", &simple(1, "empty"));
+    assert_eq!(s.inserted().await, 1, "default backfill 30d keeps new mail");
 }
 
 #[tokio::test]
