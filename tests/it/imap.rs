@@ -625,3 +625,34 @@ async fn sigkill_during_sync_then_restart_gives_exactly_2000() {
     assert_eq!(ledger[0].folder.ingested, 2000);
     no_seen_added(rig, &user, "INBOX");
 }
+
+#[tokio::test]
+async fn frontdesk_run_ingests_new_mail_within_two_seconds_and_stops_cleanly() {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("daemon");
+    rig.append(&user, "INBOX", &simple(0, "daemon"));
+    let text = yaml(rig, &user, Path::new("{dir}"), "      backfill: all\n")
+        .replace("listen: 127.0.0.1:0", "listen: 127.0.0.1:{port}");
+    let mut d = crate::support::TestDaemon::start(&text);
+    let store = Store::open(&d.db()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.message_count().await.unwrap() < 1 {
+        assert!(Instant::now() < deadline, "{}", d.log.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // into IDLE
+    let t0 = Instant::now();
+    rig.append(&user, "INBOX", &simple(1, "daemon"));
+    while store.message_count().await.unwrap() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "not ingested within 2 s: {}",
+            d.log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, took) = d.signal_and_wait(15, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", d.log.lock().unwrap());
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    no_seen_added(rig, &user, "INBOX");
+}
