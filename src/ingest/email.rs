@@ -380,12 +380,10 @@ fn ids(v: &HeaderValue<'_>) -> Vec<String> {
 
 /// An id without angle brackets, whitespace or control characters; None when nothing is left.
 fn clean_id(id: &str) -> Option<String> {
+    // brackets anywhere (a broken header can nest them), whitespace and controls go
     let id: String = id
-        .trim()
-        .trim_start_matches('<')
-        .trim_end_matches('>')
         .chars()
-        .filter(|c| !c.is_control() && !c.is_whitespace())
+        .filter(|c| !c.is_control() && !c.is_whitespace() && !matches!(c, '<' | '>'))
         .collect();
     (!id.is_empty()).then_some(id)
 }
@@ -461,6 +459,15 @@ Message-ID: <id1@x.test>\r\nIn-Reply-To: <id0@x.test>\r\nReferences: <a@x> <id0@
             assert_eq!(m.raw, raw);
             assert!(m.message_id.is_some());
         }
+    }
+
+    #[test]
+    fn nested_brackets_in_ids_are_removed() {
+        // found by the fuzzer
+        let m =
+            norm(b"From: a@x\r\nMessage-ID: <abc?= <j@x.example>\r\nReferences: <<r@x>>\r\n\r\nx");
+        assert_eq!(m.message_id.as_deref(), Some("abc?=j@x.example"));
+        assert!(m.references.iter().all(|r| !r.contains(['<', '>'])));
     }
 
     #[test]
