@@ -471,6 +471,17 @@ Message-ID: <id1@x.test>\r\nIn-Reply-To: <id0@x.test>\r\nReferences: <a@x> <id0@
     }
 
     #[test]
+    fn fuzzer_finds_never_escape() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let raw = std::fs::read(entry.unwrap().path()).unwrap();
+            let m = norm(&raw);
+            assert_eq!(m.raw, raw);
+            assert!(m.message_id.is_some_and(|id| !id.contains(['<', '>'])));
+        }
+    }
+
+    #[test]
     fn automation_headers() {
         let auto = norm(b"From: a@x\r\nAuto-Submitted: auto-replied\r\n\r\nx");
         assert_eq!(auto.automation, Automation::Automatic);
