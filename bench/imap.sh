@@ -79,6 +79,7 @@ mbsync_conf() { # mbsync_conf NAME FSYNC
     mkdir -p "$W/$1/mail"
     cat >"$W/$1/mbsyncrc" <<RC
 FSync $2
+
 IMAPAccount bench
 Host 127.0.0.1
 Port $RIG_IMAPS_PORT
@@ -87,12 +88,15 @@ Pass secret
 SSLType IMAPS
 CertificateFile $RIG_CA
 AuthMechs LOGIN
+
 IMAPStore remote
 Account bench
+
 MaildirStore local
 Path $W/$1/mail/
 Inbox $W/$1/mail/INBOX
 SubFolders Verbatim
+
 Channel bench
 Far :remote:
 Near :local:

@@ -380,12 +380,10 @@ fn ids(v: &HeaderValue<'_>) -> Vec<String> {
 
 /// An id without angle brackets, whitespace or control characters; None when nothing is left.
 fn clean_id(id: &str) -> Option<String> {
+    // brackets anywhere (a broken header can nest them), whitespace and controls go
     let id: String = id
-        .trim()
-        .trim_start_matches('<')
-        .trim_end_matches('>')
         .chars()
-        .filter(|c| !c.is_control() && !c.is_whitespace())
+        .filter(|c| !c.is_control() && !c.is_whitespace() && !matches!(c, '<' | '>'))
         .collect();
     (!id.is_empty()).then_some(id)
 }
@@ -460,6 +458,26 @@ Message-ID: <id1@x.test>\r\nIn-Reply-To: <id0@x.test>\r\nReferences: <a@x> <id0@
             assert!(matches!(m.parse, ParseStatus::Degraded(_)), "{raw:?}");
             assert_eq!(m.raw, raw);
             assert!(m.message_id.is_some());
+        }
+    }
+
+    #[test]
+    fn nested_brackets_in_ids_are_removed() {
+        // found by the fuzzer
+        let m =
+            norm(b"From: a@x\r\nMessage-ID: <abc?= <j@x.example>\r\nReferences: <<r@x>>\r\n\r\nx");
+        assert_eq!(m.message_id.as_deref(), Some("abc?=j@x.example"));
+        assert!(m.references.iter().all(|r| !r.contains(['<', '>'])));
+    }
+
+    #[test]
+    fn fuzzer_finds_never_escape() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let raw = std::fs::read(entry.unwrap().path()).unwrap();
+            let m = norm(&raw);
+            assert_eq!(m.raw, raw);
+            assert!(m.message_id.is_some_and(|id| !id.contains(['<', '>'])));
         }
     }
 

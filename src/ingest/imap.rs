@@ -48,7 +48,7 @@ const IDLE_REFRESH: Duration = Duration::from_secs(10 * 60);
 /// End IDLE after this long without any server data (keepalives included) to check the link.
 const IDLE_SILENCE: Duration = Duration::from_secs(5 * 60);
 /// A batch is cut once its messages add up to this many bytes (bounds memory: stack.md §5.2).
-const MAX_BATCH_BYTES: u64 = 8 * 1024 * 1024;
+const MAX_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 /// Messages larger than this are quarantined without fetching the body.
 const MAX_MESSAGE_BYTES: u32 = 64 * 1024 * 1024;
 /// A UID that failed this many times on its own is quarantined.
@@ -624,27 +624,31 @@ impl SourceCtx {
     ) -> Result<ImapCursor, ImapError> {
         let t = self.cfg.timeout;
         let now = Utc::now();
-        let fetches: Vec<Fetch> = session
-            .uid_fetch(
-                "1:*",
-                "(UID INTERNALDATE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])",
-            )
-            .await
-            .map_err(protocol("uid fetch (fingerprint)", t))?
-            .try_collect()
-            .await
-            .map_err(protocol("uid fetch (fingerprint)", t))?;
-        let mut server: Vec<(u32, Option<String>, Option<DateTime<Utc>>)> = fetches
-            .iter()
-            .filter_map(|f| {
-                let uid = f.uid?;
-                let id = f.header().and_then(email::message_id_of);
-                Some((uid, id, f.internal_date().map(|d| d.with_timezone(&Utc))))
-            })
-            .collect();
-        drop(fetches);
+        // headers in chunks, so a large folder never sits in memory at once
+        let listed = list(session, "1:*", t).await?;
+        let mut server: Vec<(u32, Option<String>, Option<DateTime<Utc>>)> =
+            Vec::with_capacity(listed.len());
+        for chunk in listed.chunks(500) {
+            let uids: Vec<u32> = chunk.iter().map(|l| l.uid).collect();
+            let fetches: Vec<Fetch> = session
+                .uid_fetch(uid_set(&uids), "(UID BODY.PEEK[HEADER])")
+                .await
+                .map_err(protocol("uid fetch (fingerprint)", t))?
+                .try_collect()
+                .await
+                .map_err(protocol("uid fetch (fingerprint)", t))?;
+            for l in chunk {
+                let id = fetches
+                    .iter()
+                    .find(|f| f.uid == Some(l.uid))
+                    .and_then(|f| f.header())
+                    .and_then(email::message_id_of);
+                server.push((l.uid, id, l.internal_date));
+            }
+        }
         server.sort_by_key(|s| s.0);
         // messages without a Message-ID are fingerprinted by the hash of their bytes
+        let hashed = server.iter().filter(|s| s.1.is_none()).count();
         for entry in server.iter_mut().filter(|s| s.1.is_none()) {
             let f: Vec<Fetch> = session
                 .uid_fetch(entry.0.to_string(), "(UID BODY.PEEK[])")
@@ -702,7 +706,8 @@ impl SourceCtx {
             .commit_imap_batch(&self.name, &folder.name, &[], &accounted, &cursor, now)
             .await?;
         let detail = format!(
-            "uidvalidity {} -> {uid_validity}: {} on server, {} already stored, {missing} to fetch",
+            "uidvalidity {} -> {uid_validity}: {} on server ({hashed} without Message-ID, \
+             fingerprinted by content hash), {} already stored, {missing} to fetch",
             old.uid_validity,
             server.len(),
             accounted
@@ -771,63 +776,35 @@ impl SourceCtx {
         };
         let mut messages = Vec::with_capacity(wanted.len());
         for group in groups {
-            let result = async {
-                session
+            // each response is normalized as it streams in and then dropped: memory holds one
+            // batch of normalized messages, not also every raw response
+            let fetched = async {
+                let stream = session
                     .uid_fetch(
                         uid_set(&group),
                         "(UID INTERNALDATE RFC822.SIZE BODY.PEEK[])",
                     )
-                    .await?
-                    .try_collect::<Vec<Fetch>>()
-                    .await
+                    .await?;
+                let mut stream = std::pin::pin!(stream);
+                while let Some(f) = stream.try_next().await? {
+                    self.take_fetch(
+                        folder,
+                        uid_validity,
+                        &group,
+                        &f,
+                        &mut messages,
+                        &mut accounted,
+                    );
+                }
+                Ok::<(), async_imap::error::Error>(())
             }
             .await;
-            let fetches = match result {
-                Ok(f) => f,
-                Err(e) => {
-                    let err = protocol("uid fetch", t)(e);
-                    for uid in &group {
-                        poison.record(&folder.name, *uid, &err.to_string());
-                    }
-                    return Err(err);
+            if let Err(e) = fetched {
+                let err = protocol("uid fetch", t)(e);
+                for uid in &group {
+                    poison.record(&folder.name, *uid, &err.to_string());
                 }
-            };
-            for f in fetches {
-                let Some(uid) = f.uid else { continue };
-                if !group.contains(&uid) {
-                    continue; // an unsolicited FETCH (flag change by another client)
-                }
-                let Some(body) = f.body() else {
-                    accounted.push(AccountedUid {
-                        uid,
-                        kind: AccountedKind::Quarantined,
-                        detail: "server returned no body".into(),
-                        raw: None,
-                    });
-                    continue;
-                };
-                let received_at = f
-                    .internal_date()
-                    .map(|d| d.with_timezone(&Utc))
-                    .unwrap_or_else(Utc::now);
-                let origin = Origin::Imap {
-                    folder: folder.name.clone(),
-                    uid_validity,
-                    uid,
-                };
-                let mut m = email::normalize(&self.name, origin, body.to_vec(), received_at);
-                if m.automation == Automation::Frontdesk {
-                    // the loop guard: our own digests and alerts are never client messages
-                    accounted.push(AccountedUid {
-                        uid,
-                        kind: AccountedKind::Own,
-                        detail: m.message_id.clone().unwrap_or_default(),
-                        raw: None,
-                    });
-                    continue;
-                }
-                m.direction = self.direction(folder, &m);
-                messages.push(m);
+                return Err(err);
             }
         }
         // UIDs the server did not return were expunged meanwhile: nothing left to ingest
@@ -867,6 +844,53 @@ impl SourceCtx {
         }
         *cursor = next;
         Ok((out.inserted, out.duplicates, accounted.len() as u64))
+    }
+
+    /// Turns one FETCH response into a message (or an accounted UID).
+    fn take_fetch(
+        &self,
+        folder: &Folder,
+        uid_validity: u32,
+        group: &[u32],
+        f: &Fetch,
+        messages: &mut Vec<Message>,
+        accounted: &mut Vec<AccountedUid>,
+    ) {
+        let Some(uid) = f.uid else { return };
+        if !group.contains(&uid) {
+            return; // an unsolicited FETCH (flag change by another client)
+        }
+        let Some(body) = f.body() else {
+            accounted.push(AccountedUid {
+                uid,
+                kind: AccountedKind::Quarantined,
+                detail: "server returned no body".into(),
+                raw: None,
+            });
+            return;
+        };
+        let received_at = f
+            .internal_date()
+            .map(|d| d.with_timezone(&Utc))
+            .unwrap_or_else(Utc::now);
+        let origin = Origin::Imap {
+            folder: folder.name.clone(),
+            uid_validity,
+            uid,
+        };
+        let mut m = email::normalize(&self.name, origin, body.to_vec(), received_at);
+        if m.automation == Automation::Frontdesk {
+            // the loop guard: our own digests and alerts are never client messages
+            accounted.push(AccountedUid {
+                uid,
+                kind: AccountedKind::Own,
+                detail: m.message_id.clone().unwrap_or_default(),
+                raw: None,
+            });
+            return;
+        }
+        m.direction = self.direction(folder, &m);
+        messages.push(m);
     }
 
     /// Compares the folder on the server with the store and saves the figures: UIDs above the

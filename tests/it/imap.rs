@@ -272,6 +272,7 @@ async fn uid_validity_change_loses_nothing_and_duplicates_nothing() {
         .unwrap();
     assert_eq!(events.len(), 1, "{events:?}");
     assert!(events[0].1.contains("100 already stored"), "{events:?}");
+    assert!(events[0].1.contains("(5 without Message-ID"), "{events:?}");
 
     assert_eq!(s.inserted().await, 0, "stable after the change");
     let ledger = imap::ledger(&s.config, &s.store).await.unwrap();
@@ -316,6 +317,23 @@ async fn sent_reply_is_outbound_and_linked_to_the_client_message() {
     assert_eq!(reply.2, r#"["ask-1@client.test"]"#);
     // a team address is outbound wherever it is
     assert_eq!(by_id("first@shop.test").1, "outbound");
+}
+
+#[tokio::test]
+async fn an_empty_folder_syncs_to_nothing_and_is_fully_accounted() {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("empty");
+    rig.create_folder(&user, "INBOX");
+    let s = Setup::new(rig, &user, "").await;
+    assert_eq!(s.inserted().await, 0);
+    assert_eq!(s.inserted().await, 0);
+    let l = &imap::ledger(&s.config, &s.store).await.unwrap()[0];
+    assert_eq!(
+        (l.folder.server_messages, l.folder.unaccounted),
+        (Some(0), Some(0))
+    );
+    rig.append(&user, "INBOX", &simple(1, "empty"));
+    assert_eq!(s.inserted().await, 1, "default backfill 30d keeps new mail");
 }
 
 #[tokio::test]
@@ -605,5 +623,36 @@ async fn sigkill_during_sync_then_restart_gives_exactly_2000() {
     let ledger = imap::ledger(&s.config, &s.store).await.unwrap();
     assert_eq!(ledger[0].folder.unaccounted, Some(0));
     assert_eq!(ledger[0].folder.ingested, 2000);
+    no_seen_added(rig, &user, "INBOX");
+}
+
+#[tokio::test]
+async fn frontdesk_run_ingests_new_mail_within_two_seconds_and_stops_cleanly() {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("daemon");
+    rig.append(&user, "INBOX", &simple(0, "daemon"));
+    let text = yaml(rig, &user, Path::new("{dir}"), "      backfill: all\n")
+        .replace("listen: 127.0.0.1:0", "listen: 127.0.0.1:{port}");
+    let mut d = crate::support::TestDaemon::start(&text);
+    let store = Store::open(&d.db()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.message_count().await.unwrap() < 1 {
+        assert!(Instant::now() < deadline, "{}", d.log.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // into IDLE
+    let t0 = Instant::now();
+    rig.append(&user, "INBOX", &simple(1, "daemon"));
+    while store.message_count().await.unwrap() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "not ingested within 2 s: {}",
+            d.log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, took) = d.signal_and_wait(15, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", d.log.lock().unwrap());
+    assert!(took < Duration::from_secs(2), "took {took:?}");
     no_seen_added(rig, &user, "INBOX");
 }
