@@ -674,3 +674,120 @@ async fn daemon_sends_the_due_digest_once_across_a_kill() {
     );
     assert_eq!(smtp.spooled().len(), 2, "Maria and Nikos, once each");
 }
+
+/// Alert events within group_wait go out as one message, each event once.
+#[tokio::test(flavor = "multi_thread")]
+async fn alert_events_are_grouped_into_one_message_sent_once() {
+    use frontdesk::digest::AlertEvent;
+    let rig = Rig::shared();
+    let user = fresh_mailbox(rig, "da");
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = FaultSmtp::start(
+        "relay",
+        support::free_port(),
+        rig,
+        &dir.path().join("spool"),
+        false,
+    );
+    let yaml = config_yaml(dir.path(), smtp.port, "none", None, &user, "5s")
+        .replace("\"0 8 * * *\"", "\"0 0 1 1 *\"");
+    let (sender, store, _) = sender_for(&yaml, dir.path()).await;
+    let t0 = Utc::now();
+    let conv = |id: i64, client: &str| ConversationRow {
+        id,
+        client: client.into(),
+        medium: None,
+        subject: "<b>urgent</b>\r\nBcc: evil@x.test".into(),
+        owner: Some("Maria".into()),
+        policy: Some("vip".into()),
+        target: Some(TargetKind::First),
+        target_secs: Some(3600),
+        waiting_since: t0 - TimeDelta::hours(1),
+        warn_at: Some(t0 - TimeDelta::minutes(15)),
+        due: Some(t0),
+    };
+    let events = [
+        (
+            "breach:1",
+            AlertEvent::SlaBreach {
+                conversation: conv(1, "ACME Ltd"),
+            },
+            t0,
+        ),
+        (
+            "warn:2",
+            AlertEvent::SlaWarn {
+                conversation: conv(2, "<script>x</script>"),
+            },
+            t0 + TimeDelta::seconds(20),
+        ),
+        (
+            "down:mail",
+            AlertEvent::SourceUnhealthy {
+                source: "support-mail".into(),
+                error: "connection refused".into(),
+            },
+            t0 + TimeDelta::seconds(40),
+        ),
+    ];
+    for (key, e, at) in &events {
+        assert!(store.alert_event_push(key, e, *at).await.unwrap());
+        assert!(
+            !store.alert_event_push(key, e, *at).await.unwrap(),
+            "once per event"
+        );
+    }
+    let r = sender.run_once(t0 + TimeDelta::seconds(50)).await.unwrap();
+    assert_eq!(r, Default::default(), "still inside group_wait");
+    let r = sender.run_once(t0 + TimeDelta::seconds(61)).await.unwrap();
+    assert_eq!((r.alerts_enqueued, r.sent), (1, 1), "{r:?}");
+    let r = sender.run_once(t0 + TimeDelta::hours(1)).await.unwrap();
+    assert_eq!(r, Default::default());
+    let sent = smtp.spooled();
+    assert_eq!(sent.len(), 1);
+    let raw = std::fs::read_to_string(&sent[0]).unwrap();
+    assert!(raw.contains("X-Frontdesk-Generated: alert\r\n"));
+    assert!(raw.contains("Subject: frontdesk alert: 1 breached, 1 at risk, 1 source unhealthy - "));
+    assert!(!raw.contains("\r\nBcc:"));
+    assert_eq!(wait_inbox(rig, &user, 1).await.len(), 1);
+}
+
+/// `frontdesk digest --preview` prints the text (subject first) or the HTML, per owner.
+#[test]
+fn digest_preview_prints_text_and_html() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = config_yaml(dir.path(), 25, "none", None, "maria", "5s");
+    let cfg = dir.path().join("frontdesk.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let c = cfg.to_str().unwrap();
+    let (code, out, err) = support::frontdesk(
+        &["--config", c, "digest", "--preview", "--owner", "Maria"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("Subject: frontdesk: 0 waiting, 0 breached - "),
+        "{out}"
+    );
+    assert!(out.contains("Maria. Nothing is waiting."), "{out}");
+    for s in SECTIONS {
+        assert!(out.contains(s), "{s} missing: {out}");
+    }
+    let (code, out, err) = support::frontdesk(
+        &["--config", c, "digest", "--preview", "--format", "html"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("<!DOCTYPE html>") && out.contains("Nothing is waiting."),
+        "{out}"
+    );
+    let (code, _, err) = support::frontdesk(&["--config", c, "digest"], &[]);
+    assert_ne!(code, 0, "needs --preview or --send: {err}");
+    let (code, _, err) = support::frontdesk(
+        &["--config", c, "digest", "--preview", "--name", "evening"],
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("no digest named"), "{err}");
+}
