@@ -1,14 +1,18 @@
-//! The one HTTP server: `/healthz`, `/readyz`, and the webhook routes.
+//! The one HTTP server: `/healthz`, `/readyz`, `/metrics`, and the webhook routes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::{Notify, watch};
 
 use crate::config::Config;
+use crate::health::Health;
 use crate::store::Store;
 
 /// What every handler can reach.
@@ -16,18 +20,27 @@ use crate::store::Store;
 pub struct AppState {
     /// The durable queue.
     pub store: Store,
-    /// The configuration in force.
-    pub config: Arc<Config>,
+    /// The configuration in force (replaced on reload).
+    pub config: watch::Receiver<Arc<Config>>,
     /// False once shutdown has begun: new work is refused with 503.
     pub accepting: Arc<AtomicBool>,
+    /// Task health.
+    pub health: Arc<Health>,
+    /// The Prometheus recorder, if installed.
+    pub metrics: Option<PrometheusHandle>,
+    /// Wakes the core loop after a commit.
+    pub wake_core: Arc<Notify>,
 }
 
 /// Builds the router with every route.
 pub fn router(state: AppState) -> Router {
+    let hooks = crate::ingest::webhook::routes(&state);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(state)
+        .merge(hooks)
 }
 
 /// Liveness: the process is up and serving HTTP.
@@ -35,16 +48,85 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Readiness: accepting work and the store takes a durable write.
-async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+/// Readiness: accepting work, the store takes a durable write, and every source is healthy.
+async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     if !state.accepting.load(Ordering::Relaxed) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
     }
-    match state.store.write_probe(chrono::Utc::now()).await {
-        Ok(()) => (StatusCode::OK, "ready\n"),
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness probe failed");
-            (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n")
-        }
+    if let Err(e) = state.store.write_probe(chrono::Utc::now()).await {
+        tracing::warn!(error = %e, "readiness probe failed");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store unavailable\n".into(),
+        );
     }
+    let unhealthy: Vec<String> = state
+        .health
+        .snapshot()
+        .into_iter()
+        .filter(|(name, t)| name.starts_with("source:") && !t.healthy)
+        .map(|(name, _)| name)
+        .collect();
+    if unhealthy.is_empty() {
+        (StatusCode::OK, "ready\n".into())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {}\n", unhealthy.join(", ")),
+        )
+    }
+}
+
+/// Prometheus text exposition.
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let body = state
+        .metrics
+        .as_ref()
+        .map(|m| m.render())
+        .unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+}
+
+/// Serves `app` until `shutdown`, then lets open connections finish their current request.
+///
+/// Unlike `axum::serve`, request headers must arrive within `header_timeout` (a 1-byte-per-second
+/// client is cut off), and accept errors such as EMFILE pause the loop instead of ending it.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_timeout: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; pausing");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    graceful.shutdown().await;
 }

@@ -21,8 +21,19 @@ struct Cli {
     /// Config file (default: $FRONTDESK_CONFIG, else /etc/frontdesk/frontdesk.yaml)
     #[arg(long, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// Log format: auto (journal under systemd, else text), text, json, journald
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Auto,
+    Text,
+    Json,
+    Journald,
 }
 
 #[derive(Subcommand)]
@@ -47,6 +58,15 @@ enum Command {
         /// At most this many
         #[arg(long, default_value_t = 50)]
         limit: u32,
+    },
+    /// Print the man page (roff) to stdout
+    #[command(hide = true)]
+    Manpage,
+    /// Print shell completions to stdout
+    #[command(hide = true)]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
     },
     /// Show the digest that would go out now (--preview) or send it now through the outbox (--send)
     Digest {
@@ -96,7 +116,7 @@ fn main() -> ExitCode {
     // One crypto provider for rustls, installed before any TLS client is built (stack.md §5.1).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.log_format);
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
@@ -108,22 +128,51 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_from_env("FRONTDESK_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,hyper=warn"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    // Under systemd the journal stamps each line itself.
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().init();
-    } else {
-        builder.init();
+    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let format = match format {
+        LogFormat::Auto if under_journal => LogFormat::Journald,
+        LogFormat::Auto => LogFormat::Text,
+        f => f,
+    };
+    if format == LogFormat::Journald {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                tracing_subscriber::registry()
+                    .with(filter)
+                    .with(layer)
+                    .init();
+                return;
+            }
+            // No journal socket (a container, a test): fall back to plain text on stderr.
+            Err(_) => {
+                let fmt = tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_target(false)
+                    .with_ansi(false)
+                    .without_time();
+                tracing_subscriber::registry().with(filter).with(fmt).init();
+                return;
+            }
+        }
     }
+    if format == LogFormat::Json {
+        let fmt = tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr);
+        tracing_subscriber::registry().with(filter).with(fmt).init();
+        return;
+    }
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal());
+    tracing_subscriber::registry().with(filter).with(fmt).init();
 }
 
 fn load_config(path: &std::path::Path) -> Result<config::Loaded, Failure> {
@@ -178,6 +227,21 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                     })
                 }
             }
+        }
+        Command::Manpage => {
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut buf)
+                .map_err(anyhow::Error::from)?;
+            emit(&String::from_utf8_lossy(&buf));
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "frontdesk", &mut buf);
+            emit(&String::from_utf8_lossy(&buf));
+            Ok(())
         }
         Command::Schema => {
             let schema = config::json_schema();

@@ -166,6 +166,15 @@ impl Store {
         Ok(out)
     }
 
+    /// How many messages wait for the core loop.
+    pub async fn pending_count(&self) -> Result<i64, Error> {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM messages WHERE processed_at IS NULL")
+                .fetch_one(self.reader())
+                .await?;
+        Ok(n)
+    }
+
     /// How many messages are stored (all sources).
     pub async fn message_count(&self) -> Result<i64, Error> {
         let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM messages")

@@ -3,7 +3,10 @@
 
 mod config_check;
 mod daemon;
+mod deploy;
 mod digest;
 mod rig;
 mod rig_smoke;
 mod support;
+mod systemd;
+mod webhook;

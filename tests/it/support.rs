@@ -44,12 +44,17 @@ pub struct TestDaemon {
     pub config: PathBuf,
     /// Everything the daemon wrote to stderr so far.
     pub log: Arc<Mutex<String>>,
+    env: Vec<(String, String)>,
 }
 
 impl TestDaemon {
     /// Writes `yaml` (with `{port}` and `{dir}` substituted) and starts `frontdesk run`.
     pub fn start(yaml: &str) -> TestDaemon {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_with(yaml, &[], tempfile::tempdir().unwrap())
+    }
+
+    /// Like `start`, with extra environment variables and a given state directory.
+    pub fn start_with(yaml: &str, env: &[(&str, &str)], dir: tempfile::TempDir) -> TestDaemon {
         let port = free_port();
         let text = yaml
             .replace("{port}", &port.to_string())
@@ -62,6 +67,10 @@ impl TestDaemon {
             dir,
             config,
             log: Arc::new(Mutex::new(String::new())),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.spawn();
         d
@@ -74,6 +83,7 @@ impl TestDaemon {
             .arg(&self.config)
             .env("FRONTDESK_LOG", "info")
             .env_remove("NOTIFY_SOCKET")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

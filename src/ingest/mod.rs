@@ -1,0 +1,3 @@
+//! Sources: each module turns one kind of input into `Message`s and hands them to the store.
+
+pub mod webhook;
