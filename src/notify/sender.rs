@@ -73,6 +73,7 @@ pub struct Sender {
     store: Store,
     config: Arc<Config>,
     channels: Vec<Channel>,
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Sender {
@@ -92,7 +93,15 @@ impl Sender {
             store,
             config,
             channels,
+            wake: Arc::new(tokio::sync::Notify::new()),
         })
+    }
+
+    /// Makes `run` start a round as soon as `wake` is notified (an alert event or outbox item was
+    /// committed), instead of waiting for its next timer.
+    pub fn wake_on(mut self, wake: Arc<tokio::sync::Notify>) -> Sender {
+        self.wake = wake;
+        self
     }
 
     fn tz(&self) -> Tz {
@@ -140,6 +149,7 @@ impl Sender {
                 .clamp(Duration::from_millis(100), Duration::from_secs(30));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(nap) => {}
             }
         }

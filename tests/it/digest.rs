@@ -27,6 +27,16 @@ struct FaultSmtp {
 
 impl FaultSmtp {
     fn start(mode: &str, port: u16, rig: &Rig, spool: &Path, tls: bool) -> FaultSmtp {
+        Self::start_tls(
+            mode,
+            port,
+            rig,
+            spool,
+            if tls { "implicit" } else { "none" },
+        )
+    }
+
+    fn start_tls(mode: &str, port: u16, rig: &Rig, spool: &Path, tls: &str) -> FaultSmtp {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/servers/smtp_fault.py");
         let mut cmd = Command::new("/usr/bin/python3");
         cmd.arg(script)
@@ -36,9 +46,9 @@ impl FaultSmtp {
             .arg(spool)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        if tls {
+        if tls != "none" {
             let t = rig.dir.join("tls");
-            cmd.args(["--tls", "implicit", "--cert"])
+            cmd.args(["--tls", tls, "--cert"])
                 .arg(t.join("server.pem"))
                 .arg("--key")
                 .arg(t.join("server.key"));
@@ -490,6 +500,48 @@ async fn implicit_tls_is_verified() {
         }
     }
     assert_eq!(smtp.spooled().len(), 1);
+    assert_eq!(wait_inbox(rig, &user, 1).await.len(), 1);
+}
+
+/// STARTTLS (587 style): upgraded and verified; a plaintext-only server is refused, never used.
+#[tokio::test(flavor = "multi_thread")]
+async fn starttls_is_required_and_verified() {
+    let rig = Rig::shared();
+    let user = fresh_mailbox(rig, "ds");
+    let dir = tempfile::tempdir().unwrap();
+    let tls = FaultSmtp::start_tls(
+        "relay",
+        support::free_port(),
+        rig,
+        &dir.path().join("spool"),
+        "starttls",
+    );
+    let plain = FaultSmtp::start(
+        "relay",
+        support::free_port(),
+        rig,
+        &dir.path().join("plain"),
+        false,
+    );
+    for (port, expect_sent) in [(plain.port, false), (tls.port, true)] {
+        let sub = dir.path().join(port.to_string());
+        std::fs::create_dir_all(&sub).unwrap();
+        let yaml = config_yaml(&sub, port, "starttls", Some(&rig.ca), &user, "10s");
+        let (sender, _store, _) = sender_for(&yaml, &sub).await;
+        sender
+            .enqueue_digest_now(None, Some("Maria"), Utc::now())
+            .await
+            .unwrap();
+        let report = sender.send_due(Utc::now()).await.unwrap();
+        let got = (report.sent, report.retried);
+        assert_eq!(
+            got,
+            if expect_sent { (1, 0) } else { (0, 1) },
+            "port {port}: {report:?}"
+        );
+    }
+    assert_eq!(plain.spooled().len(), 0, "nothing sent without TLS");
+    assert_eq!(tls.spooled().len(), 1);
     assert_eq!(wait_inbox(rig, &user, 1).await.len(), 1);
 }
 
