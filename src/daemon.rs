@@ -82,6 +82,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let header_timeout = config_rx.borrow().server.header_timeout;
     let server = tokio::spawn(http::serve(listener, app, header_timeout, server_shutdown));
 
+    tracker.spawn(imap_supervisor(shared.clone()));
+
     // READY only now: config valid, secrets read, store open and migrated, listener bound.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     tracing::info!(startup_ms = started.elapsed().as_millis() as u64, "ready");
@@ -142,6 +144,63 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Runs one task per IMAP source and restarts exactly the sources a reload changed.
+///
+/// Stopping a source mid-batch is safe: a batch and its cursor commit in one transaction, so an
+/// interrupted batch is simply fetched again by the next task.
+async fn imap_supervisor(shared: Shared) {
+    use std::collections::HashMap;
+    let mut config = shared.config.clone();
+    let mut running: HashMap<
+        String,
+        (
+            crate::ingest::imap::SourceCtx,
+            CancellationToken,
+            tokio::task::JoinHandle<()>,
+        ),
+    > = HashMap::new();
+    loop {
+        let current = config.borrow_and_update().clone();
+        let wanted: HashMap<String, crate::ingest::imap::SourceCtx> =
+            crate::ingest::imap::sources(&current, &shared.store, None)
+                .into_iter()
+                .map(|c| (c.name.clone(), c))
+                .collect();
+        let names: Vec<String> = running.keys().cloned().collect();
+        for name in names {
+            let keep = match (wanted.get(&name), running.get(&name)) {
+                (Some(new), Some((old, _, _))) => new.cfg == old.cfg && new.team == old.team,
+                _ => false,
+            };
+            if !keep && let Some((_, token, handle)) = running.remove(&name) {
+                tracing::info!(source = %name, "stopping imap source (configuration changed)");
+                token.cancel();
+                let _ = handle.await;
+            }
+        }
+        for (name, ctx) in wanted {
+            if running.contains_key(&name) {
+                continue;
+            }
+            let token = shared.shutdown.child_token();
+            let handle = tokio::spawn(crate::ingest::imap::run(
+                ctx.clone(),
+                shared.wake_core.clone(),
+                token.clone(),
+            ));
+            running.insert(name, (ctx, token, handle));
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            changed = config.changed() => if changed.is_err() { break },
+        }
+    }
+    for (_, (_, token, handle)) in running {
+        token.cancel();
+        let _ = handle.await;
+    }
 }
 
 /// Runs the outbox sender, rebuilding it whenever a reload replaces the configuration.

@@ -86,6 +86,18 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// One pass over the IMAP sources, then exit
+    Sync {
+        /// Only this source
+        #[arg(long)]
+        source: Option<String>,
+    },
+    /// Per source and folder: health, counts and the "nothing lost" ledger
+    Sources {
+        /// One JSON array on stdout
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// How `digest --preview` prints.
@@ -295,6 +307,107 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 Ok::<(), Failure>(())
             })
         }
+        Command::Sync { source } => {
+            let path = config::resolve_path(cli.config.as_deref());
+            let loaded = load_config(&path)?;
+            runtime()?.block_on(sync(&loaded.config, source.as_deref()))
+        }
+        Command::Sources { json } => {
+            let path = config::resolve_path(cli.config.as_deref());
+            let loaded = load_config(&path)?;
+            runtime()?.block_on(async move {
+                let store = open_store(&loaded.config).await?;
+                let lines = frontdesk::ingest::imap::ledger(&loaded.config, &store)
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                if json {
+                    emit(&format!(
+                        "{}\n",
+                        serde_json::to_string_pretty(&lines).map_err(anyhow::Error::from)?
+                    ));
+                } else {
+                    emit(&frontdesk::ingest::imap::ledger_text(&lines));
+                }
+                Ok::<(), Failure>(())
+            })
+        }
+    }
+}
+
+/// `frontdesk sync`: one pass per IMAP source; a progress bar on a terminal, log lines otherwise.
+async fn sync(config: &config::Config, only: Option<&str>) -> Result<(), Failure> {
+    use frontdesk::ingest::imap;
+    use std::io::IsTerminal;
+    let store = open_store(config).await?;
+    let sources = imap::sources(config, &store, only);
+    if sources.is_empty() {
+        return Err(Failure {
+            code: 1,
+            message: match only {
+                Some(name) => format!("no IMAP source named {name}"),
+                None => "no IMAP sources configured".into(),
+            },
+        });
+    }
+    let tty = std::io::stderr().is_terminal();
+    let mut failed = Vec::new();
+    for ctx in &sources {
+        let bar = tty.then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar
+        });
+        let name = ctx.name.clone();
+        let mut progress = |p: imap::Progress| match &bar {
+            Some(bar) => {
+                bar.set_prefix(format!("{name}/{}", p.folder));
+                bar.set_length(p.total);
+                bar.set_position(p.done);
+            }
+            None if p.done == p.total || p.done.is_multiple_of(1000) => {
+                tracing::info!(source = %name, folder = %p.folder, done = p.done, total = p.total, "sync progress");
+            }
+            None => {}
+        };
+        let mut poison = imap::PoisonTracker::default();
+        let result = imap::sync_once(ctx, &mut poison, &mut progress).await;
+        if let Some(bar) = &bar {
+            bar.finish_and_clear();
+        }
+        match result {
+            Ok(reports) => {
+                for r in reports {
+                    emit(&format!(
+                        "{}/{}: {} new, {} already stored, {} accounted without a row{}\n",
+                        ctx.name,
+                        r.folder,
+                        r.inserted,
+                        r.duplicates,
+                        r.accounted,
+                        if r.uid_validity_changed {
+                            " (UIDVALIDITY changed)"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+            }
+            Err(e) => failed.push(format!("source {}: {e}", ctx.name)),
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure {
+            code: 1,
+            message: failed.join("; "),
+        })
     }
 }
 

@@ -6,11 +6,13 @@
 //! Readers use their own pool and never block the writer.
 
 mod digest;
+mod imap;
 mod messages;
 mod outbox;
 pub mod webhook;
 
 pub use digest::SourceRef;
+pub use imap::{AccountedKind, AccountedUid, BatchOutcome, FolderLedger, ImapCursor, SourceHealth};
 pub use messages::{Ingested, MessageFilter, StoredMessage};
 pub use outbox::{NewOutboxItem, OutboxRow, insert_alert_event};
 
