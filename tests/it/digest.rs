@@ -379,6 +379,18 @@ async fn digest_send_is_read_back_over_imap_and_parsed_by_python() {
         to,
         "envelope recipients exactly the configured one"
     );
+    // E4, the loop guard: the IMAP normalizer recognises the digest as frontdesk's own mail.
+    let normalized = frontdesk::ingest::email::normalize(
+        "watched",
+        Origin::Imap {
+            folder: "INBOX".into(),
+            uid_validity: 1,
+            uid: 1,
+        },
+        got[0].clone(),
+        Utc::now(),
+    );
+    assert_eq!(normalized.automation, Automation::Frontdesk);
 }
 
 /// Hostile open-conversation rows rendered, pushed through the outbox and delivered.
