@@ -855,3 +855,120 @@ fn digest_preview_prints_text_and_html() {
     assert_ne!(code, 0);
     assert!(err.contains("no digest named"), "{err}");
 }
+
+/// Renders `page` in headless Chromium to `png` (360 px wide) and returns every URL it requested,
+/// from Chromium's net log, minus Chromium's own background hosts.
+fn chromium_render(page: &Path, png: &Path, work: &Path) -> Vec<String> {
+    let netlog = work.join("net.json");
+    let status = Command::new("/usr/bin/chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--window-size=360,2400",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            work.join("profile").display()
+        ))
+        .arg(format!("--log-net-log={}", netlog.display()))
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(format!("file://{}", page.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "chromium failed: {status}");
+    let log: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&netlog).unwrap()).unwrap();
+    let own = ["google.com", "googleapis.com", "gvt1.com", "gstatic.com"];
+    let mut urls: Vec<String> = log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["params"]["url"].as_str().map(str::to_string))
+        .filter(|u| {
+            let host = u
+                .split("://")
+                .nth(1)
+                .unwrap_or("")
+                .split(['/', ':', '?'])
+                .next()
+                .unwrap_or("");
+            !own.iter()
+                .any(|o| host == *o || host.ends_with(&format!(".{o}")))
+        })
+        .collect();
+    urls.sort();
+    urls.dedup();
+    urls
+}
+
+/// The HTML digest with hostile client text renders in headless Chromium at 360 px with no network
+/// request; a control page with a real external image shows the check would catch one.
+#[test]
+fn html_digest_renders_in_chromium_without_network_requests() {
+    if !Path::new("/usr/bin/chromium").exists() {
+        eprintln!("skipped: /usr/bin/chromium is not installed (apt-get install -y chromium)");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let now = Utc::now();
+    let mut input = DigestInput::default();
+    let mut names: Vec<String> = HOSTILE_SHOWN.iter().map(|s| s.to_string()).collect();
+    names.push("<img src=\"http://198.51.100.7/hostile.png\">".into());
+    names.push("<link rel=stylesheet href=http://198.51.100.7/x.css>".into());
+    for (i, n) in names.iter().enumerate() {
+        input.open.push(ConversationRow {
+            id: i as i64,
+            client: n.clone(),
+            medium: None,
+            subject: n.clone(),
+            owner: Some("Maria".into()),
+            policy: Some("vip".into()),
+            target: Some(TargetKind::First),
+            target_secs: Some(3600),
+            waiting_since: now - TimeDelta::hours(2),
+            warn_at: Some(now - TimeDelta::minutes(30)),
+            due: Some(now + TimeDelta::minutes(20 * i as i64 - 40)),
+        });
+    }
+    let r = Digest::build(&input, now, chrono_tz::Europe::Athens, Some("Maria"))
+        .render()
+        .unwrap();
+    let page = work.path().join("digest.html");
+    std::fs::write(&page, &r.html).unwrap();
+    let png = Path::new(env!("CARGO_TARGET_TMPDIR")).join("digest-360.png");
+    let urls = chromium_render(&page, &png, &work.path().join("digest"));
+    assert!(
+        urls.is_empty(),
+        "the digest made network requests: {urls:?}"
+    );
+    assert!(
+        std::fs::metadata(&png).unwrap().len() > 10_000,
+        "an empty screenshot"
+    );
+    eprintln!("digest rendered to {}", png.display());
+
+    let control = work.path().join("control.html");
+    std::fs::write(
+        &control,
+        "<!DOCTYPE html><html><body><img src=\"http://198.51.100.7/control.png\"></body></html>",
+    )
+    .unwrap();
+    let urls = chromium_render(
+        &control,
+        &work.path().join("control.png"),
+        &work.path().join("control"),
+    );
+    assert!(
+        urls.iter().any(|u| u.contains("198.51.100.7/control.png")),
+        "the net-log check would not see a request: {urls:?}"
+    );
+}
