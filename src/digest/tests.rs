@@ -391,6 +391,8 @@ fn statistics_compare_with_the_previous_four_weeks() {
         "{:?}",
         maria.trend
     );
+    assert_eq!(d.slowest_clients.len(), 5);
+    assert!(d.slowest_clients.windows(2).all(|w| w[0].p90 >= w[1].p90));
     let nikos = d.stats.iter().find(|s| s.owner == "Nikos").unwrap();
     assert!(
         matches!(nikos.trend, Trend::Slower { .. }),
