@@ -167,6 +167,9 @@ pub struct DigestInput {
     pub sources: Vec<SourceHealthRow>,
     /// Permanently failed sends since `since`.
     pub failed_sends: Vec<FailedSendRow>,
+    /// Alert events held back by `alerts.quiet_hours`, shown in this digest instead.
+    #[serde(default)]
+    pub deferred_alerts: Vec<AlertEvent>,
 }
 
 /// The SLA state of an open conversation at `now`.
@@ -304,6 +307,8 @@ pub struct Digest {
     pub sources: Vec<SourceHealthRow>,
     /// Permanently failed sends since `since`.
     pub failed_sends: Vec<FailedSendRow>,
+    /// Alert events deferred by quiet hours into this digest.
+    pub deferred_alerts: Vec<AlertEvent>,
 }
 
 /// A rendered message, ready for the outbox.
@@ -426,6 +431,7 @@ impl Digest {
             slowest_clients,
             sources,
             failed_sends,
+            deferred_alerts: input.deferred_alerts.clone(),
         }
     }
 
@@ -597,7 +603,9 @@ impl Digest {
             }
             s
         };
+        let deferred = alert_lines(&self.deferred_alerts, self.now);
         minijinja::context! {
+            deferred => deferred,
             subject => self.subject(),
             greeting => greeting,
             summary => summary,
@@ -714,44 +722,7 @@ impl Alert {
 
     /// Renders subject, text and HTML at `now` in `tz`.
     pub fn render(&self, now: DateTime<Utc>, tz: Tz) -> Result<Rendered, RenderError> {
-        let events: Vec<minijinja::Value> = self
-            .events
-            .iter()
-            .map(|e| match e {
-                AlertEvent::SlaWarn { conversation } | AlertEvent::SlaBreach { conversation } => {
-                    let item = OpenItem {
-                        row: clean_row(conversation),
-                        state: if matches!(e, AlertEvent::SlaBreach { .. }) {
-                            OpenState::Breached
-                        } else {
-                            OpenState::AtRisk
-                        },
-                    };
-                    let mut line = item_line(&item, now);
-                    line.heading = match item.state {
-                        OpenState::Breached => "BREACHED",
-                        _ => "AT RISK",
-                    };
-                    line.owner = item
-                        .row
-                        .owner
-                        .clone()
-                        .unwrap_or_else(|| "not yet owned".into());
-                    minijinja::Value::from(minijinja::value::Serde(&line))
-                }
-                AlertEvent::SourceUnhealthy { source, error } => minijinja::context! {
-                    heading => "SOURCE UNHEALTHY",
-                    source => clean_line(source, CLIENT_CHARS),
-                    error => clean_line(error, ERROR_CHARS),
-                    bad => true,
-                },
-                AlertEvent::SourceHealthy { source } => minijinja::context! {
-                    heading => "SOURCE HEALTHY AGAIN",
-                    source => clean_line(source, CLIENT_CHARS),
-                    bad => false,
-                },
-            })
-            .collect();
+        let events = alert_lines(&self.events, now);
         let subject = self.subject(now, tz);
         let view = minijinja::context! { subject => subject.clone(), events => events };
         let env = templates();
@@ -763,6 +734,47 @@ impl Alert {
             html,
         })
     }
+}
+
+/// The alert events as template values (client strings cleaned).
+fn alert_lines(events: &[AlertEvent], now: DateTime<Utc>) -> Vec<minijinja::Value> {
+    events
+        .iter()
+        .map(|e| match e {
+            AlertEvent::SlaWarn { conversation } | AlertEvent::SlaBreach { conversation } => {
+                let item = OpenItem {
+                    row: clean_row(conversation),
+                    state: if matches!(e, AlertEvent::SlaBreach { .. }) {
+                        OpenState::Breached
+                    } else {
+                        OpenState::AtRisk
+                    },
+                };
+                let mut line = item_line(&item, now);
+                line.heading = match item.state {
+                    OpenState::Breached => "BREACHED",
+                    _ => "AT RISK",
+                };
+                line.owner = item
+                    .row
+                    .owner
+                    .clone()
+                    .unwrap_or_else(|| "not yet owned".into());
+                minijinja::Value::from(minijinja::value::Serde(&line))
+            }
+            AlertEvent::SourceUnhealthy { source, error } => minijinja::context! {
+                heading => "SOURCE UNHEALTHY",
+                source => clean_line(source, CLIENT_CHARS),
+                error => clean_line(error, ERROR_CHARS),
+                bad => true,
+            },
+            AlertEvent::SourceHealthy { source } => minijinja::context! {
+                heading => "SOURCE HEALTHY AGAIN",
+                source => clean_line(source, CLIENT_CHARS),
+                bad => false,
+            },
+        })
+        .collect()
 }
 
 /// Makes client text safe to show on one line: control characters, bidi controls and zero-width

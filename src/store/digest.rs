@@ -92,6 +92,7 @@ impl Store {
             replies: Vec::new(),
             sources: health,
             failed_sends: self.outbox_failed_since(since).await?,
+            deferred_alerts: Vec::new(),
         })
     }
 }

@@ -972,3 +972,68 @@ fn html_digest_renders_in_chromium_without_network_requests() {
         "the net-log check would not see a request: {urls:?}"
     );
 }
+
+/// Quiet hours: alert events are held back and appear in the next digest, marked deferred; they
+/// never go out as an alert afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn quiet_hours_defer_alerts_into_the_next_digest() {
+    use frontdesk::digest::AlertEvent;
+    let rig = Rig::shared();
+    let user = fresh_mailbox(rig, "dz");
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = FaultSmtp::start(
+        "relay",
+        support::free_port(),
+        rig,
+        &dir.path().join("spool"),
+        false,
+    );
+    let yaml = config_yaml(dir.path(), smtp.port, "none", None, &user, "5s");
+    let (open_sender, store, config) = sender_for(&yaml, dir.path()).await;
+    let quiet = Sender::new(store.clone(), config.clone())
+        .unwrap()
+        .quiet_hours(Arc::new(|_| true));
+    let slot = frontdesk::notify::sender::digest_slot("0 8 * * *", config.timezone, Utc::now())
+        .unwrap_or_else(|| {
+            frontdesk::notify::sender::next_occurrence("0 8 * * *", config.timezone, Utc::now())
+                .unwrap()
+        });
+    let before = slot - TimeDelta::hours(1);
+    let event = AlertEvent::SourceUnhealthy {
+        source: "support-mail".into(),
+        error: "connection refused at night".into(),
+    };
+    assert!(
+        store
+            .alert_event_push("night:1", &event, before)
+            .await
+            .unwrap()
+    );
+    let r = quiet
+        .run_once(before + TimeDelta::minutes(5))
+        .await
+        .unwrap();
+    assert_eq!(r, Default::default(), "held back in quiet hours");
+    let r = quiet.run_once(slot + TimeDelta::seconds(5)).await.unwrap();
+    assert_eq!(
+        (r.digests_enqueued, r.alerts_enqueued, r.sent),
+        (2, 0, 2),
+        "{r:?}"
+    );
+    let r = open_sender
+        .run_once(slot + TimeDelta::hours(2))
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        Default::default(),
+        "the deferred event is not sent again as an alert"
+    );
+    let spooled = smtp.spooled();
+    assert_eq!(spooled.len(), 2);
+    for p in spooled {
+        let raw = std::fs::read_to_string(p).unwrap();
+        assert!(raw.contains("DEFERRED ALERTS (quiet hours)"), "{raw}");
+        assert!(raw.contains("X-Frontdesk-Generated: digest"));
+    }
+}
