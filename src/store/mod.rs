@@ -8,6 +8,7 @@
 mod digest;
 mod imap;
 mod messages;
+pub mod metrics;
 mod outbox;
 pub mod webhook;
 
