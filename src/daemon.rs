@@ -214,6 +214,7 @@ async fn sender_task(shared: Shared) {
         let generation = shared.shutdown.child_token();
         match crate::notify::Sender::new(shared.store.clone(), current) {
             Ok(sender) => {
+                let sender = sender.wake_on(shared.wake_sender.clone());
                 let handle = tokio::spawn(sender.run(generation.clone()));
                 tokio::select! {
                     _ = shared.shutdown.cancelled() => {

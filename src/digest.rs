@@ -167,6 +167,9 @@ pub struct DigestInput {
     pub sources: Vec<SourceHealthRow>,
     /// Permanently failed sends since `since`.
     pub failed_sends: Vec<FailedSendRow>,
+    /// Alert events held back by `alerts.quiet_hours`, shown in this digest instead.
+    #[serde(default)]
+    pub deferred_alerts: Vec<AlertEvent>,
 }
 
 /// The SLA state of an open conversation at `now`.
@@ -243,12 +246,31 @@ pub struct OwnerStats {
     pub first_p50: Option<i64>,
     /// 90th percentile first-reply time this week, seconds.
     pub first_p90: Option<i64>,
+    /// Median next-reply time this week, seconds.
+    pub next_p50: Option<i64>,
+    /// 90th percentile next-reply time this week, seconds.
+    pub next_p90: Option<i64>,
     /// Replies (first and next) within target this week.
     pub met: usize,
     /// Replies with a target this week.
     pub total: usize,
     /// Compared with the four weeks before.
     pub trend: Trend,
+}
+
+/// Reply times of one client this week (the slowest clients are shown).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClientStats {
+    /// The client in the words people use (cleaned).
+    pub client: String,
+    /// Median reply time (first and next) this week, seconds.
+    pub p50: i64,
+    /// 90th percentile reply time this week, seconds.
+    pub p90: i64,
+    /// Replies within target this week.
+    pub met: usize,
+    /// Replies with a target this week.
+    pub total: usize,
 }
 
 /// The digest: what it says, independent of how it is rendered.
@@ -279,10 +301,14 @@ pub struct Digest {
     pub answered: AnsweredSummary,
     /// Per owner statistics for this week.
     pub stats: Vec<OwnerStats>,
+    /// The slowest clients this week by p90 reply time (at most five).
+    pub slowest_clients: Vec<ClientStats>,
     /// Every configured source.
     pub sources: Vec<SourceHealthRow>,
     /// Permanently failed sends since `since`.
     pub failed_sends: Vec<FailedSendRow>,
+    /// Alert events deferred by quiet hours into this digest.
+    pub deferred_alerts: Vec<AlertEvent>,
 }
 
 /// A rendered message, ready for the outbox.
@@ -366,6 +392,7 @@ impl Digest {
         let replies: Vec<&ReplyRow> = input.replies.iter().filter(|r| mine(&r.owner)).collect();
         let answered = answered_summary(&replies, since, now);
         let stats = owner_stats(&replies, now, owner);
+        let slowest_clients = slowest_clients(&replies, now);
 
         let sources = input
             .sources
@@ -401,8 +428,10 @@ impl Digest {
             new_by_client,
             answered,
             stats,
+            slowest_clients,
             sources,
             failed_sends,
+            deferred_alerts: input.deferred_alerts.clone(),
         }
     }
 
@@ -509,10 +538,25 @@ impl Digest {
                 minijinja::context! {
                     owner => s.owner.clone(),
                     first => format!("{} / {}", opt_dur(s.first_p50), opt_dur(s.first_p90)),
+                    next => format!("{} / {}", opt_dur(s.next_p50), opt_dur(s.next_p90)),
                     met => format!("{}/{}", s.met, s.total),
                     trend => trend_words(s.trend),
                     slower => matches!(s.trend, Trend::Slower { .. }),
                 }
+            })
+            .collect();
+        let slowest: Vec<String> = self
+            .slowest_clients
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {} / {} ({}/{} met)",
+                    c.client,
+                    duration_words(c.p50),
+                    duration_words(c.p90),
+                    c.met,
+                    c.total
+                )
             })
             .collect();
         let healthy = self.sources.iter().filter(|s| s.healthy).count();
@@ -559,7 +603,9 @@ impl Digest {
             }
             s
         };
+        let deferred = alert_lines(&self.deferred_alerts, self.now);
         minijinja::context! {
+            deferred => deferred,
             subject => self.subject(),
             greeting => greeting,
             summary => summary,
@@ -581,6 +627,7 @@ impl Digest {
             new_more => new_more,
             answered => answered,
             stats => stats,
+            slowest => slowest,
             sources => sources,
             sources_healthy => healthy,
             sources_total => self.sources.len(),
@@ -675,44 +722,7 @@ impl Alert {
 
     /// Renders subject, text and HTML at `now` in `tz`.
     pub fn render(&self, now: DateTime<Utc>, tz: Tz) -> Result<Rendered, RenderError> {
-        let events: Vec<minijinja::Value> = self
-            .events
-            .iter()
-            .map(|e| match e {
-                AlertEvent::SlaWarn { conversation } | AlertEvent::SlaBreach { conversation } => {
-                    let item = OpenItem {
-                        row: clean_row(conversation),
-                        state: if matches!(e, AlertEvent::SlaBreach { .. }) {
-                            OpenState::Breached
-                        } else {
-                            OpenState::AtRisk
-                        },
-                    };
-                    let mut line = item_line(&item, now);
-                    line.heading = match item.state {
-                        OpenState::Breached => "BREACHED",
-                        _ => "AT RISK",
-                    };
-                    line.owner = item
-                        .row
-                        .owner
-                        .clone()
-                        .unwrap_or_else(|| "not yet owned".into());
-                    minijinja::Value::from(minijinja::value::Serde(&line))
-                }
-                AlertEvent::SourceUnhealthy { source, error } => minijinja::context! {
-                    heading => "SOURCE UNHEALTHY",
-                    source => clean_line(source, CLIENT_CHARS),
-                    error => clean_line(error, ERROR_CHARS),
-                    bad => true,
-                },
-                AlertEvent::SourceHealthy { source } => minijinja::context! {
-                    heading => "SOURCE HEALTHY AGAIN",
-                    source => clean_line(source, CLIENT_CHARS),
-                    bad => false,
-                },
-            })
-            .collect();
+        let events = alert_lines(&self.events, now);
         let subject = self.subject(now, tz);
         let view = minijinja::context! { subject => subject.clone(), events => events };
         let env = templates();
@@ -724,6 +734,47 @@ impl Alert {
             html,
         })
     }
+}
+
+/// The alert events as template values (client strings cleaned).
+fn alert_lines(events: &[AlertEvent], now: DateTime<Utc>) -> Vec<minijinja::Value> {
+    events
+        .iter()
+        .map(|e| match e {
+            AlertEvent::SlaWarn { conversation } | AlertEvent::SlaBreach { conversation } => {
+                let item = OpenItem {
+                    row: clean_row(conversation),
+                    state: if matches!(e, AlertEvent::SlaBreach { .. }) {
+                        OpenState::Breached
+                    } else {
+                        OpenState::AtRisk
+                    },
+                };
+                let mut line = item_line(&item, now);
+                line.heading = match item.state {
+                    OpenState::Breached => "BREACHED",
+                    _ => "AT RISK",
+                };
+                line.owner = item
+                    .row
+                    .owner
+                    .clone()
+                    .unwrap_or_else(|| "not yet owned".into());
+                minijinja::Value::from(minijinja::value::Serde(&line))
+            }
+            AlertEvent::SourceUnhealthy { source, error } => minijinja::context! {
+                heading => "SOURCE UNHEALTHY",
+                source => clean_line(source, CLIENT_CHARS),
+                error => clean_line(error, ERROR_CHARS),
+                bad => true,
+            },
+            AlertEvent::SourceHealthy { source } => minijinja::context! {
+                heading => "SOURCE HEALTHY AGAIN",
+                source => clean_line(source, CLIENT_CHARS),
+                bad => false,
+            },
+        })
+        .collect()
 }
 
 /// Makes client text safe to show on one line: control characters, bidi controls and zero-width
@@ -970,6 +1021,7 @@ fn owner_stats(replies: &[&ReplyRow], now: DateTime<Utc>, owner: Option<&str>) -
         .filter(|(_, (week, _))| !week.is_empty())
         .map(|(owner, (week, base))| {
             let first = sorted_secs(week.iter().filter(|r| r.target == TargetKind::First));
+            let next = sorted_secs(week.iter().filter(|r| r.target == TargetKind::Next));
             let all_week = sorted_secs(week.iter());
             let all_base = sorted_secs(base.iter());
             let trend = match (percentile(&all_week, 0.9), percentile(&all_base, 0.9)) {
@@ -994,12 +1046,46 @@ fn owner_stats(replies: &[&ReplyRow], now: DateTime<Utc>, owner: Option<&str>) -
                 owner,
                 first_p50: percentile(&first, 0.5),
                 first_p90: percentile(&first, 0.9),
+                next_p50: percentile(&next, 0.5),
+                next_p90: percentile(&next, 0.9),
                 met: with_target.iter().filter(|r| r.met == Some(true)).count(),
                 total: with_target.len(),
                 trend,
             }
         })
         .collect()
+}
+
+/// Clients whose p90 reply time this week is the longest (at most five, slowest first).
+fn slowest_clients(replies: &[&ReplyRow], now: DateTime<Utc>) -> Vec<ClientStats> {
+    let week_start = now - STATS_WEEK;
+    let mut by_client: BTreeMap<String, Vec<&ReplyRow>> = BTreeMap::new();
+    for r in replies
+        .iter()
+        .filter(|r| r.replied_at > week_start && r.replied_at <= now)
+    {
+        by_client
+            .entry(clean_line(&r.client, CLIENT_CHARS))
+            .or_default()
+            .push(r);
+    }
+    let mut out: Vec<ClientStats> = by_client
+        .into_iter()
+        .filter_map(|(client, rows)| {
+            let secs = sorted_secs(rows.iter());
+            let with_target = rows.iter().filter(|r| r.met.is_some()).count();
+            Some(ClientStats {
+                client,
+                p50: percentile(&secs, 0.5)?,
+                p90: percentile(&secs, 0.9)?,
+                met: rows.iter().filter(|r| r.met == Some(true)).count(),
+                total: with_target,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| b.p90.cmp(&a.p90).then_with(|| a.client.cmp(&b.client)));
+    out.truncate(5);
+    out
 }
 
 fn trend_words(t: Trend) -> String {

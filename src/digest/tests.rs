@@ -184,6 +184,7 @@ fn example_input() -> DigestInput {
             },
         ],
         failed_sends: vec![],
+        deferred_alerts: vec![],
     }
 }
 
@@ -391,6 +392,8 @@ fn statistics_compare_with_the_previous_four_weeks() {
         "{:?}",
         maria.trend
     );
+    assert_eq!(d.slowest_clients.len(), 5);
+    assert!(d.slowest_clients.windows(2).all(|w| w[0].p90 >= w[1].p90));
     let nikos = d.stats.iter().find(|s| s.owner == "Nikos").unwrap();
     assert!(
         matches!(nikos.trend, Trend::Slower { .. }),
@@ -535,6 +538,32 @@ fn alert_groups_events_in_one_message() {
         &format!("Subject: {}\n\n{}", r.subject, r.text),
     );
     check_snapshot("alert.html", &r.html);
+}
+
+#[test]
+fn deferred_alerts_appear_in_the_digest() {
+    let mut input = example_input();
+    input.deferred_alerts = vec![
+        AlertEvent::SlaBreach {
+            conversation: input.open[0].clone(),
+        },
+        AlertEvent::SourceUnhealthy {
+            source: "sms".into(),
+            error: "<b>down</b>".into(),
+        },
+    ];
+    let r = Digest::build(&input, now(), tz(), Some("Maria"))
+        .render()
+        .unwrap();
+    assert!(
+        r.text.contains("DEFERRED ALERTS (quiet hours)"),
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains("BREACHED: ACME Ltd"), "{}", r.text);
+    assert!(r.html.contains("Deferred alerts (quiet hours)"));
+    assert!(r.html.contains("&lt;b&gt;down&lt;"));
+    assert_safe(&r);
 }
 
 #[test]

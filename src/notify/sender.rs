@@ -73,7 +73,12 @@ pub struct Sender {
     store: Store,
     config: Arc<Config>,
     channels: Vec<Channel>,
+    wake: Arc<tokio::sync::Notify>,
+    quiet: Option<QuietHours>,
 }
+
+/// Says whether alerts are held back at a time (outside `alerts.quiet_hours`' calendar).
+pub type QuietHours = Arc<dyn Fn(DateTime<Utc>) -> bool + Send + Sync>;
 
 impl Sender {
     /// Builds every configured channel (no network access yet).
@@ -92,7 +97,27 @@ impl Sender {
             store,
             config,
             channels,
+            wake: Arc::new(tokio::sync::Notify::new()),
+            quiet: None,
         })
+    }
+
+    /// Holds alerts back while `quiet(now)` is true (outside the `alerts.quiet_hours` calendar);
+    /// held events go into the next digest, marked as deferred, instead of an alert.
+    pub fn quiet_hours(mut self, quiet: QuietHours) -> Sender {
+        self.quiet = Some(quiet);
+        self
+    }
+
+    fn is_quiet(&self, now: DateTime<Utc>) -> bool {
+        self.quiet.as_ref().is_some_and(|q| q(now))
+    }
+
+    /// Makes `run` start a round as soon as `wake` is notified (an alert event or outbox item was
+    /// committed), instead of waiting for its next timer.
+    pub fn wake_on(mut self, wake: Arc<tokio::sync::Notify>) -> Sender {
+        self.wake = wake;
+        self
     }
 
     fn tz(&self) -> Tz {
@@ -140,6 +165,7 @@ impl Sender {
                 .clamp(Duration::from_millis(100), Duration::from_secs(30));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(nap) => {}
             }
         }
@@ -232,6 +258,13 @@ impl Sender {
             .unwrap_or(slot - TimeDelta::days(1));
         let mut enqueued = 0;
         let mut input: Option<DigestInput> = None;
+        // In quiet hours the pending alert events go into this digest instead of an alert.
+        let deferred = if self.quiet.is_some() {
+            self.store.alert_events_pending().await?
+        } else {
+            Vec::new()
+        };
+        let mut first_id = None;
         for target in self.targets(schedule, None) {
             let slot_key = digest_slot_key(schedule, &target, &slot.to_rfc3339());
             // Cheap check first, so a restart does not rebuild every digest; the unique slot key
@@ -240,7 +273,9 @@ impl Sender {
                 continue;
             }
             if input.is_none() {
-                input = Some(self.digest_input(since, slot).await?);
+                let mut i = self.digest_input(since, slot).await?;
+                i.deferred_alerts = deferred.iter().map(|(_, e)| e.clone()).collect();
+                input = Some(i);
             }
             let Some(input) = input.as_ref() else {
                 continue;
@@ -253,9 +288,16 @@ impl Sender {
                 slot_key,
                 rendered,
             );
-            if self.store.outbox_push(&item, now).await?.is_some() {
+            if let Some(id) = self.store.outbox_push(&item, now).await? {
                 enqueued += 1;
+                first_id.get_or_insert(id);
             }
+        }
+        if let Some(id) = first_id
+            && !deferred.is_empty()
+        {
+            let ids: Vec<i64> = deferred.iter().map(|(id, _)| *id).collect();
+            self.store.alert_events_attach(&ids, id).await?;
         }
         Ok(enqueued)
     }
@@ -320,6 +362,9 @@ impl Sender {
 
     /// Groups pending alert events into one item on the alerts channel (see `Store::alert_group`).
     pub async fn group_alerts(&self, now: DateTime<Utc>) -> Result<Option<i64>, SenderError> {
+        if self.is_quiet(now) {
+            return Ok(None);
+        }
         let alerts = &self.config.alerts;
         let tz = self.tz();
         let channel = alerts.channel.clone();

@@ -1,4 +1,5 @@
-//! Reads for the digest: what arrived since the last digest, source health, failed sends.
+//! Reads for the digest: what arrived since the last digest, source health (the sources' own
+//! health rows, the IMAP ledger's unaccounted count, webhook rejections), failed sends.
 //!
 //! Open conversations and reply times belong to the core's tables (issue 5); until those exist
 //! `digest_input` leaves `open` and `replies` empty and the core adds its rows.
@@ -46,6 +47,20 @@ impl Store {
             });
         }
 
+        // Health as the sources record it (consecutive failures), the IMAP ledger's unaccounted
+        // count from the last reconciliation, and webhook rejections (cumulative counters).
+        let health_rows = self.source_health().await?;
+        let unaccounted: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT source, coalesce(sum(unaccounted), 0) FROM imap_cursors GROUP BY source",
+        )
+        .fetch_all(self.reader())
+        .await?;
+        let rejected: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT source, coalesce(sum(value), 0) FROM webhook_counters \
+             WHERE name LIKE 'rejected:%' GROUP BY source",
+        )
+        .fetch_all(self.reader())
+        .await?;
         let mut health = Vec::with_capacity(sources.len());
         for s in sources {
             let (last,): (Option<i64>,) =
@@ -53,28 +68,20 @@ impl Store {
                     .bind(&s.name)
                     .fetch_one(self.reader())
                     .await?;
-            // The newest health flip, if the source recorded any ('unhealthy' / 'healthy').
-            let flip = sqlx::query(
-                "SELECT kind, detail FROM source_events WHERE source = ? \
-                 AND kind IN ('unhealthy', 'healthy') ORDER BY at DESC, id DESC LIMIT 1",
-            )
-            .bind(&s.name)
-            .fetch_optional(self.reader())
-            .await?;
-            let (healthy, error) = match flip {
-                Some(r) if r.try_get::<String, _>("kind")? == "unhealthy" => {
-                    (false, Some(r.try_get::<String, _>("detail")?))
-                }
-                _ => (true, None),
+            let h = health_rows.iter().find(|h| h.source == s.name);
+            let count = |rows: &[(String, i64)]| {
+                rows.iter()
+                    .find(|(n, _)| *n == s.name)
+                    .map_or(0, |(_, v)| u64::try_from(*v).unwrap_or(0))
             };
             health.push(SourceHealthRow {
                 name: s.name.clone(),
                 kind: s.kind,
-                healthy,
+                healthy: h.is_none_or(|h| h.healthy),
                 last_message_at: last.map(from_ms),
-                unaccounted: 0,
-                rejections: 0,
-                error,
+                unaccounted: count(&unaccounted),
+                rejections: count(&rejected),
+                error: h.filter(|h| !h.healthy).and_then(|h| h.last_error.clone()),
             });
         }
 
@@ -85,6 +92,7 @@ impl Store {
             replies: Vec::new(),
             sources: health,
             failed_sends: self.outbox_failed_since(since).await?,
+            deferred_alerts: Vec::new(),
         })
     }
 }

@@ -341,6 +341,41 @@ impl Store {
                 .await?;
         Ok(at.map(from_ms))
     }
+
+    /// Ungrouped alert events with their ids, oldest first (deferred into a digest in quiet hours).
+    pub async fn alert_events_pending(&self) -> Result<Vec<(i64, AlertEvent)>, Error> {
+        let rows = sqlx::query(
+            "SELECT id, payload FROM alert_events WHERE outbox_id IS NULL ORDER BY at, id",
+        )
+        .fetch_all(&self.writer)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let payload: String = r.try_get("payload")?;
+            let event =
+                serde_json::from_str::<AlertEvent>(&payload).map_err(|e| Error::Corrupt {
+                    table: "alert_events",
+                    reason: e.to_string(),
+                })?;
+            out.push((r.try_get("id")?, event));
+        }
+        Ok(out)
+    }
+
+    /// Marks events as delivered inside the outbox item `outbox_id` (a digest that listed them as
+    /// deferred), so no alert repeats them.
+    pub async fn alert_events_attach(&self, ids: &[i64], outbox_id: i64) -> Result<(), Error> {
+        let mut tx = self.begin_write().await?;
+        for id in ids {
+            sqlx::query("UPDATE alert_events SET outbox_id = ? WHERE id = ? AND outbox_id IS NULL")
+                .bind(outbox_id)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
 }
 
 /// Inserts one alert event inside `tx` (for the core's clock transaction); false if known.

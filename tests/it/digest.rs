@@ -27,6 +27,16 @@ struct FaultSmtp {
 
 impl FaultSmtp {
     fn start(mode: &str, port: u16, rig: &Rig, spool: &Path, tls: bool) -> FaultSmtp {
+        Self::start_tls(
+            mode,
+            port,
+            rig,
+            spool,
+            if tls { "implicit" } else { "none" },
+        )
+    }
+
+    fn start_tls(mode: &str, port: u16, rig: &Rig, spool: &Path, tls: &str) -> FaultSmtp {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/servers/smtp_fault.py");
         let mut cmd = Command::new("/usr/bin/python3");
         cmd.arg(script)
@@ -36,9 +46,9 @@ impl FaultSmtp {
             .arg(spool)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        if tls {
+        if tls != "none" {
             let t = rig.dir.join("tls");
-            cmd.args(["--tls", "implicit", "--cert"])
+            cmd.args(["--tls", tls, "--cert"])
                 .arg(t.join("server.pem"))
                 .arg("--key")
                 .arg(t.join("server.key"));
@@ -369,6 +379,18 @@ async fn digest_send_is_read_back_over_imap_and_parsed_by_python() {
         to,
         "envelope recipients exactly the configured one"
     );
+    // E4, the loop guard: the IMAP normalizer recognises the digest as frontdesk's own mail.
+    let normalized = frontdesk::ingest::email::normalize(
+        "watched",
+        Origin::Imap {
+            folder: "INBOX".into(),
+            uid_validity: 1,
+            uid: 1,
+        },
+        got[0].clone(),
+        Utc::now(),
+    );
+    assert_eq!(normalized.automation, Automation::Frontdesk);
 }
 
 /// Hostile open-conversation rows rendered, pushed through the outbox and delivered.
@@ -490,6 +512,48 @@ async fn implicit_tls_is_verified() {
         }
     }
     assert_eq!(smtp.spooled().len(), 1);
+    assert_eq!(wait_inbox(rig, &user, 1).await.len(), 1);
+}
+
+/// STARTTLS (587 style): upgraded and verified; a plaintext-only server is refused, never used.
+#[tokio::test(flavor = "multi_thread")]
+async fn starttls_is_required_and_verified() {
+    let rig = Rig::shared();
+    let user = fresh_mailbox(rig, "ds");
+    let dir = tempfile::tempdir().unwrap();
+    let tls = FaultSmtp::start_tls(
+        "relay",
+        support::free_port(),
+        rig,
+        &dir.path().join("spool"),
+        "starttls",
+    );
+    let plain = FaultSmtp::start(
+        "relay",
+        support::free_port(),
+        rig,
+        &dir.path().join("plain"),
+        false,
+    );
+    for (port, expect_sent) in [(plain.port, false), (tls.port, true)] {
+        let sub = dir.path().join(port.to_string());
+        std::fs::create_dir_all(&sub).unwrap();
+        let yaml = config_yaml(&sub, port, "starttls", Some(&rig.ca), &user, "10s");
+        let (sender, _store, _) = sender_for(&yaml, &sub).await;
+        sender
+            .enqueue_digest_now(None, Some("Maria"), Utc::now())
+            .await
+            .unwrap();
+        let report = sender.send_due(Utc::now()).await.unwrap();
+        let got = (report.sent, report.retried);
+        assert_eq!(
+            got,
+            if expect_sent { (1, 0) } else { (0, 1) },
+            "port {port}: {report:?}"
+        );
+    }
+    assert_eq!(plain.spooled().len(), 0, "nothing sent without TLS");
+    assert_eq!(tls.spooled().len(), 1);
     assert_eq!(wait_inbox(rig, &user, 1).await.len(), 1);
 }
 
@@ -673,4 +737,303 @@ async fn daemon_sends_the_due_digest_once_across_a_kill() {
         "no second digest after the restart"
     );
     assert_eq!(smtp.spooled().len(), 2, "Maria and Nikos, once each");
+}
+
+/// Alert events within group_wait go out as one message, each event once.
+#[tokio::test(flavor = "multi_thread")]
+async fn alert_events_are_grouped_into_one_message_sent_once() {
+    use frontdesk::digest::AlertEvent;
+    let rig = Rig::shared();
+    let user = fresh_mailbox(rig, "da");
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = FaultSmtp::start(
+        "relay",
+        support::free_port(),
+        rig,
+        &dir.path().join("spool"),
+        false,
+    );
+    let yaml = config_yaml(dir.path(), smtp.port, "none", None, &user, "5s")
+        .replace("\"0 8 * * *\"", "\"0 0 1 1 *\"");
+    let (sender, store, _) = sender_for(&yaml, dir.path()).await;
+    let t0 = Utc::now();
+    let conv = |id: i64, client: &str| ConversationRow {
+        id,
+        client: client.into(),
+        medium: None,
+        subject: "<b>urgent</b>\r\nBcc: evil@x.test".into(),
+        owner: Some("Maria".into()),
+        policy: Some("vip".into()),
+        target: Some(TargetKind::First),
+        target_secs: Some(3600),
+        waiting_since: t0 - TimeDelta::hours(1),
+        warn_at: Some(t0 - TimeDelta::minutes(15)),
+        due: Some(t0),
+    };
+    let events = [
+        (
+            "breach:1",
+            AlertEvent::SlaBreach {
+                conversation: conv(1, "ACME Ltd"),
+            },
+            t0,
+        ),
+        (
+            "warn:2",
+            AlertEvent::SlaWarn {
+                conversation: conv(2, "<script>x</script>"),
+            },
+            t0 + TimeDelta::seconds(20),
+        ),
+        (
+            "down:mail",
+            AlertEvent::SourceUnhealthy {
+                source: "support-mail".into(),
+                error: "connection refused".into(),
+            },
+            t0 + TimeDelta::seconds(40),
+        ),
+    ];
+    for (key, e, at) in &events {
+        assert!(store.alert_event_push(key, e, *at).await.unwrap());
+        assert!(
+            !store.alert_event_push(key, e, *at).await.unwrap(),
+            "once per event"
+        );
+    }
+    let r = sender.run_once(t0 + TimeDelta::seconds(50)).await.unwrap();
+    assert_eq!(r, Default::default(), "still inside group_wait");
+    let r = sender.run_once(t0 + TimeDelta::seconds(61)).await.unwrap();
+    assert_eq!((r.alerts_enqueued, r.sent), (1, 1), "{r:?}");
+    let r = sender.run_once(t0 + TimeDelta::hours(1)).await.unwrap();
+    assert_eq!(r, Default::default());
+    let sent = smtp.spooled();
+    assert_eq!(sent.len(), 1);
+    let raw = std::fs::read_to_string(&sent[0]).unwrap();
+    assert!(raw.contains("X-Frontdesk-Generated: alert\r\n"));
+    assert!(raw.contains("Subject: frontdesk alert: 1 breached, 1 at risk, 1 source unhealthy - "));
+    assert!(!raw.contains("\r\nBcc:"));
+    assert_eq!(wait_inbox(rig, &user, 1).await.len(), 1);
+}
+
+/// `frontdesk digest --preview` prints the text (subject first) or the HTML, per owner.
+#[test]
+fn digest_preview_prints_text_and_html() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = config_yaml(dir.path(), 25, "none", None, "maria", "5s");
+    let cfg = dir.path().join("frontdesk.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let c = cfg.to_str().unwrap();
+    let (code, out, err) = support::frontdesk(
+        &["--config", c, "digest", "--preview", "--owner", "Maria"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("Subject: frontdesk: 0 waiting, 0 breached - "),
+        "{out}"
+    );
+    assert!(out.contains("Maria. Nothing is waiting."), "{out}");
+    for s in SECTIONS {
+        assert!(out.contains(s), "{s} missing: {out}");
+    }
+    let (code, out, err) = support::frontdesk(
+        &["--config", c, "digest", "--preview", "--format", "html"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("<!DOCTYPE html>") && out.contains("Nothing is waiting."),
+        "{out}"
+    );
+    let (code, _, err) = support::frontdesk(&["--config", c, "digest"], &[]);
+    assert_ne!(code, 0, "needs --preview or --send: {err}");
+    let (code, _, err) = support::frontdesk(
+        &["--config", c, "digest", "--preview", "--name", "evening"],
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("no digest named"), "{err}");
+}
+
+/// Renders `page` in headless Chromium to `png` (360 px wide) and returns every URL it requested,
+/// from Chromium's net log, minus Chromium's own background hosts.
+fn chromium_render(page: &Path, png: &Path, work: &Path) -> Vec<String> {
+    let netlog = work.join("net.json");
+    let status = Command::new("/usr/bin/chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--window-size=360,2400",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            work.join("profile").display()
+        ))
+        .arg(format!("--log-net-log={}", netlog.display()))
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(format!("file://{}", page.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "chromium failed: {status}");
+    let log: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&netlog).unwrap()).unwrap();
+    let own = ["google.com", "googleapis.com", "gvt1.com", "gstatic.com"];
+    let mut urls: Vec<String> = log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["params"]["url"].as_str().map(str::to_string))
+        .filter(|u| {
+            let host = u
+                .split("://")
+                .nth(1)
+                .unwrap_or("")
+                .split(['/', ':', '?'])
+                .next()
+                .unwrap_or("");
+            !own.iter()
+                .any(|o| host == *o || host.ends_with(&format!(".{o}")))
+        })
+        .collect();
+    urls.sort();
+    urls.dedup();
+    urls
+}
+
+/// The HTML digest with hostile client text renders in headless Chromium at 360 px with no network
+/// request; a control page with a real external image shows the check would catch one.
+#[test]
+fn html_digest_renders_in_chromium_without_network_requests() {
+    if !Path::new("/usr/bin/chromium").exists() {
+        eprintln!("skipped: /usr/bin/chromium is not installed (apt-get install -y chromium)");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let now = Utc::now();
+    let mut input = DigestInput::default();
+    let mut names: Vec<String> = HOSTILE_SHOWN.iter().map(|s| s.to_string()).collect();
+    names.push("<img src=\"http://198.51.100.7/hostile.png\">".into());
+    names.push("<link rel=stylesheet href=http://198.51.100.7/x.css>".into());
+    for (i, n) in names.iter().enumerate() {
+        input.open.push(ConversationRow {
+            id: i as i64,
+            client: n.clone(),
+            medium: None,
+            subject: n.clone(),
+            owner: Some("Maria".into()),
+            policy: Some("vip".into()),
+            target: Some(TargetKind::First),
+            target_secs: Some(3600),
+            waiting_since: now - TimeDelta::hours(2),
+            warn_at: Some(now - TimeDelta::minutes(30)),
+            due: Some(now + TimeDelta::minutes(20 * i as i64 - 40)),
+        });
+    }
+    let r = Digest::build(&input, now, chrono_tz::Europe::Athens, Some("Maria"))
+        .render()
+        .unwrap();
+    let page = work.path().join("digest.html");
+    std::fs::write(&page, &r.html).unwrap();
+    let png = Path::new(env!("CARGO_TARGET_TMPDIR")).join("digest-360.png");
+    let urls = chromium_render(&page, &png, &work.path().join("digest"));
+    assert!(
+        urls.is_empty(),
+        "the digest made network requests: {urls:?}"
+    );
+    assert!(
+        std::fs::metadata(&png).unwrap().len() > 10_000,
+        "an empty screenshot"
+    );
+    eprintln!("digest rendered to {}", png.display());
+
+    let control = work.path().join("control.html");
+    std::fs::write(
+        &control,
+        "<!DOCTYPE html><html><body><img src=\"http://198.51.100.7/control.png\"></body></html>",
+    )
+    .unwrap();
+    let urls = chromium_render(
+        &control,
+        &work.path().join("control.png"),
+        &work.path().join("control"),
+    );
+    assert!(
+        urls.iter().any(|u| u.contains("198.51.100.7/control.png")),
+        "the net-log check would not see a request: {urls:?}"
+    );
+}
+
+/// Quiet hours: alert events are held back and appear in the next digest, marked deferred; they
+/// never go out as an alert afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn quiet_hours_defer_alerts_into_the_next_digest() {
+    use frontdesk::digest::AlertEvent;
+    let rig = Rig::shared();
+    let user = fresh_mailbox(rig, "dz");
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = FaultSmtp::start(
+        "relay",
+        support::free_port(),
+        rig,
+        &dir.path().join("spool"),
+        false,
+    );
+    let yaml = config_yaml(dir.path(), smtp.port, "none", None, &user, "5s");
+    let (open_sender, store, config) = sender_for(&yaml, dir.path()).await;
+    let quiet = Sender::new(store.clone(), config.clone())
+        .unwrap()
+        .quiet_hours(Arc::new(|_| true));
+    let slot = frontdesk::notify::sender::digest_slot("0 8 * * *", config.timezone, Utc::now())
+        .unwrap_or_else(|| {
+            frontdesk::notify::sender::next_occurrence("0 8 * * *", config.timezone, Utc::now())
+                .unwrap()
+        });
+    let before = slot - TimeDelta::hours(1);
+    let event = AlertEvent::SourceUnhealthy {
+        source: "support-mail".into(),
+        error: "connection refused at night".into(),
+    };
+    assert!(
+        store
+            .alert_event_push("night:1", &event, before)
+            .await
+            .unwrap()
+    );
+    let r = quiet
+        .run_once(before + TimeDelta::minutes(5))
+        .await
+        .unwrap();
+    assert_eq!(r, Default::default(), "held back in quiet hours");
+    let r = quiet.run_once(slot + TimeDelta::seconds(5)).await.unwrap();
+    assert_eq!(
+        (r.digests_enqueued, r.alerts_enqueued, r.sent),
+        (2, 0, 2),
+        "{r:?}"
+    );
+    let r = open_sender
+        .run_once(slot + TimeDelta::hours(2))
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        Default::default(),
+        "the deferred event is not sent again as an alert"
+    );
+    let spooled = smtp.spooled();
+    assert_eq!(spooled.len(), 2);
+    for p in spooled {
+        let raw = std::fs::read_to_string(p).unwrap();
+        assert!(raw.contains("DEFERRED ALERTS (quiet hours)"), "{raw}");
+        assert!(raw.contains("X-Frontdesk-Generated: digest"));
+    }
 }

@@ -2,7 +2,7 @@
 """Test-only SMTP server with scripted faults, for the outbound-mail tests.
 
   /usr/bin/python3 smtp_fault.py --port P [--mode relay|550|451|hang|silent] [--lmtp PORT]
-                                 [--spool DIR] [--tls none|implicit] [--cert PEM --key KEY]
+                                 [--spool DIR] [--tls none|implicit|starttls] [--cert PEM --key KEY]
 
 relay   accept; deliver through Dovecot LMTP (--lmtp) if given; save each DATA to --spool
 550     answer 550 to DATA (permanent)
@@ -77,10 +77,14 @@ if args.mode == "silent":
 
 from aiosmtpd.controller import Controller
 kwargs = {}
-if args.tls == "implicit":
+if args.tls in ("implicit", "starttls"):
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(args.cert, args.key)
-    kwargs["ssl_context"] = ctx
+    if args.tls == "implicit":
+        kwargs["ssl_context"] = ctx
+    else:
+        kwargs["tls_context"] = ctx
+        kwargs["require_starttls"] = True
 ctl = Controller(Handler(), hostname="127.0.0.1", port=args.port, **kwargs)
 ctl.start()
 print("smtp_fault %s on %d" % (args.mode, args.port), flush=True)
