@@ -3,3 +3,4 @@
 //! Modules in reading order; `ARCHITECTURE.md` has the map and the invariants.
 
 pub mod message;
+pub mod sla;

@@ -1,0 +1,1 @@
+//! The SLA clock state machine (pure).

@@ -1,0 +1,9 @@
+//! SLA arithmetic: business calendars and the response-time clocks that run on them (pure).
+
+pub mod calendar;
+pub mod clock;
+
+#[cfg(test)]
+mod calendar_props;
+
+pub use calendar::Calendar;
