@@ -4,3 +4,4 @@
 
 pub mod message;
 pub mod sla;
+pub mod thread;

@@ -629,7 +629,7 @@ fn ics_date(value: &str, line: usize) -> Result<NaiveDate, IcsError> {
 fn ics_day_duration(value: &str) -> Option<i64> {
     let v = value.trim().strip_prefix('P')?;
     if let Some(w) = v.strip_suffix('W') {
-        return w.parse::<i64>().ok().map(|w| w * 7);
+        return w.parse::<i64>().ok().and_then(|w| w.checked_mul(7));
     }
     v.strip_suffix('D')?.parse().ok()
 }
@@ -907,5 +907,17 @@ mod tests {
             cal.add_business(late, TimeDelta::days(30)),
             DateTime::<Utc>::MAX_UTC
         );
+    }
+
+    proptest::proptest! {
+        /// The .ics and hours parsers never panic on arbitrary input.
+        #[test]
+        fn parsers_are_total(s in "\\PC*", lines in proptest::collection::vec("[A-Z;=:0-9 ]{0,30}", 0..12)) {
+            let _ = parse_ics(&s);
+            let doc = format!("BEGIN:VEVENT\n{}\nEND:VEVENT\n", lines.join("\n"));
+            let _ = parse_ics(&doc);
+            let _ = parse_interval(&s);
+            let _ = parse_days(&s);
+        }
     }
 }
