@@ -3,5 +3,6 @@
 //! Modules in reading order; `ARCHITECTURE.md` has the map and the invariants.
 
 pub mod message;
+pub mod rules;
 pub mod sla;
 pub mod thread;
