@@ -2,7 +2,13 @@
 //!
 //! Modules in reading order; `ARCHITECTURE.md` has the map and the invariants.
 
+pub mod cli_text;
+pub mod config;
+pub mod daemon;
+pub mod health;
+pub mod http;
 pub mod message;
 pub mod rules;
 pub mod sla;
 pub mod thread;
+pub mod store;

@@ -1,3 +1,276 @@
-//! The `frontdesk` command line.
+//! The `frontdesk` command line: parses arguments, sets up logging, maps errors to exit codes.
 
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use frontdesk::config;
+use frontdesk::store::{MessageFilter, Store};
+
+/// EX_CONFIG from sysexits.h: the unit's `RestartPreventExitStatus=78` keeps systemd from looping.
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(
+    name = "frontdesk",
+    version,
+    about = "Every client message in one queue, answered on time"
+)]
+struct Cli {
+    /// Config file (default: $FRONTDESK_CONFIG, else /etc/frontdesk/frontdesk.yaml)
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Log format: auto (journal under systemd, else text), text, json, journald
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Auto,
+    Text,
+    Json,
+    Journald,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: sources, core, sender and the HTTP server
+    Run,
+    /// Validate the config and print every problem
+    Check {
+        /// Config file to check (overrides --config)
+        path: Option<PathBuf>,
+    },
+    /// Print the JSON Schema of the config file
+    Schema,
+    /// List stored messages, newest first
+    Messages {
+        /// One JSON array on stdout
+        #[arg(long)]
+        json: bool,
+        /// Only this source
+        #[arg(long)]
+        source: Option<String>,
+        /// At most this many
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Print the man page (roff) to stdout
+    #[command(hide = true)]
+    Manpage,
+    /// Print shell completions to stdout
+    #[command(hide = true)]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+}
+
+/// A failure with the exit code it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure {
+            code: 1,
+            message: format!("{e:#}"),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    // One crypto provider for rustls, installed before any TLS client is built (stack.md §5.1).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if !f.message.is_empty() {
+                eprintln!("frontdesk: {}", f.message.trim_end());
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
+    let filter = EnvFilter::try_from_env("FRONTDESK_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,hyper=warn"));
+    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let format = match format {
+        LogFormat::Auto if under_journal => LogFormat::Journald,
+        LogFormat::Auto => LogFormat::Text,
+        f => f,
+    };
+    if format == LogFormat::Journald {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                tracing_subscriber::registry()
+                    .with(filter)
+                    .with(layer)
+                    .init();
+                return;
+            }
+            // No journal socket (a container, a test): fall back to plain text on stderr.
+            Err(_) => {
+                let fmt = tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_target(false)
+                    .with_ansi(false)
+                    .without_time();
+                tracing_subscriber::registry().with(filter).with(fmt).init();
+                return;
+            }
+        }
+    }
+    if format == LogFormat::Json {
+        let fmt = tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr);
+        tracing_subscriber::registry().with(filter).with(fmt).init();
+        return;
+    }
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal());
+    tracing_subscriber::registry().with(filter).with(fmt).init();
+}
+
+fn load_config(path: &std::path::Path) -> Result<config::Loaded, Failure> {
+    match config::load(path) {
+        Ok(l) => {
+            for w in &l.warnings {
+                tracing::warn!("{w}");
+            }
+            Ok(l)
+        }
+        Err(e) => Err(Failure {
+            code: EXIT_CONFIG,
+            message: e.to_string(),
+        }),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure {
+            code: 1,
+            message: format!("cannot start the async runtime: {e}"),
+        })
+}
+
+fn dispatch(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Check { path } => {
+            let path = config::resolve_path(path.as_deref().or(cli.config.as_deref()));
+            match config::load(&path) {
+                Ok(loaded) => {
+                    for w in &loaded.warnings {
+                        emit(&format!("warning: {w}\n"));
+                    }
+                    let c = &loaded.config;
+                    emit(&format!(
+                        "{}: ok ({} sources, {} channels, {} digests)\n",
+                        path.display(),
+                        c.sources.len(),
+                        c.channels.len(),
+                        c.digests.len()
+                    ));
+                    Ok(())
+                }
+                Err(e) => {
+                    emit(&e.to_string());
+                    Err(Failure {
+                        code: EXIT_CONFIG,
+                        message: String::new(),
+                    })
+                }
+            }
+        }
+        Command::Manpage => {
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut buf)
+                .map_err(anyhow::Error::from)?;
+            emit(&String::from_utf8_lossy(&buf));
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "frontdesk", &mut buf);
+            emit(&String::from_utf8_lossy(&buf));
+            Ok(())
+        }
+        Command::Schema => {
+            let schema = config::json_schema();
+            emit(&format!(
+                "{}\n",
+                serde_json::to_string_pretty(&schema).unwrap_or_default()
+            ));
+            Ok(())
+        }
+        Command::Run => {
+            let path = config::resolve_path(cli.config.as_deref());
+            let loaded = load_config(&path)?;
+            runtime()?.block_on(frontdesk::daemon::run(loaded.config))?;
+            Ok(())
+        }
+        Command::Messages {
+            json,
+            source,
+            limit,
+        } => {
+            let path = config::resolve_path(cli.config.as_deref());
+            let loaded = load_config(&path)?;
+            runtime()?.block_on(async move {
+                let store = open_store(&loaded.config).await?;
+                let rows = store
+                    .messages(&MessageFilter {
+                        source,
+                        limit: Some(limit),
+                    })
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                if json {
+                    emit(&format!(
+                        "{}\n",
+                        serde_json::to_string_pretty(&rows).map_err(anyhow::Error::from)?
+                    ));
+                } else {
+                    frontdesk::cli_text::print_messages(&rows);
+                }
+                Ok::<(), Failure>(())
+            })
+        }
+    }
+}
+
+async fn open_store(config: &config::Config) -> Result<Store, Failure> {
+    let config::Storage::Sqlite(path) = &config.storage;
+    Store::open(path).await.map_err(|e| Failure {
+        code: 1,
+        message: e.to_string(),
+    })
+}
+
+/// Prints to stdout; a closed pipe (`frontdesk schema | head`) ends quietly instead of panicking.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}

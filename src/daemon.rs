@@ -1,0 +1,239 @@
+//! `frontdesk run`: opens the store, starts every task, serves HTTP, feeds the systemd watchdog,
+//! reloads on SIGHUP and drains on SIGTERM/SIGINT.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{self, ChannelKind, Config, SourceKind, Storage};
+use crate::health::Health;
+use crate::http::{self, AppState};
+use crate::store::Store;
+
+/// What the daemon's long-running tasks share.
+#[derive(Clone)]
+pub struct Shared {
+    /// The durable queue.
+    pub store: Store,
+    /// The configuration in force; replaced on a successful reload.
+    pub config: watch::Receiver<Arc<Config>>,
+    /// Task health for the watchdog, `/readyz` and `frontdesk sources`.
+    pub health: Arc<Health>,
+    /// Wakes the core loop when new messages are committed.
+    pub wake_core: Arc<Notify>,
+    /// Wakes the sender when the outbox has new items.
+    pub wake_sender: Arc<Notify>,
+    /// Cancelled when the daemon stops.
+    pub shutdown: CancellationToken,
+}
+
+/// How often the main loop probes health when systemd asks for no watchdog.
+const PROBE_EVERY: Duration = Duration::from_secs(10);
+
+/// Runs the daemon until SIGTERM or SIGINT, then drains and returns.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let Storage::Sqlite(db_path) = &config.storage;
+    let db_display = db_path.display().to_string();
+    let store = Store::open(db_path).await?;
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (server.listen)", config.server.listen))?;
+    let local = listener.local_addr().context("listener has no address")?;
+    log_summary(&config, &local.to_string(), &db_display);
+    let metrics = install_metrics();
+
+    let config_path = config.file.clone();
+    let (config_tx, config_rx) = watch::channel(Arc::new(config));
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let accepting = Arc::new(AtomicBool::new(true));
+    let shared = Shared {
+        store: store.clone(),
+        config: config_rx.clone(),
+        health: Arc::new(Health::new()),
+        wake_core: Arc::new(Notify::new()),
+        wake_sender: Arc::new(Notify::new()),
+        shutdown: shutdown.clone(),
+    };
+    let state = AppState {
+        store: store.clone(),
+        config: config_rx.clone(),
+        accepting: accepting.clone(),
+        health: shared.health.clone(),
+        metrics: metrics.clone(),
+        wake_core: shared.wake_core.clone(),
+    };
+
+    let app = http::router(state);
+    let server_shutdown = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
+            .await
+    });
+
+    // READY only now: config valid, secrets read, store open and migrated, listener bound.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!(startup_ms = started.elapsed().as_millis() as u64, "ready");
+
+    let watchdog = sd_notify::watchdog_enabled();
+    let mut probe = tokio::time::interval(watchdog.map(|d| d / 2).unwrap_or(PROBE_EVERY));
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
+
+    let signal_name = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => reload(&config_path, &config_tx),
+            _ = probe.tick() => {
+                if let Some(m) = &metrics {
+                    m.run_upkeep();
+                }
+                match probe_health(&shared).await {
+                    Ok(status) => {
+                        let mut states = vec![sd_notify::NotifyState::Status(&status)];
+                        if watchdog.is_some() {
+                            states.push(sd_notify::NotifyState::Watchdog);
+                        }
+                        let _ = sd_notify::notify(&states);
+                    }
+                    // No WATCHDOG=1: systemd restarts us if this lasts past WatchdogSec.
+                    Err(problem) => {
+                        tracing::error!(error = %problem, "health probe failed; withholding the watchdog ping");
+                        let status = format!("unhealthy: {problem}");
+                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+                    }
+                }
+            }
+        }
+    };
+
+    tracing::info!(signal = signal_name, "shutting down");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    accepting.store(false, Ordering::Relaxed);
+    shutdown.cancel();
+    tracker.close();
+
+    let drain = config_rx.borrow().server.drain_timeout;
+    let drained = tokio::time::timeout(drain, async {
+        tracker.wait().await;
+        let _ = server.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            timeout_secs = drain.as_secs(),
+            "drain deadline passed; stopping anyway"
+        );
+    }
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Re-reads the config file: a valid one replaces the old, an invalid one is logged and ignored.
+fn reload(path: &std::path::Path, tx: &watch::Sender<Arc<Config>>) {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+    match config::load(path) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                tracing::warn!("{w}");
+            }
+            let old = tx.borrow().clone();
+            if old.storage != loaded.config.storage
+                || old.server.listen != loaded.config.server.listen
+            {
+                tracing::warn!(
+                    "storage and server.listen changes take effect only after a restart"
+                );
+            }
+            tx.send_replace(Arc::new(loaded.config));
+            tracing::info!(config = %path.display(), "configuration reloaded");
+        }
+        Err(e) => {
+            for p in &e.problems {
+                tracing::error!("{p}");
+            }
+            tracing::error!(
+                problems = e.problems.len(),
+                "configuration reload refused; the previous configuration stays in force"
+            );
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+}
+
+/// The watchdog's condition: the store takes a durable write and no task is stuck.
+async fn probe_health(shared: &Shared) -> Result<String, String> {
+    let probe = tokio::time::timeout(
+        Duration::from_secs(5),
+        shared.store.write_probe(chrono::Utc::now()),
+    )
+    .await;
+    match probe {
+        Err(_) => return Err("store write probe timed out".into()),
+        Ok(Err(e)) => return Err(format!("store write probe failed: {e}")),
+        Ok(Ok(())) => {}
+    }
+    let stuck = shared.health.stuck(Instant::now());
+    if !stuck.is_empty() {
+        return Err(format!("tasks past their deadline: {}", stuck.join(", ")));
+    }
+    let config = shared.config.borrow().clone();
+    let (healthy, total) = shared.health.count("source:");
+    let sources = config.sources.len().max(total);
+    let queue = shared.store.pending_count().await.unwrap_or(-1);
+    Ok(format!(
+        "queue={queue} sources={}/{sources} healthy",
+        healthy + sources.saturating_sub(total)
+    ))
+}
+
+/// Installs the Prometheus recorder once per process; `None` if another recorder exists.
+fn install_metrics() -> Option<PrometheusHandle> {
+    match PrometheusBuilder::new().install_recorder() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics recorder not installed");
+            None
+        }
+    }
+}
+
+fn log_summary(config: &Config, listen: &str, db: &str) {
+    let sources: Vec<String> = config
+        .sources
+        .iter()
+        .map(|s| match &s.kind {
+            SourceKind::Imap(i) => format!("{} (imap {}:{})", s.name, i.host, i.port),
+            SourceKind::Webhook(_) => format!("{} (webhook /hooks/{})", s.name, s.name),
+        })
+        .collect();
+    let channels: Vec<String> = config
+        .channels
+        .iter()
+        .map(|c| match &c.kind {
+            ChannelKind::Email(_) => format!("{} (email)", c.name),
+            ChannelKind::Webhook(_) => format!("{} (webhook)", c.name),
+        })
+        .collect();
+    tracing::info!(
+        config = %config.file.display(),
+        store = db,
+        listen,
+        sources = %sources.join(", "),
+        channels = %channels.join(", "),
+        "frontdesk started"
+    );
+}

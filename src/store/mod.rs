@@ -1,0 +1,164 @@
+//! The durable queue: the only module with SQL.
+//!
+//! SQLite in WAL mode with `synchronous=FULL`, so a committed transaction has been fsync'd before
+//! any caller acknowledges it (a webhook 2xx, an IMAP cursor). One writer connection serializes
+//! writes inside the process; `BEGIN IMMEDIATE` serializes them against other processes (the CLI).
+//! Readers use their own pool and never block the writer.
+
+mod messages;
+
+pub use messages::{Ingested, MessageFilter, StoredMessage};
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Sqlite, SqlitePool, Transaction};
+
+/// Why a store operation failed; callers map `Unavailable` to "retry later" (503, backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database file or its directory cannot be created, opened or migrated.
+    #[error("cannot open store {path}: {reason}")]
+    Open {
+        /// The database path.
+        path: PathBuf,
+        /// What went wrong, in words.
+        reason: String,
+    },
+    /// The database refused a read or write (disk full, locked, I/O error); nothing was committed.
+    #[error("store unavailable: {0}")]
+    Unavailable(#[from] sqlx::Error),
+    /// A stored value could not be decoded (a bug or a hand-edited database).
+    #[error("corrupt row in {table}: {reason}")]
+    Corrupt {
+        /// The table holding the row.
+        table: &'static str,
+        /// What could not be decoded.
+        reason: String,
+    },
+}
+
+/// A handle to the durable queue; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    path: PathBuf,
+}
+
+/// The embedded schema migrations (`migrations/`), applied at every open.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+impl Store {
+    /// Opens (creating if needed) the SQLite database at `path` and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<Store, Error> {
+        let open_err = |reason: String| Error::Open {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| open_err(format!("cannot create directory {}: {e}", dir.display())))?;
+        }
+        let options = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(|e| open_err(e.to_string()))?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: the WAL is fsync'd at every commit. NORMAL may lose acknowledged commits on
+            // power loss (reliability.md §2.1), which would break "nothing lost".
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.clone())
+            .await
+            .map_err(|e| open_err(describe_open_error(&e)))?;
+        MIGRATOR
+            .run(&writer)
+            .await
+            .map_err(|e| open_err(format!("migration failed: {e}")))?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(|e| open_err(describe_open_error(&e)))?;
+        Ok(Store {
+            writer,
+            reader,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The database file path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Starts a write transaction that takes the write lock up front (read-then-write safe).
+    pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, Error> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// The pool for reads.
+    pub(crate) fn reader(&self) -> &SqlitePool {
+        &self.reader
+    }
+
+    /// Runs `PRAGMA integrity_check` and returns its verdict (`ok` when healthy).
+    pub async fn integrity_check(&self) -> Result<String, Error> {
+        let rows: Vec<(String,)> = sqlx::query_as("PRAGMA integrity_check")
+            .fetch_all(&self.writer)
+            .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("; "))
+    }
+
+    /// A small durable write that proves the database accepts commits (for health and watchdog).
+    pub async fn write_probe(&self, now: DateTime<Utc>) -> Result<(), Error> {
+        sqlx::query("CREATE TABLE IF NOT EXISTS health_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL)")
+            .execute(&self.writer)
+            .await?;
+        sqlx::query("INSERT INTO health_probe (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at")
+            .bind(to_ms(now))
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Closes both pools, checkpointing the WAL.
+    pub async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+}
+
+/// Turns sqlx's open errors into a sentence that names the usual cause.
+fn describe_open_error(e: &sqlx::Error) -> String {
+    let text = e.to_string();
+    if text.contains("unable to open database file") || text.contains("readonly") {
+        format!("{text} (is the directory writable by this user?)")
+    } else {
+        text
+    }
+}
+
+/// Milliseconds since the epoch: how every time is stored.
+pub(crate) fn to_ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+/// The inverse of `to_ms`; out-of-range values clamp to the epoch rather than fail a listing.
+pub(crate) fn from_ms(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,224 @@
+//! `frontdesk check`: valid configs pass, and every mistake is named with its file, line and fix.
+
+use crate::support::{frontdesk, write_file};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+#[test]
+fn quickstart_config_is_valid() {
+    let (code, out, _) = frontdesk(&["check", &format!("{ROOT}/config/frontdesk.yaml")], &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(": ok ("), "{out}");
+    // The quickstart's unauthenticated loopback form is allowed, but check says so.
+    assert!(
+        out.contains("warning:") && out.contains("unauthenticated"),
+        "{out}"
+    );
+}
+
+#[test]
+fn example_config_is_valid_when_its_secrets_exist() {
+    let creds = tempfile::tempdir().unwrap();
+    for name in ["imap-support", "form-secret", "twilio-token", "smtp"] {
+        write_file(creds.path(), name, "s3cret-value\n", 0o400);
+    }
+    let dir = creds.path().to_str().unwrap();
+    let (code, out, err) = frontdesk(
+        &["check", &format!("{ROOT}/config/frontdesk.example.yaml")],
+        &[
+            ("CREDENTIALS_DIRECTORY", dir),
+            ("APP_HOOK_SECRET", "whsec_test"),
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("s3cret-value") && !err.contains("s3cret-value"));
+}
+
+#[test]
+fn example_config_without_secrets_names_each_missing_one() {
+    let (code, out, _) = frontdesk(
+        &["check", &format!("{ROOT}/config/frontdesk.example.yaml")],
+        &[("CREDENTIALS_DIRECTORY", "/nonexistent-creds")],
+    );
+    assert_eq!(code, 78);
+    assert!(out.contains("imap-support"), "{out}");
+    assert!(out.contains("APP_HOOK_SECRET"), "{out}");
+}
+
+fn check_text(yaml: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("frontdesk.yaml");
+    std::fs::write(&path, yaml.replace("{dir}", dir.path().to_str().unwrap())).unwrap();
+    let (code, out, err) = frontdesk(&["check", path.to_str().unwrap()], &[]);
+    (code, format!("{out}{err}"))
+}
+
+const CHANNEL: &str =
+    "    email: { file: /tmp/frontdesk-outbox, from: \"fd@example.com\", to: [a@example.com] }\n";
+
+#[test]
+fn three_channels_are_refused_naming_all_three() {
+    let yaml = format!(
+        "channels:\n  - name: ops-mail\n{CHANNEL}  - name: slack\n{CHANNEL}  - name: sms\n{CHANNEL}"
+    );
+    let (code, out) = check_text(&yaml);
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("at most two channels"), "{out}");
+    assert!(out.contains("(ops-mail, slack, sms)"), "{out}");
+}
+
+#[test]
+fn zero_channels_are_refused() {
+    let (code, out) = check_text("timezone: UTC\n");
+    assert_eq!(code, 78);
+    assert!(out.contains("channels: no channel is configured"), "{out}");
+}
+
+#[test]
+fn misspelt_key_gets_a_suggestion_and_a_line() {
+    let yaml = format!("timezone: UTC\nsourcs: []\nchannels:\n  - name: a\n{CHANNEL}");
+    let (code, out) = check_text(&yaml);
+    assert_eq!(code, 78);
+    assert!(
+        out.contains("frontdesk.yaml:2: sourcs: unknown key `sourcs` (did you mean `sources`?)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn string_port_names_field_and_line() {
+    let yaml = format!(
+        "sources:\n  - name: mail\n    imap:\n      host: imap.example.com\n      port: nine-nine-three\n      username: u\n      password_env: PATH\nchannels:\n  - name: a\n{CHANNEL}"
+    );
+    let (code, out) = check_text(&yaml);
+    assert_eq!(code, 78);
+    assert!(
+        out.contains("frontdesk.yaml:5: sources[0].imap.port:"),
+        "{out}"
+    );
+    assert!(out.contains("nine-nine-three"), "{out}");
+}
+
+#[test]
+fn group_readable_secret_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write_file(dir.path(), "pw", "hunter2\n", 0o644);
+    let yaml = format!(
+        "sources:\n  - name: mail\n    imap:\n      host: imap.example.com\n      username: u\n      password_file: {}\nchannels:\n  - name: a\n{CHANNEL}",
+        secret.display()
+    );
+    let (code, out) = check_text(&yaml);
+    assert_eq!(code, 78, "{out}");
+    assert!(
+        out.contains("readable by group or others (mode 0644)"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("chmod 600 {}", secret.display())),
+        "{out}"
+    );
+    assert!(!out.contains("hunter2"));
+    // The same file with mode 0600 is accepted.
+    write_file(dir.path(), "pw", "hunter2\n", 0o600);
+    let (code, out) = check_text(&yaml);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn four_mistakes_are_all_reported_in_one_run() {
+    let yaml = format!(
+        "timezone: Mars/Olympus\nserver:\n  listen: not-an-address\nsources:\n  - name: mail\n    imap:\n      host: imap.example.com\n      prot: 993\n      username: u\n      password_env: PATH\nchannels:\n  - name: a\n{CHANNEL}digests:\n  - name: d\n    channel: nope\n"
+    );
+    let (code, out) = check_text(&yaml);
+    assert_eq!(code, 78);
+    assert!(out.contains("4 problems"), "{out}");
+    assert!(
+        out.contains(":1: timezone: unknown time zone `Mars/Olympus`"),
+        "{out}"
+    );
+    assert!(out.contains(":3: server.listen:"), "{out}");
+    assert!(
+        out.contains(":8: sources[0].imap.prot: unknown key `prot` (did you mean `port`?)"),
+        "{out}"
+    );
+    assert!(
+        out.contains(":16: digests[0].channel: unknown channel `nope`"),
+        "{out}"
+    );
+}
+
+#[test]
+fn yaml_syntax_error_has_a_line() {
+    let (code, out) = check_text("timezone: UTC\nchannels: [\n  - broken\n");
+    assert_eq!(code, 78);
+    assert!(out.contains("not valid YAML"), "{out}");
+    assert!(out.contains("frontdesk.yaml:"), "{out}");
+}
+
+#[test]
+fn plaintext_imap_to_a_remote_host_is_refused() {
+    let yaml = format!(
+        "sources:\n  - name: mail\n    imap:\n      host: imap.example.com\n      tls: none\n      username: u\n      password_env: PATH\nchannels:\n  - name: a\n{CHANNEL}"
+    );
+    let (code, out) = check_text(&yaml);
+    assert_eq!(code, 78);
+    assert!(out.contains("sources[0].imap.tls"), "{out}");
+}
+
+#[test]
+fn postgres_is_refused_for_now() {
+    let yaml =
+        format!("storage:\n  postgres: postgres://db/frontdesk\nchannels:\n  - name: a\n{CHANNEL}");
+    let (code, out) = check_text(&yaml);
+    assert_eq!(code, 78);
+    assert!(
+        out.contains("storage.postgres: PostgreSQL storage is not available"),
+        "{out}"
+    );
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.yaml");
+    std::fs::write(&path, format!("channels:\n  - name: a\n{CHANNEL}")).unwrap();
+    let p = path.to_str().unwrap();
+    let (code, out, _) = frontdesk(&["check", p], &[("FRONTDESK__SERVER__LISTEN", "nonsense")]);
+    assert_eq!(code, 78);
+    assert!(out.contains("`nonsense` is not a socket address"), "{out}");
+    let (code, _, _) = frontdesk(
+        &["check", p],
+        &[("FRONTDESK__SERVER__LISTEN", "127.0.0.1:9999")],
+    );
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn missing_config_file_is_a_config_error() {
+    let (code, _, err) = frontdesk(&["run", "--config", "/nonexistent/frontdesk.yaml"], &[]);
+    assert_eq!(code, 78);
+    assert!(err.contains("cannot read the config file"), "{err}");
+}
+
+#[test]
+fn schema_is_json_describing_every_top_level_key() {
+    let (code, out, _) = frontdesk(&["schema"], &[]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let props = v["properties"].as_object().unwrap();
+    for key in [
+        "timezone",
+        "storage",
+        "server",
+        "team",
+        "sources",
+        "clients",
+        "responsibilities",
+        "sla",
+        "channels",
+        "digests",
+        "alerts",
+    ] {
+        assert!(props.contains_key(key), "schema lacks {key}");
+    }
+}

@@ -1,0 +1,68 @@
+//! `frontdesk run`: starts on a minimal config, answers /healthz, stops cleanly on SIGTERM.
+
+use std::time::Duration;
+
+use crate::support::{TestDaemon, frontdesk, http_get};
+
+/// A minimal config: SQLite in the temp dir, file channel, nothing else.
+pub const MINIMAL: &str = "storage:\n  sqlite: {dir}/frontdesk.db\nserver:\n  listen: 127.0.0.1:{port}\nchannels:\n  - name: out\n    email: { file: \"{dir}/outbox\", from: \"fd@example.com\", to: [a@example.com] }\n";
+
+#[test]
+fn run_answers_healthz_and_stops_on_sigterm_within_two_seconds() {
+    let mut d = TestDaemon::start(MINIMAL);
+    assert_eq!(
+        http_get(d.port, "/healthz").unwrap(),
+        (200, "ok\n".to_string())
+    );
+    assert_eq!(http_get(d.port, "/readyz").unwrap().0, 200);
+    assert!(d.db().exists());
+    let (status, took) = d.signal_and_wait(15, Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0), "{}", d.log.lock().unwrap());
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    let log = d.log.lock().unwrap().clone();
+    assert!(log.contains("frontdesk started"), "{log}");
+    assert!(log.contains("signal=\"SIGTERM\""), "{log}");
+}
+
+#[test]
+fn sigint_also_stops_cleanly() {
+    let mut d = TestDaemon::start(MINIMAL);
+    let (status, _) = d.signal_and_wait(2, Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn unwritable_state_path_is_a_one_line_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("f.yaml");
+    // A regular file where the state directory should be: not creatable even as root.
+    let blocker = dir.path().join("blocker");
+    std::fs::write(&blocker, "").unwrap();
+    let yaml = MINIMAL
+        .replace(
+            "{dir}/frontdesk.db",
+            &format!("{}/sub/frontdesk.db", blocker.display()),
+        )
+        .replace("{dir}", dir.path().to_str().unwrap())
+        .replace("{port}", "0");
+    std::fs::write(&cfg, yaml).unwrap();
+    let (code, _, err) = frontdesk(&["run", "--config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 1);
+    let last = err.lines().last().unwrap_or("");
+    assert!(last.starts_with("frontdesk: cannot open store"), "{err}");
+    assert!(last.contains(&blocker.display().to_string()), "{err}");
+}
+
+#[test]
+fn messages_on_an_empty_store_is_an_empty_json_array() {
+    let d = TestDaemon::start(MINIMAL);
+    let (code, out, err) = frontdesk(
+        &["messages", "--json", "--config", d.config.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap(),
+        serde_json::json!([])
+    );
+}

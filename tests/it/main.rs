@@ -1,0 +1,10 @@
+//! The one integration-test binary: each module is one area, run against real processes, real
+//! HTTP and real mail servers on loopback.
+
+mod config_check;
+mod daemon;
+mod deploy;
+mod rig;
+mod rig_smoke;
+mod support;
+mod systemd;

@@ -1,0 +1,214 @@
+//! Shared test scaffolding: a frontdesk daemon in a temp directory on a free loopback port.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The frontdesk binary built for this test run.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_frontdesk"))
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Runs `frontdesk ARGS` to completion, returning (exit code, stdout, stderr).
+pub fn frontdesk(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).env_remove("FRONTDESK_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A daemon started from a config template in its own temp directory.
+pub struct TestDaemon {
+    child: Option<Child>,
+    /// The HTTP port.
+    pub port: u16,
+    /// The state directory (also holds the config).
+    pub dir: tempfile::TempDir,
+    /// The config file.
+    pub config: PathBuf,
+    /// Everything the daemon wrote to stderr so far.
+    pub log: Arc<Mutex<String>>,
+    env: Vec<(String, String)>,
+}
+
+impl TestDaemon {
+    /// Writes `yaml` (with `{port}` and `{dir}` substituted) and starts `frontdesk run`.
+    pub fn start(yaml: &str) -> TestDaemon {
+        Self::start_with(yaml, &[], tempfile::tempdir().unwrap())
+    }
+
+    /// Like `start`, with extra environment variables and a given state directory.
+    pub fn start_with(yaml: &str, env: &[(&str, &str)], dir: tempfile::TempDir) -> TestDaemon {
+        let port = free_port();
+        let text = yaml
+            .replace("{port}", &port.to_string())
+            .replace("{dir}", dir.path().to_str().unwrap());
+        let config = dir.path().join("frontdesk.yaml");
+        std::fs::write(&config, text).unwrap();
+        let mut d = TestDaemon {
+            child: None,
+            port,
+            dir,
+            config,
+            log: Arc::new(Mutex::new(String::new())),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    /// Starts (or restarts) the process and waits until `/healthz` answers.
+    pub fn spawn(&mut self) {
+        let mut child = Command::new(bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("FRONTDESK_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log.lock().unwrap().push_str(&line);
+                log.lock().unwrap().push('\n');
+            }
+        });
+        self.child = Some(child);
+        self.wait_healthy(Duration::from_secs(20));
+    }
+
+    fn wait_healthy(&mut self, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Ok((200, _)) = http_get(self.port, "/healthz") {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited with {status}:\n{}", self.log.lock().unwrap());
+            }
+            assert!(
+                start.elapsed() < limit,
+                "daemon not healthy after {limit:?}:\n{}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends `signal` and waits up to `limit` for the exit; returns the status and the wait.
+    pub fn signal_and_wait(&mut self, signal: i32, limit: Duration) -> (ExitStatus, Duration) {
+        let pid = self.pid() as i32;
+        let start = Instant::now();
+        send_signal(pid, signal);
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return (status, start.elapsed());
+            }
+            assert!(
+                start.elapsed() < limit,
+                "daemon still running after {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The database path used by the test configs.
+    pub fn db(&self) -> PathBuf {
+        self.dir.path().join("frontdesk.db")
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// kill(2) through the `kill` command, keeping the test crate free of unsafe code and libc.
+pub fn send_signal(pid: i32, signal: i32) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// A minimal HTTP/1.1 GET on loopback: (status, body).
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(port, "GET", path, &[], b"")
+}
+
+/// A minimal HTTP/1.1 request on loopback with `Connection: close`: (status, body).
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {text:?}")))?;
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Ok((status, body))
+}
+
+/// Writes `text` to `dir/name` with `mode`, returning the path.
+pub fn write_file(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    p
+}
