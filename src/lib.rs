@@ -10,5 +10,5 @@ pub mod http;
 pub mod message;
 pub mod rules;
 pub mod sla;
-pub mod thread;
 pub mod store;
+pub mod thread;

@@ -147,8 +147,9 @@ pub struct ClientMatch {
 /// A `clients:` entry: name and tags for the addresses it matches.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientRule {
-    /// The client's name; also its identity, so all matching addresses are one client.
-    pub name: String,
+    /// The client's name; also its identity, so all matching addresses are one client. A rule
+    /// without a name only adds tags, and each address stays its own client.
+    pub name: Option<String>,
     /// Tags for owner and policy rules.
     pub tags: Vec<String>,
     /// What it matches.
@@ -203,9 +204,12 @@ impl Client {
 pub fn resolve_client(rules: &[ClientRule], address: &str, source: &str) -> Client {
     match rules.iter().position(|r| r.matches(address, source)) {
         Some(i) => Client {
-            key: format!("client:{}", rules[i].name),
+            key: rules[i]
+                .name
+                .as_ref()
+                .map_or_else(|| address.to_string(), |n| format!("client:{n}")),
             address: address.to_string(),
-            name: Some(rules[i].name.clone()),
+            name: rules[i].name.clone(),
             tags: rules[i].tags.clone(),
             rule: Some(i),
         },
@@ -259,29 +263,38 @@ fn either<T>(values: &[T], pred: impl Fn(&T) -> bool) -> bool {
     values.is_empty() || values.iter().any(pred)
 }
 
-/// Conditions of a `responsibilities:` rule (all given ones must hold).
+/// Conditions of an owner or policy rule (all given ones must hold; empty holds always).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct OwnerMatch {
-    /// Client names (as in `clients:`).
+pub struct Match {
+    /// Configured client names (or client addresses).
     pub client: Vec<String>,
     /// Client tags.
     pub client_tag: Vec<String>,
+    /// Client email addresses (normalized).
+    pub email: Vec<String>,
+    /// Email domains of the client's address.
+    pub email_domain: Vec<String>,
     /// Source names.
     pub source: Vec<String>,
     /// Whole words, any case, in the subject or text.
     pub keyword: Vec<String>,
 }
 
-impl OwnerMatch {
+impl Match {
     /// Whether the rule has no conditions (a default).
     pub fn is_empty(&self) -> bool {
-        *self == OwnerMatch::default()
+        *self == Match::default()
     }
 
-    fn holds(&self, f: &Facts<'_>) -> bool {
+    /// Whether every given condition holds for these facts.
+    pub fn holds(&self, f: &Facts<'_>) -> bool {
         either(&self.client, |c| {
             f.client.name.as_deref() == Some(c.as_str()) || f.client.address == *c
         }) && either(&self.client_tag, |t| f.client.tags.contains(t))
+            && either(&self.email, |e| f.client.address == *e)
+            && either(&self.email_domain, |d| {
+                email_domain(&f.client.address) == Some(d.as_str())
+            })
             && either(&self.source, |s| s == f.source)
             && (self.keyword.is_empty() || any_keyword(&self.keyword, f))
     }
@@ -291,7 +304,7 @@ impl OwnerMatch {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OwnerRule {
     /// Conditions; empty for the default owner.
-    pub matcher: OwnerMatch,
+    pub matcher: Match,
     /// The team member's name.
     pub owner: String,
 }
@@ -304,47 +317,13 @@ pub fn pick_owner<'a>(rules: &'a [OwnerRule], facts: &Facts<'_>) -> Option<(usiz
         .map(|i| (i, rules[i].owner.as_str()))
 }
 
-/// Conditions of an `sla.policies` entry (all given ones must hold).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PolicyMatch {
-    /// Client tags.
-    pub client_tag: Vec<String>,
-    /// Client addresses (normalized) or configured client names.
-    pub client: Vec<String>,
-    /// Email domains of the client's address.
-    pub email_domain: Vec<String>,
-    /// Source names.
-    pub source: Vec<String>,
-    /// Whole words, any case, in the subject or text.
-    pub keyword: Vec<String>,
-}
-
-impl PolicyMatch {
-    /// Whether the policy has no conditions (a default).
-    pub fn is_empty(&self) -> bool {
-        *self == PolicyMatch::default()
-    }
-
-    fn holds(&self, f: &Facts<'_>) -> bool {
-        either(&self.client_tag, |t| f.client.tags.contains(t))
-            && either(&self.client, |c| {
-                f.client.address == *c || f.client.name.as_deref() == Some(c.as_str())
-            })
-            && either(&self.email_domain, |d| {
-                email_domain(&f.client.address) == Some(d.as_str())
-            })
-            && either(&self.source, |s| s == f.source)
-            && (self.keyword.is_empty() || any_keyword(&self.keyword, f))
-    }
-}
-
 /// An SLA policy's selection rule.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicyRule {
     /// The policy's name.
     pub policy: String,
     /// Conditions; empty for the default policy.
-    pub matcher: PolicyMatch,
+    pub matcher: Match,
 }
 
 /// The policy: the first rule that holds, as `(rule index, policy name)`; `None` if none does.
@@ -398,7 +377,7 @@ mod tests {
     fn clients() -> Vec<ClientRule> {
         vec![
             ClientRule {
-                name: "ACME Ltd".into(),
+                name: Some("ACME Ltd".into()),
                 tags: vec!["vip".into()],
                 matcher: ClientMatch {
                     email_domain: vec!["acme.example".into()],
@@ -406,7 +385,7 @@ mod tests {
                 },
             },
             ClientRule {
-                name: "Eleni Papadopoulou".into(),
+                name: Some("Eleni Papadopoulou".into()),
                 tags: vec![],
                 matcher: ClientMatch {
                     email: vec!["eleni@mail.example".into()],
@@ -416,7 +395,7 @@ mod tests {
                 },
             },
             ClientRule {
-                name: "Form visitors".into(),
+                name: Some("Form visitors".into()),
                 tags: vec!["web".into()],
                 matcher: ClientMatch {
                     source: vec!["contact-form".into()],
@@ -424,7 +403,7 @@ mod tests {
                 },
             },
             ClientRule {
-                name: "Partner via SMS".into(),
+                name: Some("Partner via SMS".into()),
                 tags: vec![],
                 matcher: ClientMatch {
                     phone: vec!["+302101111111".into()],
@@ -569,29 +548,29 @@ mod tests {
     fn owners_first_match_wins() {
         let rules = vec![
             OwnerRule {
-                matcher: OwnerMatch {
+                matcher: Match {
                     client_tag: vec!["vip".into()],
-                    ..OwnerMatch::default()
+                    ..Match::default()
                 },
                 owner: "Nikos".into(),
             },
             OwnerRule {
-                matcher: OwnerMatch {
+                matcher: Match {
                     source: vec!["sms".into()],
                     keyword: vec!["refund".into(), "Invoice".into()],
-                    ..OwnerMatch::default()
+                    ..Match::default()
                 },
                 owner: "Eva".into(),
             },
             OwnerRule {
-                matcher: OwnerMatch {
+                matcher: Match {
                     client: vec!["Eleni Papadopoulou".into()],
-                    ..OwnerMatch::default()
+                    ..Match::default()
                 },
                 owner: "Eleni's friend".into(),
             },
             OwnerRule {
-                matcher: OwnerMatch::default(),
+                matcher: Match::default(),
                 owner: "Maria".into(),
             },
         ];
@@ -623,36 +602,36 @@ mod tests {
         let rules = vec![
             PolicyRule {
                 policy: "vip".into(),
-                matcher: PolicyMatch {
+                matcher: Match {
                     client_tag: vec!["vip".into()],
-                    ..PolicyMatch::default()
+                    ..Match::default()
                 },
             },
             PolicyRule {
                 policy: "urgent".into(),
-                matcher: PolicyMatch {
+                matcher: Match {
                     keyword: vec!["urgent".into()],
-                    ..PolicyMatch::default()
+                    ..Match::default()
                 },
             },
             PolicyRule {
                 policy: "partners".into(),
-                matcher: PolicyMatch {
+                matcher: Match {
                     email_domain: vec!["partner.example".into()],
                     source: vec!["support-mail".into()],
-                    ..PolicyMatch::default()
+                    ..Match::default()
                 },
             },
             PolicyRule {
                 policy: "eleni".into(),
-                matcher: PolicyMatch {
-                    client: vec!["eleni@mail.example".into()],
-                    ..PolicyMatch::default()
+                matcher: Match {
+                    email: vec!["eleni@mail.example".into()],
+                    ..Match::default()
                 },
             },
             PolicyRule {
                 policy: "standard".into(),
-                matcher: PolicyMatch::default(),
+                matcher: Match::default(),
             },
         ];
         let cl = clients();
