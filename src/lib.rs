@@ -4,6 +4,7 @@
 
 pub mod cli_text;
 pub mod config;
+pub mod core;
 pub mod daemon;
 pub mod health;
 pub mod http;
