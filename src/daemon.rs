@@ -72,6 +72,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         wake_core: shared.wake_core.clone(),
     };
 
+    // The core loop: the only writer of conversations and SLA targets.
+    let routing = crate::core::Routing::from_config(&config_rx.borrow())
+        .context("cannot build the sla rules")?;
+    let core = crate::core::Core::new(store.clone(), Arc::new(routing));
+    let (core_wake, core_stop) = (shared.wake_core.clone(), shutdown.clone());
+    tracker.spawn(async move { core.run(core_wake, core_stop).await });
+
     let app = http::router(state);
     let server_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {
