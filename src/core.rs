@@ -438,7 +438,13 @@ impl Core {
         let base = thread::base_subject(m.subject.as_deref().unwrap_or(""));
 
         let mut candidates = Vec::new();
-        let ids: Vec<String> = m.in_reply_to.iter().chain(&m.references).cloned().collect();
+        // Nearest ancestors first: the store looks up a bounded number of ids.
+        let ids: Vec<String> = m
+            .in_reply_to
+            .iter()
+            .chain(m.references.iter().rev())
+            .cloned()
+            .collect();
         for (mid, conv) in tx.conversations_by_message_ids(&ids).await? {
             candidates.push(Candidate {
                 id: ConversationId(conv),

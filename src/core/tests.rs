@@ -361,6 +361,17 @@ async fn next_reply_anchor_autoreply_subject_fallback_and_holiday() {
         "anchored on the oldest unanswered"
     );
     assert_eq!(open.due_at, athens(0, 13, 0));
+    let waiting = rig
+        .store
+        .conversations(&crate::store::core::ConversationFilter {
+            state: Some("waiting".into()),
+            owner: Some("Nikos".into()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(waiting.len(), 1);
+    assert_eq!(waiting[0].waiting_since, Some(athens(0, 11, 0)));
+    assert_eq!(waiting[0].due_at, Some(athens(0, 13, 0)));
     let targets = rig.store.targets_of(conv.id).await.unwrap();
     assert_eq!(targets[0].state, TargetState::Met);
     assert_eq!(targets[0].business_duration, Some(TimeDelta::minutes(10)));

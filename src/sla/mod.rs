@@ -2,6 +2,7 @@
 
 pub mod calendar;
 pub mod clock;
+pub mod stats;
 
 #[cfg(test)]
 mod calendar_props;

@@ -114,6 +114,38 @@ pub struct AlertRow<'a> {
     pub payload: &'a serde_json::Value,
 }
 
+/// A conversation as `frontdesk conversations --json` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ConversationListing {
+    /// Conversation id.
+    pub id: i64,
+    /// Client name, else address.
+    pub client: String,
+    /// Owner.
+    pub owner: Option<String>,
+    /// Subject of the first message.
+    pub subject: Option<String>,
+    /// `idle`, `waiting`, `at_risk` or `breached`.
+    pub state: String,
+    /// Receipt time of the oldest unanswered client message.
+    pub waiting_since: Option<DateTime<Utc>>,
+    /// Due time of the open target.
+    pub due_at: Option<DateTime<Utc>>,
+    /// SLA policy.
+    pub policy: Option<String>,
+    /// Receipt time of the latest message.
+    pub last_message_at: DateTime<Utc>,
+}
+
+/// Which conversations to list.
+#[derive(Debug, Clone, Default)]
+pub struct ConversationFilter {
+    /// Only this state (`idle`, `waiting`, `at_risk`, `breached`); `None` or `all` for every one.
+    pub state: Option<String>,
+    /// Only this owner.
+    pub owner: Option<String>,
+}
+
 /// One transaction of the core loop.
 pub struct CoreTx {
     tx: Transaction<'static, Sqlite>,
@@ -176,6 +208,26 @@ impl Store {
         })
     }
 
+    /// Stores many messages in one transaction (bulk loads and benchmarks); duplicates are skipped.
+    pub async fn ingest_many(
+        &self,
+        msgs: &[crate::message::Message],
+        now: DateTime<Utc>,
+    ) -> Result<usize, Error> {
+        let mut tx = self.begin_write().await?;
+        let mut n = 0;
+        for m in msgs {
+            if !super::messages::insert_message(&mut tx, m, now)
+                .await?
+                .duplicate
+            {
+                n += 1;
+            }
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
     /// The earliest pending SLA deadline (warning or due time) over all conversations.
     pub async fn next_core_deadline(&self) -> Result<Option<DateTime<Utc>>, Error> {
         let (t,): (Option<i64>,) = sqlx::query_as(
@@ -193,6 +245,74 @@ impl Store {
             .fetch_all(self.reader())
             .await?;
         rows.iter().map(target_from_row).collect()
+    }
+
+    /// Conversations, most urgent first (earliest due time, then latest activity).
+    pub async fn conversations(
+        &self,
+        f: &ConversationFilter,
+    ) -> Result<Vec<ConversationListing>, Error> {
+        let state = f.state.as_deref().filter(|s| *s != "all");
+        let rows = sqlx::query(
+            "SELECT id, coalesce(client_name, client_address) AS client, owner, subject, state, \
+             waiting_since, due_at, policy, last_message_at FROM conversations \
+             WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR owner = ?2) \
+             ORDER BY due_at IS NULL, due_at, last_message_at DESC",
+        )
+        .bind(state)
+        .bind(f.owner.as_deref())
+        .fetch_all(self.reader())
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(ConversationListing {
+                id: r.try_get("id")?,
+                client: r.try_get("client")?,
+                owner: r.try_get("owner")?,
+                subject: r.try_get("subject")?,
+                state: r.try_get("state")?,
+                waiting_since: r.try_get::<Option<i64>, _>("waiting_since")?.map(from_ms),
+                due_at: r.try_get::<Option<i64>, _>("due_at")?.map(from_ms),
+                policy: r.try_get("policy")?,
+                last_message_at: from_ms(r.try_get("last_message_at")?),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Fulfilled targets with replies in `[since, until)`, for `frontdesk stats` and digests.
+    pub async fn fulfilled_targets(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<crate::sla::stats::Fulfilled>, Error> {
+        let rows = sqlx::query(
+            "SELECT t.metric, t.source, t.owner, coalesce(c.client_name, c.client_address) AS client, \
+             t.business_ms, t.calendar_ms, t.state, t.fulfilled_at \
+             FROM sla_targets t JOIN conversations c ON c.id = t.conversation_id \
+             WHERE t.fulfilled_at IS NOT NULL AND t.fulfilled_at >= ? AND t.fulfilled_at < ?",
+        )
+        .bind(to_ms(since))
+        .bind(to_ms(until))
+        .fetch_all(self.reader())
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let metric: String = r.try_get("metric")?;
+            let state: String = r.try_get("state")?;
+            out.push(crate::sla::stats::Fulfilled {
+                metric: Metric::from_stored(&metric)
+                    .ok_or_else(|| corrupt("sla_targets", format!("unknown metric {metric}")))?,
+                source: r.try_get("source")?,
+                owner: r.try_get("owner")?,
+                client: r.try_get("client")?,
+                business_ms: r.try_get::<Option<i64>, _>("business_ms")?.unwrap_or(0),
+                calendar_ms: r.try_get::<Option<i64>, _>("calendar_ms")?.unwrap_or(0),
+                met: state == "met",
+                fulfilled_at: from_ms(r.try_get("fulfilled_at")?),
+            });
+        }
+        Ok(out)
     }
 
     /// Slot keys of the SLA alert rows in the outbox, in insertion order.
