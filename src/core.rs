@@ -617,5 +617,136 @@ impl Core {
     }
 }
 
+/// Describes a match's conditions, e.g. `client_tag=vip, source=sms`.
+fn describe_match(m: &Match) -> String {
+    let mut parts = Vec::new();
+    for (name, values) in [
+        ("client", &m.client),
+        ("client_tag", &m.client_tag),
+        ("email", &m.email),
+        ("email_domain", &m.email_domain),
+        ("source", &m.source),
+        ("keyword", &m.keyword),
+    ] {
+        if !values.is_empty() {
+            parts.push(format!("{name}={}", values.join("|")));
+        }
+    }
+    if parts.is_empty() {
+        "no conditions (the default)".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn rule_index(i: Option<i64>) -> Option<usize> {
+    i.and_then(|i| usize::try_from(i).ok())
+}
+
+/// `frontdesk explain` for a conversation: which client rule, owner rule, policy and calendar
+/// applied and why, and how each target's due time was computed, in plain sentences.
+pub async fn explain(
+    store: &Store,
+    routing: &Routing,
+    conversation: i64,
+) -> Result<Option<String>, store::Error> {
+    let Some(c) = store.conversation(conversation).await? else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    let client = c.client_name.as_deref().unwrap_or(&c.client_address);
+    out.push(format!(
+        "Conversation {} with {client} <{}>, started through source {}.",
+        c.id, c.client_address, c.source
+    ));
+    match rule_index(c.client_rule).and_then(|i| routing.clients.get(i).map(|r| (i, r))) {
+        Some((i, r)) => out.push(format!(
+            "Client rule {} ({}) matched the address; tags: {}.",
+            i + 1,
+            r.name.as_deref().unwrap_or("unnamed"),
+            if r.tags.is_empty() {
+                "none".into()
+            } else {
+                r.tags.join(", ")
+            }
+        )),
+        None => out.push(
+            "No client rule matched: the sender is a client of its own, known by its address."
+                .into(),
+        ),
+    }
+    match (
+        c.owner.as_deref(),
+        rule_index(c.owner_rule).and_then(|i| routing.owners.get(i).map(|r| (i, r))),
+    ) {
+        (Some(owner), Some((i, r))) => out.push(format!(
+            "Owner {owner}: responsibilities rule {} matched ({}); earlier rules did not.",
+            i + 1,
+            describe_match(&r.matcher)
+        )),
+        (Some(owner), None) => out.push(format!("Owner {owner}.")),
+        (None, _) => out.push("No responsibilities rule matched: nobody owns it.".into()),
+    }
+    match (
+        c.policy.as_deref(),
+        rule_index(c.policy_rule).and_then(|i| routing.policy_rules.get(i).map(|r| (i, r))),
+    ) {
+        (Some(p), Some((i, r))) => out.push(format!(
+            "SLA policy {p}: policy {} in order matched ({}); earlier policies did not.",
+            i + 1,
+            describe_match(&r.matcher)
+        )),
+        (Some(p), None) => out.push(format!("SLA policy {p}.")),
+        (None, _) => out.push("No SLA policy matched: no response-time targets.".into()),
+    }
+    if let Some(p) = c.policy.as_deref().and_then(|p| routing.policies.get(p)) {
+        out.push(format!(
+            "The policy allows {} for the first reply and {} for each next reply on calendar {}.",
+            crate::sla::calendar::human(p.first_reply),
+            crate::sla::calendar::human(p.next_reply),
+            p.calendar_name
+        ));
+    }
+    if c.clock.started_by_team {
+        out.push("The team wrote first, so there is no first-reply target.".into());
+    }
+    for t in store.targets_of(c.id).await? {
+        let metric = t.metric.as_str().replace('_', " ");
+        out.push(format!(
+            "Target {} ({metric}, policy {}): {} allowed; state {}.",
+            t.seq,
+            t.policy,
+            crate::sla::calendar::human(t.allowed),
+            t.state.as_str()
+        ));
+        match (t.fulfilled_at, t.business_duration, t.calendar_duration) {
+            (Some(at), Some(b), Some(cal)) => out.push(format!(
+                "Answered at {} after {} of business time ({} of calendar time).",
+                at.format("%Y-%m-%d %H:%M UTC"),
+                crate::sla::calendar::human(b),
+                crate::sla::calendar::human(cal)
+            )),
+            _ => {
+                if let Some(p) = routing.policies.get(&t.policy) {
+                    out.extend(p.calendar.explain_due(t.started_at, t.allowed));
+                }
+            }
+        }
+    }
+    Ok(Some(out.join("\n")))
+}
+
+/// `frontdesk explain` for a message: the explanation of its conversation.
+pub async fn explain_message(
+    store: &Store,
+    routing: &Routing,
+    message: i64,
+) -> Result<Option<String>, store::Error> {
+    match store.conversation_of_message(message).await? {
+        Some(c) => explain(store, routing, c).await,
+        None => Ok(None),
+    }
+}
+
 #[cfg(test)]
 mod tests;

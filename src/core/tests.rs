@@ -247,6 +247,26 @@ async fn friday_vip_message_due_monday_warn_and_breach_once_then_met_late() {
         Some(athens(7, 9, 15))
     );
 
+    let text = explain_message(&rig.store, &rig.routing, m1)
+        .await
+        .unwrap()
+        .unwrap();
+    let expected = format!(
+        "Conversation {id} with ACME Ltd <bob@acme.example>, started through source support-mail.
+Client rule 1 (ACME Ltd) matched the address; tags: vip.
+Owner Nikos: responsibilities rule 1 matched (client_tag=vip); earlier rules did not.
+SLA policy vip: policy 1 in order matched (client_tag=vip); earlier policies did not.
+The policy allows 1h for the first reply and 2h for each next reply on calendar office.
+Target 1 (first reply, policy vip): 1h allowed; state active.
+The clock started at Fri 2026-12-04 16:30 (Europe/Athens).
+Open from Fri 2026-12-04 16:30 to Fri 2026-12-04 17:00: counted 30m (total 30m).
+Closed from Fri 2026-12-04 17:00 to Mon 2026-12-07 09:00: skipped.
+Open from Mon 2026-12-07 09:00 to Mon 2026-12-07 09:30: counted 30m (total 1h).
+1h of business time is reached at Mon 2026-12-07 09:30: the due time.",
+        id = conv.id
+    );
+    assert_eq!(text, expected);
+
     // Nothing due over the weekend.
     assert_eq!(core.run_once(athens(6, 12, 0)).await.unwrap().alerts, 0);
     // The warning at 09:15, once, even across a "restart" (a fresh Core on a reopened store).

@@ -339,6 +339,87 @@ impl Calendar {
     }
 }
 
+impl Calendar {
+    /// How `add_business(start, d)` was reached, in plain sentences (for `frontdesk explain`):
+    /// each open period counted and each closed period skipped, in the calendar's time zone.
+    pub fn explain_due(&self, start: DateTime<Utc>, d: TimeDelta) -> Vec<String> {
+        let fmt = |t: DateTime<Utc>| {
+            t.with_timezone(&self.tz)
+                .format("%a %Y-%m-%d %H:%M")
+                .to_string()
+        };
+        let mut out = vec![format!(
+            "The clock started at {} ({}).",
+            fmt(start),
+            if self.always {
+                "24/7 calendar".to_string()
+            } else {
+                self.tz.name().to_string()
+            }
+        )];
+        if d <= TimeDelta::zero() {
+            out.push("No business time was needed, so it is due at once.".into());
+            return out;
+        }
+        let due = self.add_business(start, d);
+        let mut cursor = start;
+        let mut counted = TimeDelta::zero();
+        for (open, close) in self.open_spans(start) {
+            if open >= due || out.len() > 60 {
+                break;
+            }
+            if open > cursor {
+                out.push(format!(
+                    "Closed from {} to {}: skipped.",
+                    fmt(cursor),
+                    fmt(open)
+                ));
+            }
+            let end = close.min(due);
+            counted += end - open;
+            out.push(format!(
+                "Open from {} to {}: counted {} (total {}).",
+                fmt(open),
+                fmt(end),
+                human(end - open),
+                human(counted)
+            ));
+            cursor = end;
+        }
+        out.push(format!(
+            "{} of business time is reached at {}: the due time.",
+            human(d),
+            fmt(due)
+        ));
+        out
+    }
+}
+
+/// A duration as `1h 30m` (seconds shown only when present).
+pub fn human(d: TimeDelta) -> String {
+    let secs = d.num_seconds();
+    let (days, h, m, s) = (
+        secs / 86_400,
+        secs % 86_400 / 3600,
+        secs % 3600 / 60,
+        secs % 60,
+    );
+    let mut parts = Vec::new();
+    if days > 0 {
+        parts.push(format!("{days}d"));
+    }
+    if h > 0 {
+        parts.push(format!("{h}h"));
+    }
+    if m > 0 {
+        parts.push(format!("{m}m"));
+    }
+    if s > 0 || parts.is_empty() {
+        parts.push(format!("{s}s"));
+    }
+    parts.join(" ")
+}
+
 /// Iterator over a calendar's open periods; see [`Calendar::open_spans`].
 #[derive(Debug, Clone)]
 pub struct OpenSpans<'a> {
@@ -671,6 +752,25 @@ mod tests {
         let due = cal.add_business(local(tz, 2026, 11, 27, 16, 30), TimeDelta::hours(1));
         assert_eq!(due, local(tz, 2026, 11, 30, 9, 30));
         assert_ne!(due, local(tz, 2026, 11, 27, 17, 30));
+    }
+
+    #[test]
+    fn explain_due_names_counted_and_skipped_periods() {
+        let tz = chrono_tz::Europe::Athens;
+        let cal = office(tz, &[(t(9, 0), t(17, 0))]);
+        let lines = cal.explain_due(local(tz, 2026, 11, 27, 16, 30), TimeDelta::hours(1));
+        assert_eq!(
+            lines,
+            [
+                "The clock started at Fri 2026-11-27 16:30 (Europe/Athens).",
+                "Open from Fri 2026-11-27 16:30 to Fri 2026-11-27 17:00: counted 30m (total 30m).",
+                "Closed from Fri 2026-11-27 17:00 to Mon 2026-11-30 09:00: skipped.",
+                "Open from Mon 2026-11-30 09:00 to Mon 2026-11-30 09:30: counted 30m (total 1h).",
+                "1h of business time is reached at Mon 2026-11-30 09:30: the due time.",
+            ]
+        );
+        assert_eq!(human(TimeDelta::seconds(93_784)), "1d 2h 3m 4s");
+        assert_eq!(human(TimeDelta::zero()), "0s");
     }
 
     #[test]

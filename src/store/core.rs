@@ -70,6 +70,12 @@ pub struct ConversationRow {
     pub last_message_at: DateTime<Utc>,
     /// The SLA clock.
     pub clock: ClockState,
+    /// Index of the client rule that matched, when created.
+    pub client_rule: Option<i64>,
+    /// Index of the responsibilities rule that named the owner.
+    pub owner_rule: Option<i64>,
+    /// Index of the policy that was chosen.
+    pub policy_rule: Option<i64>,
 }
 
 /// What a new conversation starts with.
@@ -315,6 +321,16 @@ impl Store {
         Ok(out)
     }
 
+    /// The conversation a message was threaded into, if processed.
+    pub async fn conversation_of_message(&self, message: i64) -> Result<Option<i64>, Error> {
+        let row: Option<(Option<i64>,)> =
+            sqlx::query_as("SELECT conversation_id FROM messages WHERE id = ?")
+                .bind(message)
+                .fetch_optional(self.reader())
+                .await?;
+        Ok(row.and_then(|r| r.0))
+    }
+
     /// Slot keys of the SLA alert rows in the outbox, in insertion order.
     pub async fn sla_alert_keys(&self) -> Result<Vec<String>, Error> {
         let rows: Vec<(String,)> = sqlx::query_as(
@@ -443,7 +459,8 @@ impl CoreTx {
         let Some(r) = sqlx::query(
             "SELECT id, source, client_key, client_address, client_name, client_tags, subject, \
              base_subject, owner, policy, last_message_at, started_by_team, replied, \
-             targets_opened, clock_last_at FROM conversations WHERE id = ?",
+             targets_opened, clock_last_at, client_rule, owner_rule, policy_rule \
+             FROM conversations WHERE id = ?",
         )
         .bind(id)
         .fetch_optional(&mut *self.tx)
@@ -488,6 +505,9 @@ impl CoreTx {
                 open,
                 last_at,
             },
+            client_rule: r.try_get("client_rule")?,
+            owner_rule: r.try_get("owner_rule")?,
+            policy_rule: r.try_get("policy_rule")?,
         }))
     }
 
