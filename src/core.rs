@@ -351,7 +351,7 @@ impl Core {
                 for e in &events {
                     progress.alerts += self.alert(&mut tx, &conv, e, now).await?;
                 }
-                tx.save_conversation(&conv).await?;
+                tx.save_conversation(&conv, true).await?;
             }
             tx.commit().await?;
             progress.ticked += due.len();
@@ -380,7 +380,7 @@ impl Core {
             for e in &events {
                 self.alert(&mut tx, &conv, e, now).await?;
             }
-            tx.save_conversation(&conv).await?;
+            tx.save_conversation(&conv, true).await?;
             n += 1;
         }
         tx.commit().await?;
@@ -512,12 +512,27 @@ impl Core {
                         created_at: m.received_at,
                     })
                     .await?;
-                tx.conversation(id).await?.ok_or(store::Error::Corrupt {
-                    table: "conversations",
-                    reason: format!("conversation {id} vanished inside its transaction"),
-                })?
+                // Built here rather than read back: it is exactly what was just inserted.
+                ConversationRow {
+                    id,
+                    source: m.source.clone(),
+                    client_key: client.key.clone(),
+                    client_address: client.address.clone(),
+                    client_name: client.name.clone(),
+                    client_tags: client.tags.clone(),
+                    subject: m.subject.clone(),
+                    base_subject: base.clone(),
+                    owner: owner.map(|o| o.1.to_string()),
+                    policy: policy.map(|p| p.1.to_string()),
+                    last_message_at: m.received_at,
+                    clock: clock::ClockState::default(),
+                    client_rule: client.rule.map(|i| i as i64),
+                    owner_rule: owner.map(|o| o.0 as i64),
+                    policy_rule: policy.map(|p| p.0 as i64),
+                }
             }
         };
+        let loaded_open = conv.clock.open.clone();
         if let Some(key) = m.thread_key.as_deref() {
             tx.add_thread_key(&m.source, key, conv.id).await?;
         }
@@ -543,7 +558,8 @@ impl Core {
             }
         }
         conv.last_message_at = conv.last_message_at.max(m.received_at);
-        tx.save_conversation(&conv).await?;
+        let target_changed = conv.clock.open != loaded_open;
+        tx.save_conversation(&conv, target_changed).await?;
         tx.mark_processed(m.id, Some(conv.id), now).await
     }
 

@@ -595,8 +595,13 @@ impl CoreTx {
         Ok(())
     }
 
-    /// Writes the conversation's clock, its derived listing columns and its open target.
-    pub async fn save_conversation(&mut self, c: &ConversationRow) -> Result<(), Error> {
+    /// Writes the conversation's clock and its derived listing columns, and its open target when
+    /// `target_changed` (skipping an unchanged target saves a statement per message).
+    pub async fn save_conversation(
+        &mut self,
+        c: &ConversationRow,
+        target_changed: bool,
+    ) -> Result<(), Error> {
         let clock = &c.clock;
         let (state, waiting_since, due_at) = match &clock.open {
             None => ("idle", None, None),
@@ -628,7 +633,7 @@ impl CoreTx {
         .bind(c.id)
         .execute(&mut *self.tx)
         .await?;
-        if let Some(t) = &clock.open {
+        if let Some(t) = clock.open.as_ref().filter(|_| target_changed) {
             self.save_target(c, t).await?;
         }
         Ok(())
