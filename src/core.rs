@@ -461,11 +461,17 @@ impl Core {
                 ..Candidate::default()
             });
         }
+        // `thread::assign` prefers header and key matches, and a message with a provider key never
+        // falls back to the subject: only look subjects up when they can decide.
+        let subject_decides = candidates.is_empty() && m.thread_key.is_none();
         let since = m.received_at - thread::SUBJECT_WINDOW;
-        for (conv, last) in tx
-            .conversations_by_subject(&client.key, &base, since)
-            .await?
-        {
+        let by_subject = if subject_decides {
+            tx.conversations_by_subject(&client.key, &base, since)
+                .await?
+        } else {
+            Vec::new()
+        };
+        for (conv, last) in by_subject {
             candidates.push(Candidate {
                 id: ConversationId(conv),
                 client: client.key.clone(),
