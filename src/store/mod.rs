@@ -5,6 +5,7 @@
 //! writes inside the process; `BEGIN IMMEDIATE` serializes them against other processes (the CLI).
 //! Readers use their own pool and never block the writer.
 
+pub mod core;
 mod digest;
 mod imap;
 mod messages;
