@@ -152,6 +152,28 @@ impl Store {
         Ok(())
     }
 
+    /// Writes a consistent copy of the whole database to `to` while the daemon keeps running.
+    ///
+    /// `VACUUM INTO` reads one snapshot, so the copy is a committed state even mid-ingest; the
+    /// target must not exist yet.
+    pub async fn backup(&self, to: &Path) -> Result<(), Error> {
+        if to.exists() {
+            return Err(Error::Open {
+                path: to.to_path_buf(),
+                reason: "the backup target already exists".into(),
+            });
+        }
+        let target = to.to_str().ok_or_else(|| Error::Open {
+            path: to.to_path_buf(),
+            reason: "the path is not valid UTF-8".into(),
+        })?;
+        sqlx::query("VACUUM INTO ?")
+            .bind(target)
+            .execute(&self.reader)
+            .await?;
+        Ok(())
+    }
+
     /// Closes both pools, checkpointing the WAL.
     pub async fn close(&self) {
         self.reader.close().await;
