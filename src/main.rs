@@ -151,6 +151,12 @@ fn init_logging(format: LogFormat) {
     use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_from_env("FRONTDESK_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,hyper=warn"));
+    // async-imap traces every encoded command, LOGIN and AUTHENTICATE with their secrets
+    // included, and lettre traces the SMTP dialogue: cap both at debug, whatever the filter says.
+    let filter = ["async_imap=debug", "imap_proto=debug", "lettre=debug"]
+        .iter()
+        .filter_map(|d| d.parse().ok())
+        .fold(filter, |f, d| f.add_directive(d));
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let format = match format {
         LogFormat::Auto if under_journal => LogFormat::Journald,
