@@ -21,6 +21,9 @@ fn hmac_hex(key: &str, body: &[u8]) -> String {
     hex::encode(m.finalize().into_bytes())
 }
 
+/// (path, headers, expected status).
+type HookCase = (&'static str, Vec<(&'static str, String)>, u16);
+
 #[test]
 fn no_secret_reaches_logs_output_or_the_database() {
     let rig = Rig::shared();
@@ -89,7 +92,7 @@ fn no_secret_reaches_logs_output_or_the_database() {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD.encode(format!("{BASIC_USER}:{BASIC_PW}"))
     };
-    let cases: Vec<(&str, Vec<(&str, String)>, u16)> = vec![
+    let cases: Vec<HookCase> = vec![
         (
             "/hooks/bearer-hook",
             vec![("Authorization", format!("Bearer {BEARER}"))],
