@@ -34,11 +34,13 @@ pub struct AppState {
 
 /// Builds the router with every route.
 pub fn router(state: AppState) -> Router {
+    let hooks = crate::ingest::webhook::routes(&state);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
+        .merge(hooks)
 }
 
 /// Liveness: the process is up and serving HTTP.
@@ -75,13 +77,23 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     }
 }
 
-/// Prometheus text exposition.
+/// Prometheus text exposition: figures from the store, then the in-process histograms.
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let body = state
-        .metrics
-        .as_ref()
-        .map(|m| m.render())
-        .unwrap_or_default();
+    let mut body = match state.store.metrics_samples().await {
+        Ok(samples) => crate::store::metrics::render(&samples),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: store figures unavailable");
+            String::new()
+        }
+    };
+    let (healthy, total) = state.health.count("");
+    body.push_str(&format!(
+        "# HELP frontdesk_tasks Daemon tasks reporting health.\n# TYPE frontdesk_tasks gauge\nfrontdesk_tasks {total}\n\
+         # HELP frontdesk_tasks_healthy Daemon tasks whose last unit of work succeeded.\n# TYPE frontdesk_tasks_healthy gauge\nfrontdesk_tasks_healthy {healthy}\n"
+    ));
+    if let Some(m) = &state.metrics {
+        body.push_str(&m.render());
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -89,4 +101,42 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         )],
         body,
     )
+}
+
+/// Serves `app` until `shutdown`, then lets open connections finish their current request.
+///
+/// Unlike `axum::serve`, request headers must arrive within `header_timeout` (a 1-byte-per-second
+/// client is cut off), and accept errors such as EMFILE pause the loop instead of ending it.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_timeout: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; pausing");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    graceful.shutdown().await;
 }

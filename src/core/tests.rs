@@ -279,10 +279,12 @@ Open from Mon 2026-12-07 09:00 to Mon 2026-12-07 09:30: counted 30m (total 1h).
     // The breach at 09:30, once.
     assert_eq!(again.run_once(athens(7, 9, 30)).await.unwrap().alerts, 1);
     assert_eq!(again.run_once(athens(7, 9, 31)).await.unwrap().alerts, 0);
-    let c = format!("sla:{}:1:", conv.id);
     assert_eq!(
         rig.store.sla_alert_keys().await.unwrap(),
-        [format!("{c}warn"), format!("{c}breach")]
+        [
+            format!("warn:{}:1", conv.id),
+            format!("breach:{}:1", conv.id)
+        ]
     );
     assert_eq!(rig.store.next_core_deadline().await.unwrap(), None);
 

@@ -105,21 +105,6 @@ pub struct NewConversation<'a> {
     pub created_at: DateTime<Utc>,
 }
 
-/// An alert row for the outbox.
-#[derive(Debug, Clone)]
-pub struct AlertRow<'a> {
-    /// Unique per target event (`sla:{conversation}:{seq}:{event}`).
-    pub slot_key: &'a str,
-    /// Channel name.
-    pub channel: &'a str,
-    /// One-line subject.
-    pub subject: &'a str,
-    /// Plain text body.
-    pub body: &'a str,
-    /// Structured details (JSON).
-    pub payload: &'a serde_json::Value,
-}
-
 /// A conversation as `frontdesk conversations --json` shows it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ConversationListing {
@@ -331,10 +316,11 @@ impl Store {
         Ok(row.and_then(|r| r.0))
     }
 
-    /// Slot keys of the SLA alert rows in the outbox, in insertion order.
+    /// Dedupe keys of the SLA alert events, in insertion order.
     pub async fn sla_alert_keys(&self) -> Result<Vec<String>, Error> {
         let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT slot_key FROM outbox WHERE kind = 'alert' AND slot_key LIKE 'sla:%' ORDER BY id",
+            "SELECT dedupe_key FROM alert_events WHERE kind IN ('sla_warning', 'sla_breach') \
+             ORDER BY id",
         )
         .fetch_all(self.reader())
         .await?;
@@ -681,26 +667,14 @@ impl CoreTx {
         Ok(rows.into_iter().map(|r| r.0).collect())
     }
 
-    /// Inserts an alert unless one with the same slot key exists; true if it was new.
-    pub async fn push_alert(
+    /// Records a warn or breach event for the sender to group into an alert, once per
+    /// `dedupe_key`, in this transaction; true if it was new.
+    pub async fn push_alert_event(
         &mut self,
-        a: &AlertRow<'_>,
-        now: DateTime<Utc>,
+        dedupe_key: &str,
+        event: &crate::digest::AlertEvent,
+        at: DateTime<Utc>,
     ) -> Result<bool, Error> {
-        let done = sqlx::query(
-            "INSERT INTO outbox (kind, channel, slot_key, subject, body_text, payload, \
-             next_attempt_at, created_at) VALUES ('alert', ?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (slot_key) DO NOTHING",
-        )
-        .bind(a.channel)
-        .bind(a.slot_key)
-        .bind(a.subject)
-        .bind(a.body)
-        .bind(a.payload.to_string())
-        .bind(to_ms(now))
-        .bind(to_ms(now))
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        super::outbox::insert_alert_event(&mut self.tx, dedupe_key, event, at).await
     }
 }

@@ -6,9 +6,17 @@
 //! Readers use their own pool and never block the writer.
 
 pub mod core;
+mod digest;
+mod imap;
 mod messages;
+pub mod metrics;
+mod outbox;
+pub mod webhook;
 
+pub use digest::SourceRef;
+pub use imap::{AccountedKind, AccountedUid, BatchOutcome, FolderLedger, ImapCursor, SourceHealth};
 pub use messages::{Ingested, MessageFilter, StoredMessage};
+pub use outbox::{NewOutboxItem, OutboxRow, insert_alert_event};
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -104,7 +112,19 @@ impl Store {
 
     /// Starts a write transaction that takes the write lock up front (read-then-write safe).
     pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, Error> {
-        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+        match self.writer.begin_with("BEGIN IMMEDIATE").await {
+            Err(sqlx::Error::InvalidSavePointStatement | sqlx::Error::BeginFailed) => {
+                // A COMMIT that failed (disk full, I/O error) leaves sqlx's transaction depth at 1
+                // while SQLite has already rolled back, so the drop-time ROLLBACK fails and the
+                // connection can never begin again. Replace it with a fresh one.
+                tracing::warn!("replacing the database writer connection after a failed commit");
+                if let Ok(conn) = self.writer.acquire().await {
+                    let _ = conn.close().await;
+                }
+                Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+            }
+            other => Ok(other?),
+        }
     }
 
     /// The pool for reads.

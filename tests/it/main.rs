@@ -4,7 +4,11 @@
 mod config_check;
 mod daemon;
 mod deploy;
+mod digest;
+mod email_golden;
+mod imap;
 mod rig;
 mod rig_smoke;
 mod support;
 mod systemd;
+mod webhook;

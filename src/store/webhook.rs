@@ -1,0 +1,431 @@
+//! Webhook group commit: many concurrent deliveries share one transaction and one fsync.
+//!
+//! One writer task owns the write path. Each request sends its message over an mpsc channel with a
+//! oneshot for the answer. The task takes whatever has queued up (no added wait: requests that
+//! arrive during a commit form the next batch), inserts them all in one `BEGIN IMMEDIATE`
+//! transaction, commits (WAL + `synchronous=FULL`, so the commit returns after the fsync), and only
+//! then answers each waiter. If anything in the batch fails, the transaction rolls back and every
+//! waiter gets `Unavailable` (503): nobody is told "stored" unless their own row is synced.
+//!
+//! Counters live in the same transaction as the rows they count. Rejections (401) have no row:
+//! they are tallied in memory and written with the next batch, or by a 1 s tick when idle.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::Row;
+use tokio::sync::{mpsc, oneshot};
+
+use super::messages::insert_message;
+use super::{Error, Ingested, Store, from_ms, to_ms};
+use crate::message::Message;
+
+/// Deliveries waiting in the channel before new requests are refused with 503.
+const QUEUE_DEPTH: usize = 4096;
+
+/// The most deliveries one transaction takes.
+const MAX_BATCH: usize = 512;
+
+/// How long replay tokens are kept (longer than any configured tolerance window).
+const TOKEN_RETENTION: chrono::Duration = chrono::Duration::days(2);
+
+/// Why a delivery was not stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IngestError {
+    /// The commit failed or the writer is gone; nothing of this batch was stored. Retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The writer's queue is full; retry later.
+    #[error("ingest queue full")]
+    Busy,
+    /// A one-time token was already used by another delivery (a replay).
+    #[error("token already used")]
+    TokenReused,
+}
+
+/// One delivery to store.
+#[derive(Debug)]
+pub struct WebhookDelivery {
+    /// The normalized message (its origin is the dedupe key).
+    pub message: Message,
+    /// A one-time token to record and refuse with another delivery (Mailgun).
+    pub replay_token: Option<String>,
+}
+
+struct Job {
+    delivery: WebhookDelivery,
+    reply: oneshot::Sender<Result<Ingested, IngestError>>,
+}
+
+/// Rejections not yet written: (source, counter name) -> count.
+type Pending = Arc<Mutex<HashMap<(String, String), i64>>>;
+
+/// The sending side of the group-commit writer; cheap to clone.
+#[derive(Clone)]
+pub struct WebhookWriter {
+    jobs: mpsc::Sender<Job>,
+    pending: Pending,
+}
+
+impl WebhookWriter {
+    /// Stores one delivery; returns only after its transaction is durably committed.
+    pub async fn ingest(&self, delivery: WebhookDelivery) -> Result<Ingested, IngestError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .try_send(Job { delivery, reply })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => IngestError::Busy,
+                mpsc::error::TrySendError::Closed(_) => {
+                    IngestError::Unavailable("writer stopped".into())
+                }
+            })?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(IngestError::Unavailable("writer stopped".into())))
+    }
+
+    /// Counts a request that was not stored (`rejected:<reason>`, `ignored`, `invalid`).
+    pub fn count(&self, source: &str, counter: &str) {
+        if let Ok(mut p) = self.pending.lock() {
+            *p.entry((source.to_string(), counter.to_string()))
+                .or_insert(0) += 1;
+        }
+    }
+}
+
+/// Per-source webhook counters as `frontdesk sources` shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct WebhookCounters {
+    /// The source name.
+    pub source: String,
+    /// Deliveries stored as new rows.
+    pub accepted: i64,
+    /// Deliveries whose id was already stored (answered with the same id).
+    pub duplicates: i64,
+    /// Everything else by counter name (`rejected:bad_signature`, `ignored`, `invalid`).
+    pub other: Vec<(String, i64)>,
+    /// The last accepted or duplicate delivery.
+    pub last_delivery_at: Option<DateTime<Utc>>,
+}
+
+impl Store {
+    /// Starts the group-commit writer task; it stops when every `WebhookWriter` is dropped.
+    pub fn spawn_webhook_writer(&self, wake_core: Arc<tokio::sync::Notify>) -> WebhookWriter {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let pending: Pending = Arc::default();
+        let store = self.clone();
+        tokio::spawn(run_writer(store, rx, pending.clone(), wake_core));
+        WebhookWriter { jobs: tx, pending }
+    }
+
+    /// Webhook counters for every source that has any.
+    pub async fn webhook_counters(&self) -> Result<Vec<WebhookCounters>, Error> {
+        let mut by_source: HashMap<String, WebhookCounters> = HashMap::new();
+        let rows = sqlx::query("SELECT source, name, value FROM webhook_counters")
+            .fetch_all(self.reader())
+            .await?;
+        for r in rows {
+            let source: String = r.try_get("source")?;
+            let name: String = r.try_get("name")?;
+            let value: i64 = r.try_get("value")?;
+            let c = by_source
+                .entry(source.clone())
+                .or_insert_with(|| WebhookCounters {
+                    source,
+                    ..WebhookCounters::default()
+                });
+            match name.as_str() {
+                "accepted" => c.accepted = value,
+                "duplicates" => c.duplicates = value,
+                _ => c.other.push((name, value)),
+            }
+        }
+        let rows = sqlx::query("SELECT source, last_delivery_at FROM webhook_activity")
+            .fetch_all(self.reader())
+            .await?;
+        for r in rows {
+            let source: String = r.try_get("source")?;
+            let at: i64 = r.try_get("last_delivery_at")?;
+            by_source
+                .entry(source.clone())
+                .or_insert_with(|| WebhookCounters {
+                    source,
+                    ..WebhookCounters::default()
+                })
+                .last_delivery_at = Some(from_ms(at));
+        }
+        let mut out: Vec<_> = by_source.into_values().collect();
+        out.sort_by(|a, b| a.source.cmp(&b.source));
+        for c in &mut out {
+            c.other.sort();
+        }
+        Ok(out)
+    }
+}
+
+async fn run_writer(
+    store: Store,
+    mut rx: mpsc::Receiver<Job>,
+    pending: Pending,
+    wake_core: Arc<tokio::sync::Notify>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            job = rx.recv() => match job {
+                Some(j) => Some(j),
+                None => break,
+            },
+            _ = tick.tick() => None,
+        };
+        let mut batch: Vec<Job> = first.into_iter().collect();
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let counts = take_pending(&pending);
+        if batch.is_empty() && counts.is_empty() {
+            continue;
+        }
+        let now = Utc::now();
+        match commit_batch(&store, &batch, &counts, now).await {
+            Ok(results) => {
+                let any = !batch.is_empty();
+                let committed = Utc::now();
+                for (job, result) in batch.into_iter().zip(results) {
+                    let msg = &job.delivery.message;
+                    let latency = (committed - msg.received_at)
+                        .num_microseconds()
+                        .unwrap_or(0);
+                    metrics::histogram!("frontdesk_ingest_latency_seconds", "source" => msg.source.clone())
+                        .record(latency as f64 / 1e6);
+                    let _ = job.reply.send(result);
+                }
+                if any {
+                    wake_core.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, deliveries = batch.len(), "webhook batch not stored");
+                restore_pending(&pending, counts);
+                let text = e.to_string();
+                for job in batch {
+                    let _ = job.reply.send(Err(IngestError::Unavailable(text.clone())));
+                }
+            }
+        }
+    }
+    // Flush the last rejection counts on the way out; losing them on error is acceptable.
+    let counts = take_pending(&pending);
+    if !counts.is_empty() {
+        let _ = commit_batch(&store, &[], &counts, Utc::now()).await;
+    }
+}
+
+fn take_pending(pending: &Pending) -> HashMap<(String, String), i64> {
+    pending
+        .lock()
+        .map(|mut p| std::mem::take(&mut *p))
+        .unwrap_or_default()
+}
+
+fn restore_pending(pending: &Pending, counts: HashMap<(String, String), i64>) {
+    if let Ok(mut p) = pending.lock() {
+        for (k, v) in counts {
+            *p.entry(k).or_insert(0) += v;
+        }
+    }
+}
+
+/// Inserts a batch in one transaction; the per-delivery results are valid only if this returns Ok.
+async fn commit_batch(
+    store: &Store,
+    batch: &[Job],
+    counts: &HashMap<(String, String), i64>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
+    let mut tx = store.begin_write().await?;
+    let mut results = Vec::with_capacity(batch.len());
+    let mut tally: HashMap<(String, String), i64> = counts.clone();
+    let mut touched: HashMap<&str, ()> = HashMap::new();
+    for job in batch {
+        let msg = &job.delivery.message;
+        if let Some(token) = &job.delivery.replay_token {
+            let key = msg.origin.key();
+            let seen: Option<(String,)> = sqlx::query_as(
+                "SELECT origin_key FROM webhook_replay_tokens WHERE source = ? AND token = ?",
+            )
+            .bind(&msg.source)
+            .bind(token)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match seen {
+                Some((k,)) if k != key => {
+                    *tally
+                        .entry((msg.source.clone(), "rejected:token_reused".into()))
+                        .or_insert(0) += 1;
+                    results.push(Err(IngestError::TokenReused));
+                    continue;
+                }
+                Some(_) => {}
+                None => {
+                    sqlx::query(
+                        "INSERT INTO webhook_replay_tokens (source, token, origin_key, seen_at) \
+                         VALUES (?, ?, ?, ?)",
+                    )
+                    .bind(&msg.source)
+                    .bind(token)
+                    .bind(&key)
+                    .bind(to_ms(now))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        let out = insert_message(&mut tx, msg, now).await?;
+        let counter = if out.duplicate {
+            "duplicates"
+        } else {
+            "accepted"
+        };
+        *tally
+            .entry((msg.source.clone(), counter.into()))
+            .or_insert(0) += 1;
+        touched.insert(msg.source.as_str(), ());
+        results.push(Ok(out));
+    }
+    for ((source, name), n) in &tally {
+        sqlx::query(
+            "INSERT INTO webhook_counters (source, name, value) VALUES (?, ?, ?) \
+             ON CONFLICT (source, name) DO UPDATE SET value = value + excluded.value",
+        )
+        .bind(source)
+        .bind(name)
+        .bind(n)
+        .execute(&mut *tx)
+        .await?;
+    }
+    for source in touched.keys() {
+        sqlx::query(
+            "INSERT INTO webhook_activity (source, last_delivery_at) VALUES (?, ?) \
+             ON CONFLICT (source) DO UPDATE SET last_delivery_at = excluded.last_delivery_at",
+        )
+        .bind(source)
+        .bind(to_ms(now))
+        .execute(&mut *tx)
+        .await?;
+    }
+    if batch.iter().any(|j| j.delivery.replay_token.is_some()) {
+        sqlx::query("DELETE FROM webhook_replay_tokens WHERE seen_at < ?")
+            .bind(to_ms(now - TOKEN_RETENTION))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Automation, Direction, Origin, ParseStatus};
+
+    fn message(source: &str, id: &str) -> Message {
+        Message {
+            source: source.into(),
+            origin: Origin::Webhook {
+                delivery_id: id.into(),
+            },
+            direction: Direction::Inbound,
+            received_at: Utc::now(),
+            sent_at: None,
+            from: None,
+            to: vec![],
+            subject: None,
+            text: Some("hello".into()),
+            message_id: None,
+            in_reply_to: vec![],
+            references: vec![],
+            thread_key: None,
+            automation: Automation::Human,
+            parse: ParseStatus::Ok,
+            raw: id.as_bytes().to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_same_id_is_one_row_and_counters_add_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("q.db")).await.unwrap();
+        let writer = store.spawn_webhook_writer(Default::default());
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let w = writer.clone();
+            let id = if i % 2 == 0 { "same" } else { "other" };
+            tasks.push(tokio::spawn(async move {
+                w.ingest(WebhookDelivery {
+                    message: message("hook", id),
+                    replay_token: None,
+                })
+                .await
+            }));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for t in tasks {
+            ids.insert(t.await.unwrap().unwrap().id);
+        }
+        assert_eq!(ids.len(), 2);
+        assert_eq!(store.message_count().await.unwrap(), 2);
+        writer.count("hook", "rejected:bad_signature");
+        // A stored delivery flushes pending rejection counts in its transaction.
+        writer
+            .ingest(WebhookDelivery {
+                message: message("hook", "third"),
+                replay_token: None,
+            })
+            .await
+            .unwrap();
+        let c = store.webhook_counters().await.unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!((c[0].accepted, c[0].duplicates), (3, 48));
+        assert_eq!(c[0].other, vec![("rejected:bad_signature".into(), 1)]);
+        assert!(c[0].last_delivery_at.is_some());
+    }
+
+    #[tokio::test]
+    async fn replay_token_with_another_delivery_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("q.db")).await.unwrap();
+        let writer = store.spawn_webhook_writer(Default::default());
+        let first = writer
+            .ingest(WebhookDelivery {
+                message: message("mg", "a"),
+                replay_token: Some("tok".into()),
+            })
+            .await
+            .unwrap();
+        // The same delivery again (a provider retry) is a duplicate, not a replay.
+        let again = writer
+            .ingest(WebhookDelivery {
+                message: message("mg", "a"),
+                replay_token: Some("tok".into()),
+            })
+            .await
+            .unwrap();
+        assert_eq!((again.id, again.duplicate), (first.id, true));
+        let replay = writer
+            .ingest(WebhookDelivery {
+                message: message("mg", "b"),
+                replay_token: Some("tok".into()),
+            })
+            .await;
+        assert_eq!(replay, Err(IngestError::TokenReused));
+        assert_eq!(store.message_count().await.unwrap(), 1);
+    }
+}
