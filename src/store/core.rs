@@ -159,6 +159,14 @@ fn automation_from(s: &str) -> Automation {
     }
 }
 
+fn target_kind(metric: &str) -> crate::digest::TargetKind {
+    if metric == "first_reply" {
+        crate::digest::TargetKind::First
+    } else {
+        crate::digest::TargetKind::Next
+    }
+}
+
 fn ms(d: TimeDelta) -> i64 {
     d.num_milliseconds()
 }
@@ -314,6 +322,73 @@ impl Store {
                 .fetch_optional(self.reader())
                 .await?;
         Ok(row.and_then(|r| r.0))
+    }
+
+    /// Open conversations (a client waiting) for the digest, oldest wait first.
+    pub async fn digest_open(&self) -> Result<Vec<crate::digest::ConversationRow>, Error> {
+        let rows = sqlx::query(
+            "SELECT c.id, coalesce(c.client_name, c.client_address) AS client, c.subject, c.owner, \
+             t.policy, t.metric, t.allowed_ms, t.started_at, t.warn_at, t.due_at \
+             FROM conversations c JOIN sla_targets t \
+             ON t.conversation_id = c.id AND t.seq = c.targets_opened \
+             WHERE c.state != 'idle' ORDER BY t.started_at",
+        )
+        .fetch_all(self.reader())
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let metric: String = r.try_get("metric")?;
+            out.push(crate::digest::ConversationRow {
+                id: r.try_get("id")?,
+                client: r.try_get("client")?,
+                medium: None,
+                subject: r
+                    .try_get::<Option<String>, _>("subject")?
+                    .unwrap_or_default(),
+                owner: r.try_get("owner")?,
+                policy: r.try_get("policy")?,
+                target: Some(target_kind(&metric)),
+                target_secs: Some(r.try_get::<i64, _>("allowed_ms")? / 1000),
+                waiting_since: from_ms(r.try_get("started_at")?),
+                warn_at: Some(from_ms(r.try_get("warn_at")?)),
+                due: Some(from_ms(r.try_get("due_at")?)),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Fulfilled targets with replies in `[since, until)` as the digest reads them.
+    pub async fn digest_replies(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<crate::digest::ReplyRow>, Error> {
+        let rows = sqlx::query(
+            "SELECT t.conversation_id, coalesce(c.client_name, c.client_address) AS client, \
+             t.owner, t.metric, t.fulfilled_at, t.business_ms, t.state \
+             FROM sla_targets t JOIN conversations c ON c.id = t.conversation_id \
+             WHERE t.fulfilled_at IS NOT NULL AND t.fulfilled_at >= ? AND t.fulfilled_at < ? \
+             ORDER BY t.fulfilled_at",
+        )
+        .bind(to_ms(since))
+        .bind(to_ms(until))
+        .fetch_all(self.reader())
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let metric: String = r.try_get("metric")?;
+            let state: String = r.try_get("state")?;
+            out.push(crate::digest::ReplyRow {
+                conversation_id: r.try_get("conversation_id")?,
+                client: r.try_get("client")?,
+                owner: r.try_get("owner")?,
+                target: target_kind(&metric),
+                replied_at: from_ms(r.try_get("fulfilled_at")?),
+                response_secs: r.try_get::<Option<i64>, _>("business_ms")?.unwrap_or(0) / 1000,
+                met: Some(state == "met"),
+            });
+        }
+        Ok(out)
     }
 
     /// Dedupe keys of the SLA alert events, in insertion order.
