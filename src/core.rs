@@ -3,8 +3,9 @@
 //! Each step runs in one store transaction: take unprocessed messages in id order, thread each
 //! into a conversation (`thread`), resolve client, owner and policy (`rules`), advance its SLA
 //! clock (`sla::clock`); then tick every conversation whose next deadline has come and put warn
-//! and breach alerts into the outbox. Alert rows are keyed `sla:{conversation}:{seq}:{event}`
-//! (unique), so each fires at most once per target instance whatever restarts happen. Between
+//! and breach events into `alert_events` (the sender groups them into alert messages). Events are
+//! keyed `warn|breach:{conversation}:{seq}` (unique) and written in the same transaction as the
+//! clock, so each fires at most once per target instance whatever restarts happen. Between
 //! steps the loop sleeps until the next deadline or a wake-up from ingest.
 //!
 //! A warn or breach that becomes known only together with the reply that fulfils the target
@@ -26,7 +27,7 @@ use crate::rules::{
 };
 use crate::sla::calendar::{self, Calendar, CalendarError, IcsError};
 use crate::sla::clock::{self, ClockInput, Event, EventKind, Policy, WarnBefore};
-use crate::store::core::{AlertRow, ConversationRow, CoreTx, NewConversation, PendingMessage};
+use crate::store::core::{ConversationRow, CoreTx, NewConversation, PendingMessage};
 use crate::store::{self, Store};
 use crate::thread::{self, Candidate, ConversationId, Hints};
 
@@ -569,72 +570,50 @@ impl Core {
         tx.mark_processed(m.id, Some(conv.id), now).await
     }
 
-    /// Writes the outbox row for a warn or breach event (at most once per target event).
+    /// Records a warn or breach event for the alert sender (at most once per target event).
     async fn alert(
         &self,
         tx: &mut CoreTx,
         conv: &ConversationRow,
         e: &Event,
-        now: DateTime<Utc>,
+        _now: DateTime<Utc>,
     ) -> Result<usize, store::Error> {
         let Some(settings) = &self.routing.alerts else {
             return Ok(0);
         };
-        let wanted = match e.kind {
-            EventKind::Warn => settings.warn,
-            EventKind::Breach => settings.breach,
-            EventKind::Activate | EventKind::Fulfill => false,
+        let (wanted, prefix) = match e.kind {
+            EventKind::Warn => (settings.warn, "warn"),
+            EventKind::Breach => (settings.breach, "breach"),
+            EventKind::Activate | EventKind::Fulfill => (false, ""),
         };
         if !wanted {
             return Ok(0);
         }
         let target = conv.clock.open.as_ref().filter(|t| t.seq == e.seq);
-        let client = conv.client_name.as_deref().unwrap_or(&conv.client_address);
-        let what = match e.kind {
-            EventKind::Warn => "at risk",
-            _ => "breached",
+        let row = crate::digest::ConversationRow {
+            id: conv.id,
+            client: one_line(conv.client_name.as_deref().unwrap_or(&conv.client_address)),
+            medium: None,
+            subject: one_line(conv.subject.as_deref().unwrap_or("")),
+            owner: conv.owner.clone(),
+            policy: target
+                .map(|t| t.policy.clone())
+                .or_else(|| conv.policy.clone()),
+            target: Some(match e.metric {
+                clock::Metric::FirstReply => crate::digest::TargetKind::First,
+                clock::Metric::NextReply => crate::digest::TargetKind::Next,
+            }),
+            target_secs: target.map(|t| t.allowed.num_seconds()),
+            waiting_since: target.map_or(e.at, |t| t.started_at),
+            warn_at: target.map(|t| t.warn_at),
+            due: target.map(|t| t.due_at),
         };
-        let subject = one_line(&format!(
-            "SLA {what}: {client} ({}, conversation {})",
-            e.metric.as_str().replace('_', " "),
-            conv.id
-        ));
-        let waiting_since = target.map(|t| t.started_at.to_rfc3339());
-        let due = target.map(|t| t.due_at.to_rfc3339());
-        let body = format!(
-            "Client: {client}\nOwner: {}\nPolicy: {}\nMetric: {}\nWaiting since: {}\nDue: {}\nConversation: {}\n",
-            conv.owner.as_deref().unwrap_or("(none)"),
-            target.map_or("", |t| t.policy.as_str()),
-            e.metric.as_str(),
-            waiting_since.as_deref().unwrap_or("?"),
-            due.as_deref().unwrap_or("?"),
-            conv.id,
-        );
-        let payload = serde_json::json!({
-            "event": e.kind.as_str(),
-            "at": e.at.to_rfc3339(),
-            "conversation": conv.id,
-            "seq": e.seq,
-            "metric": e.metric.as_str(),
-            "client": client,
-            "owner": conv.owner,
-            "policy": target.map(|t| t.policy.clone()),
-            "waiting_since": waiting_since,
-            "due_at": due,
-        });
-        let slot_key = format!("sla:{}:{}:{}", conv.id, e.seq, e.kind.as_str());
-        let new = tx
-            .push_alert(
-                &AlertRow {
-                    slot_key: &slot_key,
-                    channel: &settings.channel,
-                    subject: &subject,
-                    body: &body,
-                    payload: &payload,
-                },
-                now,
-            )
-            .await?;
+        let event = match e.kind {
+            EventKind::Warn => crate::digest::AlertEvent::SlaWarn { conversation: row },
+            _ => crate::digest::AlertEvent::SlaBreach { conversation: row },
+        };
+        let key = format!("{prefix}:{}:{}", conv.id, e.seq);
+        let new = tx.push_alert_event(&key, &event, e.at).await?;
         Ok(usize::from(new))
     }
 }

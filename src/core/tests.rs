@@ -279,10 +279,12 @@ Open from Mon 2026-12-07 09:00 to Mon 2026-12-07 09:30: counted 30m (total 1h).
     // The breach at 09:30, once.
     assert_eq!(again.run_once(athens(7, 9, 30)).await.unwrap().alerts, 1);
     assert_eq!(again.run_once(athens(7, 9, 31)).await.unwrap().alerts, 0);
-    let c = format!("sla:{}:1:", conv.id);
     assert_eq!(
         rig.store.sla_alert_keys().await.unwrap(),
-        [format!("{c}warn"), format!("{c}breach")]
+        [
+            format!("warn:{}:1", conv.id),
+            format!("breach:{}:1", conv.id)
+        ]
     );
     assert_eq!(rig.store.next_core_deadline().await.unwrap(), None);
 
@@ -392,6 +394,12 @@ async fn next_reply_anchor_autoreply_subject_fallback_and_holiday() {
     assert_eq!(waiting.len(), 1);
     assert_eq!(waiting[0].waiting_since, Some(athens(0, 11, 0)));
     assert_eq!(waiting[0].due_at, Some(athens(0, 13, 0)));
+    let open_rows = rig.store.digest_open().await.unwrap();
+    assert_eq!(open_rows.len(), 1);
+    assert_eq!(open_rows[0].client, "ACME Ltd");
+    assert_eq!(open_rows[0].target, Some(crate::digest::TargetKind::Next));
+    assert_eq!(open_rows[0].due, Some(athens(0, 13, 0)));
+    assert_eq!(open_rows[0].warn_at, Some(athens(0, 12, 30)));
     let targets = rig.store.targets_of(conv.id).await.unwrap();
     assert_eq!(targets[0].state, TargetState::Met);
     assert_eq!(targets[0].business_duration, Some(TimeDelta::minutes(10)));

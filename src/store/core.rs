@@ -105,21 +105,6 @@ pub struct NewConversation<'a> {
     pub created_at: DateTime<Utc>,
 }
 
-/// An alert row for the outbox.
-#[derive(Debug, Clone)]
-pub struct AlertRow<'a> {
-    /// Unique per target event (`sla:{conversation}:{seq}:{event}`).
-    pub slot_key: &'a str,
-    /// Channel name.
-    pub channel: &'a str,
-    /// One-line subject.
-    pub subject: &'a str,
-    /// Plain text body.
-    pub body: &'a str,
-    /// Structured details (JSON).
-    pub payload: &'a serde_json::Value,
-}
-
 /// A conversation as `frontdesk conversations --json` shows it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ConversationListing {
@@ -171,6 +156,14 @@ fn automation_from(s: &str) -> Automation {
         "automatic" => Automation::Automatic,
         "frontdesk" => Automation::Frontdesk,
         _ => Automation::Human,
+    }
+}
+
+fn target_kind(metric: &str) -> crate::digest::TargetKind {
+    if metric == "first_reply" {
+        crate::digest::TargetKind::First
+    } else {
+        crate::digest::TargetKind::Next
     }
 }
 
@@ -331,10 +324,78 @@ impl Store {
         Ok(row.and_then(|r| r.0))
     }
 
-    /// Slot keys of the SLA alert rows in the outbox, in insertion order.
+    /// Open conversations (a client waiting) for the digest, oldest wait first.
+    pub async fn digest_open(&self) -> Result<Vec<crate::digest::ConversationRow>, Error> {
+        let rows = sqlx::query(
+            "SELECT c.id, coalesce(c.client_name, c.client_address) AS client, c.subject, c.owner, \
+             t.policy, t.metric, t.allowed_ms, t.started_at, t.warn_at, t.due_at \
+             FROM conversations c JOIN sla_targets t \
+             ON t.conversation_id = c.id AND t.seq = c.targets_opened \
+             WHERE c.state != 'idle' ORDER BY t.started_at",
+        )
+        .fetch_all(self.reader())
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let metric: String = r.try_get("metric")?;
+            out.push(crate::digest::ConversationRow {
+                id: r.try_get("id")?,
+                client: r.try_get("client")?,
+                medium: None,
+                subject: r
+                    .try_get::<Option<String>, _>("subject")?
+                    .unwrap_or_default(),
+                owner: r.try_get("owner")?,
+                policy: r.try_get("policy")?,
+                target: Some(target_kind(&metric)),
+                target_secs: Some(r.try_get::<i64, _>("allowed_ms")? / 1000),
+                waiting_since: from_ms(r.try_get("started_at")?),
+                warn_at: Some(from_ms(r.try_get("warn_at")?)),
+                due: Some(from_ms(r.try_get("due_at")?)),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Fulfilled targets with replies in `[since, until)` as the digest reads them.
+    pub async fn digest_replies(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<crate::digest::ReplyRow>, Error> {
+        let rows = sqlx::query(
+            "SELECT t.conversation_id, coalesce(c.client_name, c.client_address) AS client, \
+             t.owner, t.metric, t.fulfilled_at, t.business_ms, t.state \
+             FROM sla_targets t JOIN conversations c ON c.id = t.conversation_id \
+             WHERE t.fulfilled_at IS NOT NULL AND t.fulfilled_at >= ? AND t.fulfilled_at < ? \
+             ORDER BY t.fulfilled_at",
+        )
+        .bind(to_ms(since))
+        .bind(to_ms(until))
+        .fetch_all(self.reader())
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let metric: String = r.try_get("metric")?;
+            let state: String = r.try_get("state")?;
+            out.push(crate::digest::ReplyRow {
+                conversation_id: r.try_get("conversation_id")?,
+                client: r.try_get("client")?,
+                owner: r.try_get("owner")?,
+                target: target_kind(&metric),
+                replied_at: from_ms(r.try_get("fulfilled_at")?),
+                response_secs: r.try_get::<Option<i64>, _>("business_ms")?.unwrap_or(0) / 1000,
+                met: Some(state == "met"),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Dedupe keys of the SLA alert events, in insertion order.
     pub async fn sla_alert_keys(&self) -> Result<Vec<String>, Error> {
         let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT slot_key FROM outbox WHERE kind = 'alert' AND slot_key LIKE 'sla:%' ORDER BY id",
+            "SELECT dedupe_key FROM alert_events WHERE kind IN ('sla_warning', 'sla_breach') \
+             ORDER BY id",
         )
         .fetch_all(self.reader())
         .await?;
@@ -681,26 +742,14 @@ impl CoreTx {
         Ok(rows.into_iter().map(|r| r.0).collect())
     }
 
-    /// Inserts an alert unless one with the same slot key exists; true if it was new.
-    pub async fn push_alert(
+    /// Records a warn or breach event for the sender to group into an alert, once per
+    /// `dedupe_key`, in this transaction; true if it was new.
+    pub async fn push_alert_event(
         &mut self,
-        a: &AlertRow<'_>,
-        now: DateTime<Utc>,
+        dedupe_key: &str,
+        event: &crate::digest::AlertEvent,
+        at: DateTime<Utc>,
     ) -> Result<bool, Error> {
-        let done = sqlx::query(
-            "INSERT INTO outbox (kind, channel, slot_key, subject, body_text, payload, \
-             next_attempt_at, created_at) VALUES ('alert', ?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (slot_key) DO NOTHING",
-        )
-        .bind(a.channel)
-        .bind(a.slot_key)
-        .bind(a.subject)
-        .bind(a.body)
-        .bind(a.payload.to_string())
-        .bind(to_ms(now))
-        .bind(to_ms(now))
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        super::outbox::insert_alert_event(&mut self.tx, dedupe_key, event, at).await
     }
 }
