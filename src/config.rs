@@ -221,7 +221,7 @@ pub enum Backfill {
 }
 
 /// An IMAP account.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImapSource {
     /// Server host name.
     pub host: String,

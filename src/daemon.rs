@@ -72,10 +72,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         wake_core: shared.wake_core.clone(),
     };
 
+    // Build the channels once up front so a broken channel fails the start, not the first send.
+    crate::notify::Sender::new(store.clone(), config_rx.borrow().clone())
+        .context("cannot set up the output channels")?;
+    tracker.spawn(sender_task(shared.clone()));
+
     let app = http::router(state);
     let server_shutdown = shutdown.clone();
     let header_timeout = config_rx.borrow().server.header_timeout;
     let server = tokio::spawn(http::serve(listener, app, header_timeout, server_shutdown));
+
+    tracker.spawn(imap_supervisor(shared.clone()));
 
     // READY only now: config valid, secrets read, store open and migrated, listener bound.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -137,6 +144,104 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Runs one task per IMAP source and restarts exactly the sources a reload changed.
+///
+/// Stopping a source mid-batch is safe: a batch and its cursor commit in one transaction, so an
+/// interrupted batch is simply fetched again by the next task.
+async fn imap_supervisor(shared: Shared) {
+    use std::collections::HashMap;
+    let mut config = shared.config.clone();
+    let mut running: HashMap<
+        String,
+        (
+            crate::ingest::imap::SourceCtx,
+            CancellationToken,
+            tokio::task::JoinHandle<()>,
+        ),
+    > = HashMap::new();
+    loop {
+        let current = config.borrow_and_update().clone();
+        let wanted: HashMap<String, crate::ingest::imap::SourceCtx> =
+            crate::ingest::imap::sources(&current, &shared.store, None)
+                .into_iter()
+                .map(|c| (c.name.clone(), c))
+                .collect();
+        let names: Vec<String> = running.keys().cloned().collect();
+        for name in names {
+            let keep = match (wanted.get(&name), running.get(&name)) {
+                (Some(new), Some((old, _, _))) => new.cfg == old.cfg && new.team == old.team,
+                _ => false,
+            };
+            if !keep && let Some((_, token, handle)) = running.remove(&name) {
+                tracing::info!(source = %name, "stopping imap source (configuration changed)");
+                token.cancel();
+                let _ = handle.await;
+            }
+        }
+        for (name, ctx) in wanted {
+            if running.contains_key(&name) {
+                continue;
+            }
+            let token = shared.shutdown.child_token();
+            let handle = tokio::spawn(crate::ingest::imap::run(
+                ctx.clone(),
+                shared.wake_core.clone(),
+                token.clone(),
+            ));
+            running.insert(name, (ctx, token, handle));
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            changed = config.changed() => if changed.is_err() { break },
+        }
+    }
+    for (_, (_, token, handle)) in running {
+        token.cancel();
+        let _ = handle.await;
+    }
+}
+
+/// Runs the outbox sender, rebuilding it whenever a reload replaces the configuration.
+///
+/// A generation is stopped only between rounds (its `run` checks the token while sleeping), so a
+/// send in progress finishes and is recorded before the new channels take over.
+async fn sender_task(shared: Shared) {
+    let mut config = shared.config.clone();
+    loop {
+        let current = config.borrow_and_update().clone();
+        let generation = shared.shutdown.child_token();
+        match crate::notify::Sender::new(shared.store.clone(), current) {
+            Ok(sender) => {
+                let sender = sender.wake_on(shared.wake_sender.clone());
+                let handle = tokio::spawn(sender.run(generation.clone()));
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => {
+                        let _ = handle.await;
+                        return;
+                    }
+                    changed = config.changed() => {
+                        generation.cancel();
+                        let _ = handle.await;
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "output channels not usable; waiting for a config reload");
+                shared
+                    .health
+                    .failed("sender", &e.to_string(), chrono::Utc::now());
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => return,
+                    changed = config.changed() => if changed.is_err() { return },
+                }
+            }
+        }
+    }
 }
 
 /// Re-reads the config file: a valid one replaces the old, an invalid one is logged and ignored.

@@ -77,13 +77,23 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     }
 }
 
-/// Prometheus text exposition.
+/// Prometheus text exposition: figures from the store, then the in-process histograms.
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let body = state
-        .metrics
-        .as_ref()
-        .map(|m| m.render())
-        .unwrap_or_default();
+    let mut body = match state.store.metrics_samples().await {
+        Ok(samples) => crate::store::metrics::render(&samples),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: store figures unavailable");
+            String::new()
+        }
+    };
+    let (healthy, total) = state.health.count("");
+    body.push_str(&format!(
+        "# HELP frontdesk_tasks Daemon tasks reporting health.\n# TYPE frontdesk_tasks gauge\nfrontdesk_tasks {total}\n\
+         # HELP frontdesk_tasks_healthy Daemon tasks whose last unit of work succeeded.\n# TYPE frontdesk_tasks_healthy gauge\nfrontdesk_tasks_healthy {healthy}\n"
+    ));
+    if let Some(m) = &state.metrics {
+        body.push_str(&m.render());
+    }
     (
         [(
             header::CONTENT_TYPE,

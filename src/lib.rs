@@ -5,8 +5,10 @@
 pub mod cli_text;
 pub mod config;
 pub mod daemon;
+pub mod digest;
 pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod message;
+pub mod notify;
 pub mod store;

@@ -68,6 +68,45 @@ enum Command {
         /// bash, zsh, fish, elvish or powershell
         shell: clap_complete::Shell,
     },
+    /// Show the digest that would go out now (--preview) or send it now through the outbox (--send)
+    Digest {
+        /// Print the digest instead of sending it
+        #[arg(long, conflicts_with = "send", required_unless_present = "send")]
+        preview: bool,
+        /// Send it now through the outbox
+        #[arg(long)]
+        send: bool,
+        /// text or html (preview only)
+        #[arg(long, value_enum, default_value_t = DigestFormat::Text)]
+        format: DigestFormat,
+        /// Only this owner's digest (their conversations plus unowned ones)
+        #[arg(long)]
+        owner: Option<String>,
+        /// Which configured digest (default: the first)
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// One pass over the IMAP sources, then exit
+    Sync {
+        /// Only this source
+        #[arg(long)]
+        source: Option<String>,
+    },
+    /// Per source and folder: health, counts and the "nothing lost" ledger
+    Sources {
+        /// One JSON array on stdout
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How `digest --preview` prints.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DigestFormat {
+    /// The text part, with the subject on top
+    Text,
+    /// The HTML part
+    Html,
 }
 
 /// A failure with the exit code it maps to.
@@ -230,6 +269,17 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             runtime()?.block_on(frontdesk::daemon::run(loaded.config))?;
             Ok(())
         }
+        Command::Digest {
+            preview: _,
+            send,
+            format,
+            owner,
+            name,
+        } => {
+            let path = config::resolve_path(cli.config.as_deref());
+            let loaded = load_config(&path)?;
+            runtime()?.block_on(digest_command(loaded.config, send, format, owner, name))
+        }
         Command::Messages {
             json,
             source,
@@ -257,7 +307,175 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 Ok::<(), Failure>(())
             })
         }
+        Command::Sync { source } => {
+            let path = config::resolve_path(cli.config.as_deref());
+            let loaded = load_config(&path)?;
+            runtime()?.block_on(sync(&loaded.config, source.as_deref()))
+        }
+        Command::Sources { json } => {
+            let path = config::resolve_path(cli.config.as_deref());
+            let loaded = load_config(&path)?;
+            runtime()?.block_on(async move {
+                let store = open_store(&loaded.config).await?;
+                let lines = frontdesk::ingest::imap::ledger(&loaded.config, &store)
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                if json {
+                    emit(&format!(
+                        "{}\n",
+                        serde_json::to_string_pretty(&lines).map_err(anyhow::Error::from)?
+                    ));
+                } else {
+                    emit(&frontdesk::ingest::imap::ledger_text(&lines));
+                }
+                Ok::<(), Failure>(())
+            })
+        }
     }
+}
+
+/// `frontdesk sync`: one pass per IMAP source; a progress bar on a terminal, log lines otherwise.
+async fn sync(config: &config::Config, only: Option<&str>) -> Result<(), Failure> {
+    use frontdesk::ingest::imap;
+    use std::io::IsTerminal;
+    let store = open_store(config).await?;
+    let sources = imap::sources(config, &store, only);
+    if sources.is_empty() {
+        return Err(Failure {
+            code: 1,
+            message: match only {
+                Some(name) => format!("no IMAP source named {name}"),
+                None => "no IMAP sources configured".into(),
+            },
+        });
+    }
+    let tty = std::io::stderr().is_terminal();
+    let mut failed = Vec::new();
+    for ctx in &sources {
+        let bar = tty.then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar
+        });
+        let name = ctx.name.clone();
+        let mut progress = |p: imap::Progress| match &bar {
+            Some(bar) => {
+                bar.set_prefix(format!("{name}/{}", p.folder));
+                bar.set_length(p.total);
+                bar.set_position(p.done);
+            }
+            None if p.done == p.total || p.done.is_multiple_of(1000) => {
+                tracing::info!(source = %name, folder = %p.folder, done = p.done, total = p.total, "sync progress");
+            }
+            None => {}
+        };
+        let mut poison = imap::PoisonTracker::default();
+        let result = imap::sync_once(ctx, &mut poison, &mut progress).await;
+        if let Some(bar) = &bar {
+            bar.finish_and_clear();
+        }
+        match result {
+            Ok(reports) => {
+                for r in reports {
+                    emit(&format!(
+                        "{}/{}: {} new, {} already stored, {} accounted without a row{}\n",
+                        ctx.name,
+                        r.folder,
+                        r.inserted,
+                        r.duplicates,
+                        r.accounted,
+                        if r.uid_validity_changed {
+                            " (UIDVALIDITY changed)"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+            }
+            Err(e) => failed.push(format!("source {}: {e}", ctx.name)),
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure {
+            code: 1,
+            message: failed.join("; "),
+        })
+    }
+}
+
+async fn digest_command(
+    config: config::Config,
+    send: bool,
+    format: DigestFormat,
+    owner: Option<String>,
+    name: Option<String>,
+) -> Result<(), Failure> {
+    use frontdesk::notify::Sender;
+    let store = open_store(&config).await?;
+    let sender = Sender::new(store, std::sync::Arc::new(config)).map_err(anyhow::Error::from)?;
+    let now = chrono::Utc::now();
+    if send {
+        let ids = sender
+            .enqueue_digest_now(name.as_deref(), owner.as_deref(), now)
+            .await
+            .map_err(anyhow::Error::from)?;
+        let report = sender
+            .send_due_only(now, Some(&ids))
+            .await
+            .map_err(anyhow::Error::from)?;
+        emit(&format!(
+            "digest: {} queued, {} sent, {} to retry, {} failed\n",
+            ids.len(),
+            report.sent,
+            report.retried,
+            report.failed
+        ));
+        if report.sent == ids.len() {
+            return Ok(());
+        }
+        return Err(Failure {
+            code: 1,
+            message: "not every digest was accepted; see the log (retries continue in the daemon)"
+                .into(),
+        });
+    }
+    let schedule = sender
+        .schedule(name.as_deref())
+        .map_err(anyhow::Error::from)?;
+    let since =
+        frontdesk::notify::sender::previous_occurrence(&schedule.schedule, sender_tz(&sender), now)
+            .unwrap_or(now - chrono::TimeDelta::days(1));
+    let input = sender
+        .digest_input(since, now)
+        .await
+        .map_err(anyhow::Error::from)?;
+    let target = frontdesk::notify::sender::DigestTarget {
+        owner,
+        recipient: String::new(),
+    };
+    let rendered = sender
+        .render_digest(&input, &target, now)
+        .map_err(anyhow::Error::from)?;
+    match format {
+        DigestFormat::Text => emit(&format!(
+            "Subject: {}\n\n{}",
+            rendered.subject, rendered.text
+        )),
+        DigestFormat::Html => emit(&rendered.html),
+    }
+    Ok(())
+}
+
+fn sender_tz(sender: &frontdesk::notify::Sender) -> chrono_tz::Tz {
+    sender.timezone()
 }
 
 async fn open_store(config: &config::Config) -> Result<Store, Failure> {

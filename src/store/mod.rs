@@ -5,10 +5,17 @@
 //! writes inside the process; `BEGIN IMMEDIATE` serializes them against other processes (the CLI).
 //! Readers use their own pool and never block the writer.
 
+mod digest;
+mod imap;
 mod messages;
+pub mod metrics;
+mod outbox;
 pub mod webhook;
 
+pub use digest::SourceRef;
+pub use imap::{AccountedKind, AccountedUid, BatchOutcome, FolderLedger, ImapCursor, SourceHealth};
 pub use messages::{Ingested, MessageFilter, StoredMessage};
+pub use outbox::{NewOutboxItem, OutboxRow, insert_alert_event};
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

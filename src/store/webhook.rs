@@ -197,7 +197,14 @@ async fn run_writer(
         match commit_batch(&store, &batch, &counts, now).await {
             Ok(results) => {
                 let any = !batch.is_empty();
+                let committed = Utc::now();
                 for (job, result) in batch.into_iter().zip(results) {
+                    let msg = &job.delivery.message;
+                    let latency = (committed - msg.received_at)
+                        .num_microseconds()
+                        .unwrap_or(0);
+                    metrics::histogram!("frontdesk_ingest_latency_seconds", "source" => msg.source.clone())
+                        .record(latency as f64 / 1e6);
                     let _ = job.reply.send(result);
                 }
                 if any {

@@ -66,3 +66,42 @@ fn messages_on_an_empty_store_is_an_empty_json_array() {
         serde_json::json!([])
     );
 }
+
+#[test]
+fn metrics_count_messages_duplicates_and_rejections() {
+    let form = "sources:\n  - name: form\n    webhook:\n      preset: form\n      max_body: 1KiB\n      auth: { scheme: none }\n";
+    let d = TestDaemon::start(&format!("{MINIMAL}{form}"));
+    let post = |key: &str, body: &[u8]| {
+        crate::support::http_request(
+            d.port,
+            "POST",
+            "/hooks/form",
+            &[
+                ("Content-Type", "application/x-www-form-urlencoded"),
+                ("Idempotency-Key", key),
+            ],
+            body,
+        )
+        .unwrap()
+        .0
+    };
+    assert_eq!(post("a", b"email=a@example.org&message=one"), 200);
+    assert_eq!(post("b", b"email=b@example.org&message=two"), 200);
+    assert_eq!(post("b", b"email=b@example.org&message=two"), 200);
+    assert_eq!(post("c", &vec![b'x'; 4096]), 413);
+    // Rejection counters are written by the group-commit writer shortly after.
+    let start = std::time::Instant::now();
+    loop {
+        let (code, text) = http_get(d.port, "/metrics").unwrap();
+        assert_eq!(code, 200);
+        let ok = text.contains("frontdesk_messages_total{source=\"form\",direction=\"inbound\",parse=\"ok\"} 2")
+            && text.contains("frontdesk_webhook_requests_total{source=\"form\",result=\"duplicates\",reason=\"\"} 1")
+            && text.contains("frontdesk_webhook_requests_total{source=\"form\",result=\"rejected\",reason=\"too_large\"} 1")
+            && text.contains("# TYPE frontdesk_ingest_latency_seconds");
+        if ok {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -4,6 +4,9 @@
 mod config_check;
 mod daemon;
 mod deploy;
+mod digest;
+mod email_golden;
+mod imap;
 mod rig;
 mod rig_smoke;
 mod support;

@@ -126,6 +126,25 @@ impl Rig {
     /// Adds a user (password `secret`); existing users are left alone.
     pub fn add_user(&self, name: &str) {
         self.rig_sh(&["add-user", &self.dir.to_string_lossy(), name]);
+        // Dovecot notices a changed passwd-file by its timestamp, which can miss two changes in
+        // one second: wait until a login works
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let ok = Command::new("doveadm")
+                .arg("-c")
+                .arg(&self.dovecot_conf)
+                .args(["auth", "test", name, PASSWORD])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "user {name} never became valid"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 
     /// A fresh, empty mailbox user with a unique name starting with `prefix`.
@@ -182,6 +201,15 @@ impl Rig {
         I: IntoIterator<Item = B>,
         B: AsRef<[u8]>,
     {
+        self.append_many_dated(user, folder, messages.into_iter().map(|m| (m, None)));
+    }
+
+    /// Like `append_many`, with an optional INTERNALDATE per message (Maildir: the file's mtime).
+    pub fn append_many_dated<I, B>(&self, user: &str, folder: &str, messages: I)
+    where
+        I: IntoIterator<Item = (B, Option<std::time::SystemTime>)>,
+        B: AsRef<[u8]>,
+    {
         self.create_folder(user, folder);
         let maildir = self.maildir(user, folder);
         let stamp = std::time::SystemTime::now()
@@ -189,11 +217,18 @@ impl Rig {
             .expect("clock")
             .as_secs();
         let batch = NEXT_MAILBOX.fetch_add(1, Ordering::Relaxed);
-        for (i, raw) in messages.into_iter().enumerate() {
+        for (i, (raw, date)) in messages.into_iter().enumerate() {
             // Dovecot sorts new/ by file name when it assigns UIDs; zero padding keeps the order
             let name = format!("{stamp}.B{batch}I{i:08}.rig");
             let tmp = maildir.join("tmp").join(&name);
             std::fs::write(&tmp, raw.as_ref()).expect("write maildir file");
+            if let Some(date) = date {
+                let f = std::fs::File::options()
+                    .write(true)
+                    .open(&tmp)
+                    .expect("open");
+                f.set_modified(date).expect("set mtime");
+            }
             chown(&tmp, Some(MAIL_UID), Some(MAIL_UID)).expect("chown");
             std::fs::rename(&tmp, maildir.join("new").join(&name)).expect("rename");
         }

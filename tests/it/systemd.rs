@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::daemon::MINIMAL;
-use crate::support::{TestDaemon, http_get};
+use crate::support::{TestDaemon, http_get, http_request, send_signal};
 
 /// Receives notify datagrams until `until` returns true or `limit` passes.
 fn collect(
@@ -135,34 +135,127 @@ fn ready_after_listening_watchdog_while_healthy_stopping_on_sigterm() {
 fn sighup_applies_a_valid_config_and_keeps_the_old_one_when_broken() {
     let mut d = TestDaemon::start(MINIMAL);
     let original = std::fs::read_to_string(&d.config).unwrap();
+    let post = |port: u16| {
+        http_request(
+            port,
+            "POST",
+            "/hooks/late-form",
+            &[
+                ("Authorization", "Bearer reload-token"),
+                ("Content-Type", "application/x-www-form-urlencoded"),
+            ],
+            b"name=Ann&email=ann@example.org&message=hello",
+        )
+        .unwrap()
+        .0
+    };
+    assert_eq!(post(d.port), 404, "the source does not exist yet");
+
     std::fs::write(&d.config, format!("{original}bogus_key: 1\n")).unwrap();
-    crate::support::send_signal(d.pid() as i32, 1);
-    let start = Instant::now();
-    while !d.log.lock().unwrap().contains("reload refused") {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "{}",
-            d.log.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    send_signal(d.pid() as i32, 1);
+    wait_for_log(&d, "reload refused");
     assert!(d.log.lock().unwrap().contains("unknown key `bogus_key`"));
     assert_eq!(
         http_get(d.port, "/healthz").unwrap().0,
         200,
         "still serving"
     );
-    std::fs::write(&d.config, &original).unwrap();
-    crate::support::send_signal(d.pid() as i32, 1);
+
+    let secret = crate::support::write_file(d.dir.path(), "late.secret", "reload-token\n", 0o600);
+    let added = format!(
+        "{original}sources:\n  - name: late-form\n    webhook:\n      preset: form\n      auth: {{ scheme: bearer, secret_file: {} }}\n",
+        secret.display()
+    );
+    std::fs::write(&d.config, added).unwrap();
+    send_signal(d.pid() as i32, 1);
+    wait_for_log(&d, "configuration reloaded");
+    assert_eq!(post(d.port), 200, "{}", d.log.lock().unwrap());
+    let (status, _) = d.signal_and_wait(15, Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0));
+}
+
+fn wait_for_log(d: &TestDaemon, needle: &str) {
     let start = Instant::now();
-    while !d.log.lock().unwrap().contains("configuration reloaded") {
+    while !d.log.lock().unwrap().contains(needle) {
         assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "{}",
+            start.elapsed() < Duration::from_secs(10),
+            "no `{needle}` in:\n{}",
             d.log.lock().unwrap()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (status, _) = d.signal_and_wait(15, Duration::from_secs(5));
-    assert_eq!(status.code(), Some(0));
+}
+
+const FORM: &str =
+    "sources:\n  - name: form\n    webhook:\n      preset: form\n      auth: { scheme: none }\n";
+
+#[test]
+fn sigterm_during_a_flood_loses_no_acknowledged_message() {
+    let mut d = TestDaemon::start(&format!("{MINIMAL}{FORM}"));
+    let port = d.port;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let stop = stop.clone();
+        workers.push(std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("w{w}-{i}");
+                i += 1;
+                let body = format!("name=Ann&email=ann{w}@example.org&subject={key}&message=hello");
+                match http_request(
+                    port,
+                    "POST",
+                    "/hooks/form",
+                    &[
+                        ("Content-Type", "application/x-www-form-urlencoded"),
+                        ("Idempotency-Key", &key),
+                    ],
+                    body.as_bytes(),
+                ) {
+                    Ok((200, _)) => acked.push(key),
+                    Ok((503, _)) => {}
+                    Ok((code, body)) => panic!("unexpected {code}: {body}"),
+                    Err(_) => break, // the listener is gone: the daemon stopped
+                }
+            }
+            acked
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, _) = d.signal_and_wait(15, Duration::from_secs(10));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(status.code(), Some(0), "{}", d.log.lock().unwrap());
+    let acked: Vec<String> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    assert!(acked.len() > 10, "the flood barely ran: {}", acked.len());
+    let (code, out, err) = crate::support::frontdesk(
+        &[
+            "messages",
+            "--json",
+            "--limit",
+            "1000000",
+            "--config",
+            d.config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let stored: std::collections::HashSet<&str> =
+        rows.iter().filter_map(|r| r["subject"].as_str()).collect();
+    let lost: Vec<&String> = acked
+        .iter()
+        .filter(|k| !stored.contains(k.as_str()))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged but not stored: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    assert_eq!(rows.len(), stored.len(), "duplicate rows");
 }

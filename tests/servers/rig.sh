@@ -120,7 +120,7 @@ passdb {
 }
 userdb {
   driver = static
-  args = uid=$MAIL_UID gid=$MAIL_GID home=$r/mail/%n
+  args = uid=$MAIL_UID gid=$MAIL_GID home=$r/mail/%n allow_all_users=yes
 }
 service imap-login {
   inet_listener imap {
@@ -232,8 +232,15 @@ start_smtp() {
 add_user() { # add_user DIR NAME [PASS]; Dovecot re-reads the passwd-file when it changes
     local r=$1 name=$2 pass=${3:-secret}
     case $name in *[!a-zA-Z0-9._-]* | "") die "bad user name: $name" ;; esac
-    grep -q "^$name:" "$r/dovecot/users" 2>/dev/null && return 0
-    printf '%s:{PLAIN}%s\n' "$name" "$pass" >>"$r/dovecot/users"
+    (
+        # one writer at a time; the file is replaced whole so Dovecot never reads half a line
+        flock 9
+        grep -q "^$name:" "$r/dovecot/users" 2>/dev/null && exit 0
+        cp "$r/dovecot/users" "$r/dovecot/users.new"
+        printf '%s:{PLAIN}%s\n' "$name" "$pass" >>"$r/dovecot/users.new"
+        chmod 644 "$r/dovecot/users.new"
+        mv "$r/dovecot/users.new" "$r/dovecot/users"
+    ) 9>>"$r/dovecot/users.lock"
 }
 
 cmd_start() {

@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# IMAP sync benchmark: frontdesk next to mbsync (Debian isync) on the same private Dovecot, same run.
+#
+#   bench/imap.sh [N]        # default N=10000 messages (gen_mail.py: 2-20 KB text/HTML, 3% with 200 KiB attachments)
+#
+# Phases, each peer with its own empty state first:
+#   initial  full pull of N messages over implicit TLS (verified against the rig CA)
+#   incr     NEW (default 10) messages arrive, then each peer syncs again (median of RUNS)
+#   noop     nothing new, each peer syncs again (median of RUNS)
+# Peers: frontdesk (`frontdesk sync`: parses every message, SQLite synchronous=FULL, fsync per batch),
+#        mbsync with FSync yes (its default) and with FSync no (Maildir copy only).
+# Prints wall time, messages/s and peak RSS (/usr/bin/time) per peer and phase, and the ratios.
+# Needs root (the rig's Dovecot delivers as nobody) and a release build (built if missing).
+set -euo pipefail
+N=${1:-10000}
+NEW=${NEW:-10}
+RUNS=${RUNS:-3}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=/usr/bin/python3
+FD=${FRONTDESK:-}
+if [ -z "$FD" ]; then
+    (cd "$ROOT" && cargo build --release --quiet)
+    FD=${CARGO_TARGET_DIR:-$ROOT/target}/release/frontdesk
+fi
+command -v mbsync >/dev/null || apt-get install -y -q --no-install-recommends isync >&2
+[ -x /usr/bin/time ] || apt-get install -y -q --no-install-recommends time >&2
+
+W=$(mktemp -d /tmp/frontdesk-bench.XXXXXX)
+eval "$("$ROOT/tests/servers/rig.sh" start --owner $$)"
+cleanup() { "$ROOT/tests/servers/rig.sh" stop "$RIG_DIR" >/dev/null 2>&1 || true; rm -rf "$W"; }
+trap cleanup EXIT
+DOVEADM=(doveadm -c "$RIG_DOVECOT_CONF")
+MAILDIR=$RIG_MAIL_DIR/alice/Maildir
+
+# ---- corpus: N messages straight into alice's Maildir, then indexed so no peer pays for it
+echo "generating $N messages" >&2
+"$PY" "$ROOT/bench/lib/gen_mail.py" "$W/corpus" --count "$N" --seed 42 >"$W/corpus.json"
+"${DOVEADM[@]}" mailbox status -u alice messages INBOX >/dev/null
+cp -a "$W/corpus/cur/." "$MAILDIR/cur/"
+chown -R 65534:65534 "$MAILDIR"
+"${DOVEADM[@]}" mailbox status -u alice 'messages vsize' INBOX >&2
+cat "$MAILDIR"/cur/* >/dev/null
+
+deliver() { # deliver K: K more messages arrive (new/), indexed as an MDA would
+    local start=$1 k=$2
+    rm -rf "$W/new"
+    "$PY" "$ROOT/bench/lib/gen_mail.py" "$W/new" --start "$start" --count "$k" --seed 42 --new >/dev/null
+    chown -R 65534:65534 "$W/new"
+    mv "$W/new/new/"* "$MAILDIR/new/"
+    "${DOVEADM[@]}" mailbox status -u alice messages INBOX >/dev/null
+}
+
+# ---- peers
+mkdir -p "$W/fd"
+cat >"$W/fd/frontdesk.yaml" <<YAML
+storage:
+  sqlite: $W/fd/frontdesk.db
+server:
+  listen: 127.0.0.1:0
+sources:
+  - name: bench
+    imap:
+      host: localhost
+      port: $RIG_IMAPS_PORT
+      tls: implicit
+      ca_file: $RIG_CA
+      username: alice
+      password_file: $W/fd/password
+      backfill: all
+      batch_size: 200
+channels:
+  - name: out
+    email: { file: "$W/fd/outbox", from: "fd@example.com", to: [a@example.com] }
+YAML
+printf 'secret' >"$W/fd/password"
+chmod 600 "$W/fd/password"
+
+mbsync_conf() { # mbsync_conf NAME FSYNC
+    mkdir -p "$W/$1/mail"
+    cat >"$W/$1/mbsyncrc" <<RC
+FSync $2
+
+IMAPAccount bench
+Host 127.0.0.1
+Port $RIG_IMAPS_PORT
+User alice
+Pass secret
+SSLType IMAPS
+CertificateFile $RIG_CA
+AuthMechs LOGIN
+
+IMAPStore remote
+Account bench
+
+MaildirStore local
+Path $W/$1/mail/
+Inbox $W/$1/mail/INBOX
+SubFolders Verbatim
+
+Channel bench
+Far :remote:
+Near :local:
+Patterns INBOX
+Create Near
+Sync Pull New
+SyncState *
+Expunge None
+RC
+}
+mbsync_conf mbsync-fsync yes
+mbsync_conf mbsync-nofsync no
+
+peer_cmd() {
+    case $1 in
+    frontdesk) echo "$FD --config $W/fd/frontdesk.yaml sync" ;;
+    mbsync-fsync | mbsync-nofsync) echo "mbsync -q -c $W/$1/mbsyncrc -a" ;;
+    esac
+}
+peer_count() {
+    case $1 in
+    frontdesk) "$PY" -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*) from messages").fetchone()[0])' "$W/fd/frontdesk.db" ;;
+    *) find "$W/$1/mail/INBOX" -type f \( -path '*/cur/*' -o -path '*/new/*' \) | wc -l ;;
+    esac
+}
+
+RESULTS=$W/results.tsv
+: >"$RESULTS"
+measure() { # measure PHASE PEER EXPECTED_TOTAL MSGS
+    local phase=$1 peer=$2 expect=$3 msgs=$4 out wall rss got
+    sync
+    # shellcheck disable=SC2046
+    /usr/bin/time -o "$W/time.out" -f '%e %M' $(peer_cmd "$peer") >/dev/null 2>"$W/$peer.$phase.log" ||
+        echo "FAILED $peer $phase (see below)" >&2
+    out=$(tail -1 "$W/time.out")
+    wall=${out% *}
+    rss=${out#* }
+    got=$(peer_count "$peer")
+    [ "$got" = "$expect" ] || { echo "MISMATCH $peer $phase: $got stored, $expect expected" >&2; tail -5 "$W/$peer.$phase.log" >&2; }
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$phase" "$peer" "$wall" "$rss" "$msgs" "$got" >>"$RESULTS"
+}
+
+PEERS=(frontdesk mbsync-fsync mbsync-nofsync)
+for p in "${PEERS[@]}"; do measure initial "$p" "$N" "$N"; done
+total=$N
+for r in $(seq 1 "$RUNS"); do
+    deliver "$total" "$NEW"
+    total=$((total + NEW))
+    for p in "${PEERS[@]}"; do measure incr "$p" "$total" "$NEW"; done
+    for p in "${PEERS[@]}"; do measure noop "$p" "$total" 0; done
+done
+
+"$PY" - "$RESULTS" "$N" <<'PYEOF'
+import statistics, sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+n = int(sys.argv[2])
+med = {}
+for phase, peer, wall, rss, msgs, got in rows:
+    med.setdefault((phase, peer), []).append((float(wall), int(rss), int(msgs)))
+print(f"IMAP sync, {n} messages in INBOX, implicit TLS on loopback (median of runs for incr/noop)\n")
+print("| phase | peer | wall s | msgs/s | peak RSS MB | wall vs mbsync FSync no | wall vs mbsync FSync yes |")
+print("|---|---|---:|---:|---:|---:|---:|")
+for phase in ("initial", "incr", "noop"):
+    base = {}
+    for peer in ("mbsync-nofsync", "mbsync-fsync"):
+        if (phase, peer) in med:
+            base[peer] = statistics.median(w for w, _, _ in med[(phase, peer)])
+    for peer in ("frontdesk", "mbsync-fsync", "mbsync-nofsync"):
+        runs = med.get((phase, peer))
+        if not runs:
+            continue
+        wall = statistics.median(w for w, _, _ in runs)
+        rss = max(r for _, r, _ in runs) / 1024
+        msgs = runs[0][2]
+        rate = f"{msgs / wall:.0f}" if msgs and wall > 0 else "-"
+        ratio = lambda b: f"{wall / b:.2f}x" if b else "-"
+        print(f"| {phase} | {peer} | {wall:.2f} | {rate} | {rss:.1f} | {ratio(base.get('mbsync-nofsync'))} | {ratio(base.get('mbsync-fsync'))} |")
+PYEOF

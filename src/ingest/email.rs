@@ -1,0 +1,525 @@
+//! Raw RFC 5322 bytes -> the normalized `Message`: pure, never fails, never panics.
+//!
+//! mail-parser does the MIME work (with `full_encoding` for ISO-2022-JP, GBK and other legacy
+//! charsets). It has panicked on crafted input before (stalwartlabs/mail-parser#14, #145, #155),
+//! so it runs inside `catch_unwind`: whatever happens, the raw bytes come back as a `Message`,
+//! flagged `Degraded` with a reason when something could not be understood.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use chrono::{DateTime, Utc};
+use mail_parser::{HeaderValue, MessageParser, MimeHeaders, PartType};
+use sha2::{Digest, Sha256};
+
+use crate::message::{Address, Automation, Direction, Message, Origin, ParseStatus};
+
+/// The header frontdesk puts on everything it sends (digests, alerts); mail carrying it is
+/// frontdesk's own and is never ingested as a client message (the loop guard).
+pub const GENERATED_HEADER: &str = "X-Frontdesk-Generated";
+
+/// The domain of synthesized Message-IDs; `.invalid` can never collide with a real one.
+const SYNTHETIC_ID_DOMAIN: &str = "frontdesk.invalid";
+
+/// Normalizes one email. `received_at` is the trusted receipt time (IMAP INTERNALDATE). The
+/// direction is `Inbound`; the caller decides it from the folder role and the team's addresses.
+pub fn normalize(
+    source: &str,
+    origin: Origin,
+    raw: Vec<u8>,
+    received_at: DateTime<Utc>,
+) -> Message {
+    let fields = catch_unwind(AssertUnwindSafe(|| extract(&raw))).unwrap_or_else(|_| Fields {
+        reasons: vec!["mail parser panicked".to_string()],
+        ..Fields::default()
+    });
+    let message_id = fields
+        .message_id
+        .unwrap_or_else(|| synthesized_message_id(&raw));
+    let parse = if fields.reasons.is_empty() {
+        ParseStatus::Ok
+    } else {
+        ParseStatus::Degraded(fields.reasons.join("; "))
+    };
+    Message {
+        source: source.to_string(),
+        origin,
+        direction: Direction::Inbound,
+        received_at,
+        sent_at: fields.sent_at,
+        from: fields.from,
+        to: fields.to,
+        subject: fields.subject,
+        text: fields.text,
+        message_id: Some(message_id),
+        in_reply_to: fields.in_reply_to,
+        references: fields.references,
+        thread_key: None,
+        automation: fields.automation,
+        parse,
+        raw,
+    }
+}
+
+/// `sha256-<hex of the raw bytes>@frontdesk.invalid`: stable, so a re-fetch of the same bytes
+/// gets the same id (the UIDVALIDITY fingerprint relies on that).
+pub fn synthesized_message_id(raw: &[u8]) -> String {
+    format!(
+        "sha256-{}@{SYNTHETIC_ID_DOMAIN}",
+        hex::encode(Sha256::digest(raw))
+    )
+}
+
+/// The Message-ID a raw message would be stored under, without normalizing the whole message
+/// (headers only): used to fingerprint messages after a UIDVALIDITY change.
+pub fn fingerprint(raw: &[u8]) -> String {
+    message_id_of(raw).unwrap_or_else(|| synthesized_message_id(raw))
+}
+
+/// The Message-ID in a message's header (or a header-only fetch), without angle brackets.
+pub fn message_id_of(raw: &[u8]) -> Option<String> {
+    catch_unwind(AssertUnwindSafe(|| {
+        MessageParser::default()
+            .parse_headers(raw)
+            .and_then(|m| m.message_id().and_then(clean_id))
+    }))
+    .ok()
+    .flatten()
+}
+
+/// What `extract` found; `reasons` lists what could not be understood.
+#[derive(Default)]
+struct Fields {
+    sent_at: Option<DateTime<Utc>>,
+    from: Option<Address>,
+    to: Vec<Address>,
+    subject: Option<String>,
+    text: Option<String>,
+    message_id: Option<String>,
+    in_reply_to: Vec<String>,
+    references: Vec<String>,
+    automation: Automation,
+    reasons: Vec<String>,
+}
+
+fn extract(raw: &[u8]) -> Fields {
+    let mut f = Fields::default();
+    let Some(msg) = MessageParser::default().parse(raw) else {
+        f.reasons.push("no header found".to_string());
+        return f;
+    };
+
+    f.from = msg.from().and_then(|a| a.iter().find_map(address));
+    if f.from.is_none() {
+        f.reasons.push("no sender address".to_string());
+    }
+    f.to = msg
+        .to()
+        .into_iter()
+        .chain(msg.cc())
+        .flat_map(|a| a.iter())
+        .filter_map(address)
+        .collect();
+    f.subject = msg.subject().map(single_line).filter(|s| !s.is_empty());
+    f.message_id = msg.message_id().and_then(clean_id);
+    f.in_reply_to = ids(msg.in_reply_to());
+    f.references = ids(msg.references());
+    f.sent_at = match msg.date() {
+        Some(d) if d.is_valid() => DateTime::from_timestamp(d.to_timestamp(), 0),
+        _ => None,
+    };
+    if f.sent_at.is_none() && raw_header(&msg, "Date").is_some() {
+        f.reasons.push("unparseable Date header".to_string());
+    }
+    f.automation = automation(|name| raw_header(&msg, name));
+
+    // text/plain parts, else HTML parts made readable (mail-parser lists HTML in text_body
+    // when a part has no plain alternative)
+    let mut texts = Vec::new();
+    for i in 0..msg.text_body_count() {
+        let text = match msg.text_part(i as u32).map(|p| &p.body) {
+            Some(PartType::Text(t)) => clean_text(t),
+            Some(PartType::Html(h)) => html_to_text(h),
+            _ => continue,
+        };
+        if !text.is_empty() {
+            texts.push(text);
+        }
+    }
+
+    let root = msg.root_part();
+    if let Some(ct) = msg.content_type()
+        && ct.ctype().eq_ignore_ascii_case("multipart")
+        && ct.attribute("boundary").is_none_or(str::is_empty)
+    {
+        f.reasons.push("multipart without boundary".to_string());
+        // nothing can be split into parts: show the whole body rather than nothing
+        if texts.is_empty() {
+            let body = raw.get(root.offset_body as usize..).unwrap_or_default();
+            texts.push(clean_text(&String::from_utf8_lossy(body)));
+        }
+    }
+    if msg.parts.iter().any(|p| p.is_encoding_problem) {
+        f.reasons.push("undecodable body part".to_string());
+    }
+    texts.retain(|t| !t.is_empty());
+    f.text = (!texts.is_empty()).then(|| texts.join("\n\n"));
+    f
+}
+
+/// Plain text with LF line ends, without control characters other than tab and newline.
+fn clean_text(t: &str) -> String {
+    let t = t.replace("\r\n", "\n");
+    let t: String = t
+        .chars()
+        .filter(|&c| c == '\n' || c == '\t' || !c.is_control())
+        .collect();
+    t.trim().to_string()
+}
+
+/// Readable text from HTML: tags dropped, block elements on their own lines, list items
+/// bulleted, `script`/`style`/`head` content skipped, entities decoded, whitespace collapsed.
+/// A small tolerant scanner: email HTML is often broken, and this must never fail.
+pub fn html_to_text(html: &str) -> String {
+    let mut out = String::with_capacity(html.len() / 2);
+    let mut skip_until: Option<&'static str> = None;
+    let mut rest = html;
+    while !rest.is_empty() {
+        let Some(lt) = rest.find('<') else {
+            if skip_until.is_none() {
+                push_text(&mut out, rest);
+            }
+            break;
+        };
+        if skip_until.is_none() {
+            push_text(&mut out, &rest[..lt]);
+        }
+        rest = &rest[lt..];
+        if rest.starts_with("<!--") {
+            rest = rest.find("-->").map_or("", |end| &rest[end + 3..]);
+            continue;
+        }
+        let Some(gt) = rest.find('>') else {
+            break; // an unterminated tag at the end: drop it
+        };
+        let tag = &rest[1..gt];
+        rest = &rest[gt + 1..];
+        let closing = tag.starts_with('/');
+        let name: String = tag
+            .trim_start_matches('/')
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect::<String>()
+            .to_ascii_lowercase();
+        if let Some(until) = skip_until {
+            if closing && name == until {
+                skip_until = None;
+            }
+            continue;
+        }
+        match name.as_str() {
+            "script" | "style" | "head" | "title" if !closing && !tag.ends_with('/') => {
+                skip_until = Some(match name.as_str() {
+                    "script" => "script",
+                    "style" => "style",
+                    "head" => "head",
+                    _ => "title",
+                });
+            }
+            "br" => out.push('\n'),
+            "li" if !closing => {
+                newline(&mut out);
+                out.push_str("- ");
+            }
+            "p" | "div" | "h1" | "h2" | "h3" | "h4" | "h5" | "h6" | "ul" | "ol" | "li" | "tr"
+            | "table" | "blockquote" | "pre" | "hr" | "section" | "article" | "header"
+            | "footer" | "dt" | "dd" => newline(&mut out),
+            "td" | "th" if closing => out.push(' '),
+            _ => {}
+        }
+    }
+    // at most one blank line in a row, no trailing spaces
+    let mut text = String::with_capacity(out.len());
+    let mut blank = 0;
+    for line in out.lines().map(str::trim) {
+        if line.is_empty() {
+            blank += 1;
+            if blank > 1 {
+                continue;
+            }
+        } else {
+            blank = 0;
+        }
+        text.push_str(line);
+        text.push('\n');
+    }
+    clean_text(&text)
+}
+
+/// Ends the current line unless it is already ended.
+fn newline(out: &mut String) {
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+}
+
+/// Appends an HTML text run: entities decoded, whitespace collapsed as a browser would.
+fn push_text(out: &mut String, run: &str) {
+    let decoded = decode_entities(run);
+    for c in decoded.chars() {
+        if c.is_whitespace() && c != '\u{a0}' {
+            if !out.is_empty() && !out.ends_with([' ', '\n']) {
+                out.push(' ');
+            }
+        } else if c == '\u{a0}' {
+            out.push(' ');
+        } else {
+            out.push(c);
+        }
+    }
+}
+
+/// Decodes the common named entities and numeric references; unknown ones stay as written.
+fn decode_entities(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(amp) = rest.find('&') {
+        out.push_str(&rest[..amp]);
+        rest = &rest[amp..];
+        let end = rest
+            .char_indices()
+            .take(12)
+            .find(|&(_, c)| c == ';')
+            .map(|(i, _)| i);
+        let decoded = end.and_then(|end| {
+            let entity = &rest[1..end];
+            let c = match entity {
+                "amp" => Some('&'),
+                "lt" => Some('<'),
+                "gt" => Some('>'),
+                "quot" => Some('"'),
+                "apos" => Some('\''),
+                "nbsp" => Some('\u{a0}'),
+                _ => {
+                    let num = entity.strip_prefix('#')?;
+                    let code = match num.strip_prefix(['x', 'X']) {
+                        Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+                        None => num.parse().ok()?,
+                    };
+                    char::from_u32(code)
+                }
+            }?;
+            Some((c, end))
+        });
+        match decoded {
+            Some((c, end)) => {
+                out.push(c);
+                rest = &rest[end + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The raw value of the first top-level header called `name` (any case), lossily decoded.
+fn raw_header(msg: &mail_parser::Message<'_>, name: &str) -> Option<String> {
+    let h = msg
+        .headers()
+        .iter()
+        .find(|h| h.name().eq_ignore_ascii_case(name))?;
+    let bytes = msg
+        .raw_message()
+        .get(h.offset_start() as usize..h.offset_end() as usize)?;
+    Some(String::from_utf8_lossy(bytes).into_owned())
+}
+
+/// How the sender marked the message; frontdesk's own header wins over everything.
+fn automation(header: impl Fn(&str) -> Option<String>) -> Automation {
+    if header(GENERATED_HEADER).is_some() {
+        return Automation::Frontdesk;
+    }
+    let value = |name: &str| header(name).map(|v| v.trim().to_ascii_lowercase());
+    // RFC 3834: anything but "no" is automatic
+    if value("Auto-Submitted").is_some_and(|v| !v.is_empty() && !v.starts_with("no")) {
+        return Automation::Automatic;
+    }
+    if value("Precedence")
+        .is_some_and(|v| matches!(v.as_str(), "bulk" | "list" | "junk" | "auto_reply"))
+    {
+        return Automation::Automatic;
+    }
+    // widespread non-standard auto-responder markers
+    if value("X-Autoreply").is_some_and(|v| v == "yes") || header("X-Autorespond").is_some() {
+        return Automation::Automatic;
+    }
+    Automation::Human
+}
+
+fn address(a: &mail_parser::Addr<'_>) -> Option<Address> {
+    let addr = a.address()?.trim();
+    if addr.is_empty() {
+        return None;
+    }
+    Some(Address {
+        name: a.name().map(single_line).filter(|n| !n.is_empty()),
+        addr: single_line(&addr.to_lowercase()),
+    })
+}
+
+fn ids(v: &HeaderValue<'_>) -> Vec<String> {
+    match v {
+        HeaderValue::Text(t) => clean_id(t).into_iter().collect(),
+        HeaderValue::TextList(list) => list.iter().filter_map(|t| clean_id(t)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// An id without angle brackets, whitespace or control characters; None when nothing is left.
+fn clean_id(id: &str) -> Option<String> {
+    // brackets anywhere (a broken header can nest them), whitespace and controls go
+    let id: String = id
+        .chars()
+        .filter(|c| !c.is_control() && !c.is_whitespace() && !matches!(c, '<' | '>'))
+        .collect();
+    (!id.is_empty()).then_some(id)
+}
+
+/// Header text on one line: control characters (CR, LF, NUL, ...) become spaces, then trimmed.
+fn single_line(s: &str) -> String {
+    let s: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    s.trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(raw: &[u8]) -> Message {
+        let origin = Origin::Imap {
+            folder: "INBOX".into(),
+            uid_validity: 1,
+            uid: 1,
+        };
+        normalize("test", origin, raw.to_vec(), DateTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn plain_message_fields() {
+        let m = norm(
+            b"From: \"Ann Client\" <Ann@Example.COM>\r\nTo: a@x.test, b@x.test\r\nCc: c@x.test\r\n\
+Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\nDate: Tue, 1 Jul 2025 10:00:00 +0200\r\n\
+Message-ID: <id1@x.test>\r\nIn-Reply-To: <id0@x.test>\r\nReferences: <a@x> <id0@x.test>\r\n\r\nHello\r\n",
+        );
+        assert_eq!(m.parse, ParseStatus::Ok);
+        let from = m.from.unwrap();
+        assert_eq!(from.addr, "ann@example.com");
+        assert_eq!(from.name.as_deref(), Some("Ann Client"));
+        assert_eq!(m.to.len(), 3);
+        assert_eq!(m.subject.as_deref(), Some("Grüße"));
+        assert_eq!(m.message_id.as_deref(), Some("id1@x.test"));
+        assert_eq!(m.in_reply_to, vec!["id0@x.test"]);
+        assert_eq!(m.references, vec!["a@x", "id0@x.test"]);
+        assert_eq!(m.sent_at.unwrap().to_rfc3339(), "2025-07-01T08:00:00+00:00");
+        assert_eq!(m.text.as_deref(), Some("Hello"));
+        assert_eq!(m.received_at, DateTime::UNIX_EPOCH);
+        assert_eq!(m.automation, Automation::Human);
+    }
+
+    #[test]
+    fn missing_message_id_is_synthesized_from_the_bytes() {
+        let raw = b"From: a@x.test\r\nSubject: s\r\n\r\nbody\r\n";
+        let m = norm(raw);
+        let id = m.message_id.unwrap();
+        assert!(
+            id.starts_with("sha256-") && id.ends_with("@frontdesk.invalid"),
+            "{id}"
+        );
+        assert_eq!(id, synthesized_message_id(raw));
+        assert_eq!(fingerprint(raw), id);
+        assert_ne!(
+            id,
+            norm(b"From: a@x.test\r\nSubject: t\r\n\r\nbody\r\n")
+                .message_id
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn garbage_and_empty_input_are_degraded_and_kept() {
+        for raw in [&b""[..], b"\x00\xff\xfe", b"no colon here at all"] {
+            let m = norm(raw);
+            assert!(matches!(m.parse, ParseStatus::Degraded(_)), "{raw:?}");
+            assert_eq!(m.raw, raw);
+            assert!(m.message_id.is_some());
+        }
+    }
+
+    #[test]
+    fn nested_brackets_in_ids_are_removed() {
+        // found by the fuzzer
+        let m =
+            norm(b"From: a@x\r\nMessage-ID: <abc?= <j@x.example>\r\nReferences: <<r@x>>\r\n\r\nx");
+        assert_eq!(m.message_id.as_deref(), Some("abc?=j@x.example"));
+        assert!(m.references.iter().all(|r| !r.contains(['<', '>'])));
+    }
+
+    #[test]
+    fn fuzzer_finds_never_escape() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let raw = std::fs::read(entry.unwrap().path()).unwrap();
+            let m = norm(&raw);
+            assert_eq!(m.raw, raw);
+            assert!(m.message_id.is_some_and(|id| !id.contains(['<', '>'])));
+        }
+    }
+
+    #[test]
+    fn automation_headers() {
+        let auto = norm(b"From: a@x\r\nAuto-Submitted: auto-replied\r\n\r\nx");
+        assert_eq!(auto.automation, Automation::Automatic);
+        let not_auto = norm(b"From: a@x\r\nAuto-Submitted: no\r\n\r\nx");
+        assert_eq!(not_auto.automation, Automation::Human);
+        let bulk = norm(b"From: a@x\r\nPrecedence: Bulk\r\n\r\nx");
+        assert_eq!(bulk.automation, Automation::Automatic);
+        let ours = norm(b"From: a@x\r\nx-frontdesk-generated: digest\r\nPrecedence: bulk\r\n\r\nx");
+        assert_eq!(ours.automation, Automation::Frontdesk);
+    }
+
+    #[test]
+    fn html_only_becomes_text() {
+        let m = norm(
+            b"From: a@x\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<p>Hello <b>there</b></p><script>x</script>",
+        );
+        let text = m.text.unwrap();
+        assert!(text.contains("Hello there"), "{text}");
+        assert!(!text.contains('<'), "{text}");
+        assert!(!text.contains('x'), "script content skipped: {text}");
+    }
+
+    #[test]
+    fn html_to_text_blocks_lists_entities() {
+        let t = html_to_text(
+            "<h1>Title</h1><p>a&amp;b &lt;c&gt; &#233;&#x41; &bogus; &</p><ul><li>one<li>two</ul>\
+<!-- hidden --><div>x<br>y</div><style>p{}</style><p>\n\n  spaced   out  </p><b",
+        );
+        assert_eq!(
+            t,
+            "Title\na&b <c> éA &bogus; &\n- one\n- two\nx\ny\nspaced out"
+        );
+    }
+
+    #[test]
+    fn header_injection_is_flattened() {
+        let m = norm(b"From: a@x\r\nSubject: =?utf-8?q?a=0D=0ABcc:_evil@x=00?=\r\n\r\nx");
+        let s = m.subject.unwrap();
+        assert!(!s.contains(['\r', '\n', '\0']), "{s:?}");
+    }
+}

@@ -1,0 +1,1400 @@
+//! IMAP ingestion: every message of every watched folder into the store exactly once, without
+//! touching the mailbox.
+//!
+//! The contract (reliability.md §2.2): folders are opened with EXAMINE (read-only) and bodies
+//! fetched with `BODY.PEEK[]`, so no flag changes; nothing is ever stored, expunged or moved.
+//! Progress is a cursor per (source, folder) of UIDVALIDITY and the highest committed UID,
+//! written in the same transaction as the messages. `UID FETCH n:*` always returns the last
+//! message, so only `uid > last` is kept. A UIDVALIDITY change is reconciled by fingerprint
+//! (Message-ID, else SHA-256 of the bytes), never wiped or skipped.
+//!
+//! async-imap has no timeouts of its own (stack.md §5.2): the socket is wrapped in a
+//! `TimeoutStream` (every read and write), and connect and TLS in `tokio::time::timeout`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_imap::types::{Fetch, UnsolicitedResponse};
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use rand::Rng;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_io_timeout::TimeoutStream;
+use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{Backfill, Config, Folder, FolderRole, ImapSource, SourceKind, TlsMode};
+use crate::ingest::email;
+use crate::message::{Automation, Direction, Message, Origin};
+use crate::store::{self, AccountedKind, AccountedUid, FolderLedger, ImapCursor, Store};
+
+/// A socket whose every read and write times out.
+type Timed = Pin<Box<TimeoutStream<TcpStream>>>;
+/// TLS over the timed socket, or the timed socket itself (`tls: none`, before STARTTLS).
+pub type Conn = Either<TlsStream<Timed>, Timed>;
+/// A logged-in IMAP session.
+pub type Session = async_imap::Session<Conn>;
+
+/// Re-issue IDLE this often (RFC 2177: servers may drop idlers after 30 minutes).
+const IDLE_REFRESH: Duration = Duration::from_secs(10 * 60);
+/// End IDLE after this long without any server data (keepalives included) to check the link.
+const IDLE_SILENCE: Duration = Duration::from_secs(5 * 60);
+/// A batch is cut once its messages add up to this many bytes (bounds memory: stack.md §5.2).
+const MAX_BATCH_BYTES: u64 = 4 * 1024 * 1024;
+/// Messages larger than this are quarantined without fetching the body.
+const MAX_MESSAGE_BYTES: u32 = 64 * 1024 * 1024;
+/// A UID that failed this many times on its own is quarantined.
+const POISON_ATTEMPTS: u32 = 3;
+/// Reconnect backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(5 * 60);
+/// How often the running daemon reconciles the ledger against the server.
+const RECONCILE_EVERY: Duration = Duration::from_secs(10 * 60);
+
+/// Why an IMAP operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImapError {
+    /// TCP connect failed.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// host:port
+        addr: String,
+        /// The OS error.
+        reason: String,
+    },
+    /// The TLS handshake failed (untrusted certificate, wrong name, protocol).
+    #[error("tls with {host} failed: {reason}")]
+    Tls {
+        /// The server name checked.
+        host: String,
+        /// rustls's reason.
+        reason: String,
+    },
+    /// The CA file could not be used.
+    #[error("cannot use ca_file {path}: {reason}")]
+    Ca {
+        /// The configured path.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The server did not answer in time.
+    #[error("{what} timed out after {secs}s")]
+    Timeout {
+        /// The operation.
+        what: &'static str,
+        /// The configured timeout.
+        secs: u64,
+    },
+    /// Login refused.
+    #[error("login as {user} refused: {reason}")]
+    Auth {
+        /// The configured username.
+        user: String,
+        /// The server's words.
+        reason: String,
+    },
+    /// Plaintext IMAP to a host that is not loopback.
+    #[error("refusing IMAP without TLS to {0}: only loopback hosts may use tls: none")]
+    Plaintext(String),
+    /// The server said NO or BAD, or sent something unparseable, or hung up.
+    #[error("imap {what}: {reason}")]
+    Protocol {
+        /// The command.
+        what: &'static str,
+        /// The error.
+        reason: String,
+    },
+    /// The store refused a write; nothing was committed.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+}
+
+impl ImapError {
+    /// Configuration-like problems that will not fix themselves: the source turns unhealthy at once.
+    fn is_config_problem(&self) -> bool {
+        matches!(
+            self,
+            ImapError::Auth { .. }
+                | ImapError::Tls { .. }
+                | ImapError::Ca { .. }
+                | ImapError::Plaintext(_)
+        )
+    }
+}
+
+/// Maps an async-imap error, naming timeouts as such.
+fn protocol(
+    what: &'static str,
+    timeout: Duration,
+) -> impl Fn(async_imap::error::Error) -> ImapError {
+    move |e| match &e {
+        async_imap::error::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+            ImapError::Timeout {
+                what,
+                secs: timeout.as_secs(),
+            }
+        }
+        _ => ImapError::Protocol {
+            what,
+            reason: e.to_string(),
+        },
+    }
+}
+
+/// The rustls client config: the CA file alone when given, else the platform's roots.
+pub fn tls_config(
+    ca_file: Option<&std::path::Path>,
+) -> Result<Arc<rustls::ClientConfig>, ImapError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ImapError::Tls {
+            host: String::new(),
+            reason: e.to_string(),
+        })?;
+    let config = match ca_file {
+        Some(path) => {
+            let ca_err = |reason: String| ImapError::Ca {
+                path: path.display().to_string(),
+                reason,
+            };
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| ca_err(e.to_string()))? {
+                roots
+                    .add(cert.map_err(|e| ca_err(e.to_string()))?)
+                    .map_err(|e| ca_err(e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(ca_err("no certificate in the file".into()));
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        None => {
+            let verifier =
+                rustls_platform_verifier::Verifier::new(provider).map_err(|e| ImapError::Tls {
+                    host: String::new(),
+                    reason: format!("platform verifier: {e}"),
+                })?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_no_client_auth()
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Sets the read timeout of the socket under the session (IDLE waits longer than a command).
+fn set_read_timeout(conn: &mut Conn, timeout: Option<Duration>) {
+    match conn {
+        Either::Left(tls) => tls.get_mut().0.as_mut().set_read_timeout_pinned(timeout),
+        Either::Right(plain) => plain.as_mut().set_read_timeout_pinned(timeout),
+    }
+}
+
+/// Connects, secures and logs in; returns the session and whether the server offers IDLE.
+pub async fn connect(cfg: &ImapSource) -> Result<(Session, bool), ImapError> {
+    let t = cfg.timeout;
+    let secs = t.as_secs();
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    if cfg.tls == TlsMode::None && !is_loopback(&cfg.host) {
+        return Err(ImapError::Plaintext(cfg.host.clone()));
+    }
+    let tcp = tokio::time::timeout(t, TcpStream::connect((cfg.host.as_str(), cfg.port)))
+        .await
+        .map_err(|_| ImapError::Timeout {
+            what: "connect",
+            secs,
+        })?
+        .map_err(|e| ImapError::Connect {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let mut timed = TimeoutStream::new(tcp);
+    timed.set_read_timeout(Some(t));
+    timed.set_write_timeout(Some(t));
+    let timed: Timed = Box::pin(timed);
+
+    let secure = |timed: Timed| async move {
+        let config = tls_config(cfg.ca_file.as_deref())?;
+        let name = ServerName::try_from(cfg.host.clone()).map_err(|e| ImapError::Tls {
+            host: cfg.host.clone(),
+            reason: e.to_string(),
+        })?;
+        tokio::time::timeout(
+            t,
+            tokio_rustls::TlsConnector::from(config).connect(name, timed),
+        )
+        .await
+        .map_err(|_| ImapError::Timeout {
+            what: "tls handshake",
+            secs,
+        })?
+        .map_err(|e| {
+            // the socket's read timeout surfaces as an io error inside the handshake
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                ImapError::Timeout {
+                    what: "tls handshake",
+                    secs,
+                }
+            } else {
+                ImapError::Tls {
+                    host: cfg.host.clone(),
+                    reason: e.to_string(),
+                }
+            }
+        })
+    };
+
+    let mut client = match cfg.tls {
+        TlsMode::Implicit => {
+            let mut c = async_imap::Client::new(Either::Left(secure(timed).await?));
+            read_greeting(&mut c, t).await?;
+            c
+        }
+        TlsMode::None => {
+            let mut c = async_imap::Client::new(Either::Right(timed));
+            read_greeting(&mut c, t).await?;
+            c
+        }
+        TlsMode::Starttls => {
+            let mut c = async_imap::Client::new(Either::Right(timed));
+            read_greeting(&mut c, t).await?;
+            c.run_command_and_check_ok("STARTTLS", None)
+                .await
+                .map_err(protocol("starttls", t))?;
+            // into_inner drops whatever was buffered before the handshake (STARTTLS injection)
+            let Either::Right(timed) = c.into_inner() else {
+                return Err(ImapError::Protocol {
+                    what: "starttls",
+                    reason: "unexpected stream state".into(),
+                });
+            };
+            // no second greeting after STARTTLS
+            async_imap::Client::new(Either::Left(secure(timed).await?))
+        }
+    };
+    let _ = &mut client;
+    let mut session = client
+        .login(&cfg.username, cfg.password.expose())
+        .await
+        .map_err(|(e, _)| match e {
+            async_imap::error::Error::No(reason) | async_imap::error::Error::Bad(reason) => {
+                ImapError::Auth {
+                    user: cfg.username.clone(),
+                    reason,
+                }
+            }
+            other => protocol("login", t)(other),
+        })?;
+    // capabilities are read again after login (and after STARTTLS): the pre-TLS list is untrusted
+    let caps = session
+        .capabilities()
+        .await
+        .map_err(protocol("capability", t))?;
+    Ok((session, caps.has_str("IDLE")))
+}
+
+async fn read_greeting(c: &mut async_imap::Client<Conn>, t: Duration) -> Result<(), ImapError> {
+    match c.read_response().await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(ImapError::Protocol {
+            what: "greeting",
+            reason: "connection closed before the greeting".into(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(ImapError::Timeout {
+            what: "greeting",
+            secs: t.as_secs(),
+        }),
+        Err(e) => Err(ImapError::Protocol {
+            what: "greeting",
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// A compact UID set (`1:5,7,9:10`) for a sorted list.
+fn uid_set(uids: &[u32]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < uids.len() {
+        let start = uids[i];
+        let mut end = start;
+        while i + 1 < uids.len() && uids[i + 1] == end.saturating_add(1) {
+            i += 1;
+            end = uids[i];
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            out.push_str(&start.to_string());
+        } else {
+            out.push_str(&format!("{start}:{end}"));
+        }
+        i += 1;
+    }
+    out
+}
+
+/// One listed message: UID, size and INTERNALDATE (no body).
+#[derive(Debug, Clone, Copy)]
+struct Listed {
+    uid: u32,
+    size: u32,
+    internal_date: Option<DateTime<Utc>>,
+}
+
+/// `UID FETCH set (UID RFC822.SIZE INTERNALDATE)`, sorted by UID.
+async fn list(session: &mut Session, set: &str, t: Duration) -> Result<Vec<Listed>, ImapError> {
+    let fetches: Vec<Fetch> = session
+        .uid_fetch(set, "(UID RFC822.SIZE INTERNALDATE)")
+        .await
+        .map_err(protocol("uid fetch (list)", t))?
+        .try_collect()
+        .await
+        .map_err(protocol("uid fetch (list)", t))?;
+    let mut out: Vec<Listed> = fetches
+        .iter()
+        .filter_map(|f| {
+            Some(Listed {
+                uid: f.uid?,
+                size: f.size.unwrap_or(0),
+                internal_date: f.internal_date().map(|d| d.with_timezone(&Utc)),
+            })
+        })
+        .collect();
+    out.sort_by_key(|l| l.uid);
+    out.dedup_by_key(|l| l.uid);
+    Ok(out)
+}
+
+/// What a source task needs besides the connection.
+#[derive(Debug, Clone)]
+pub struct SourceCtx {
+    /// The configured source name.
+    pub name: String,
+    /// Its settings.
+    pub cfg: ImapSource,
+    /// The team's email addresses, lowercased: mail from them is outbound.
+    pub team: Arc<HashSet<String>>,
+    /// The store.
+    pub store: Store,
+}
+
+/// Progress of a sync, for the CLI's progress bar.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// The folder being synced.
+    pub folder: String,
+    /// Messages handled so far in this folder.
+    pub done: u64,
+    /// Messages to handle in this folder in this pass.
+    pub total: u64,
+}
+
+/// What one pass over a folder did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FolderReport {
+    /// The folder.
+    pub folder: String,
+    /// New message rows.
+    pub inserted: u64,
+    /// Messages already stored (a re-fetch after a crash).
+    pub duplicates: u64,
+    /// UIDs accounted for without a row (quarantine, loop guard, matches).
+    pub accounted: u64,
+    /// The UIDVALIDITY changed and was reconciled in this pass.
+    pub uid_validity_changed: bool,
+}
+
+/// Failure counts per (folder, UID) across reconnects: how poison messages are found.
+#[derive(Debug, Default)]
+pub struct PoisonTracker {
+    failures: BTreeMap<(String, u32), (u32, String)>,
+}
+
+impl PoisonTracker {
+    fn record(&mut self, folder: &str, uid: u32, error: &str) {
+        let e = self
+            .failures
+            .entry((folder.to_string(), uid))
+            .or_insert((0, String::new()));
+        e.0 += 1;
+        e.1 = error.to_string();
+    }
+
+    fn attempts(&self, folder: &str, uid: u32) -> u32 {
+        self.failures
+            .get(&(folder.to_string(), uid))
+            .map_or(0, |e| e.0)
+    }
+
+    fn last_error(&self, folder: &str, uid: u32) -> String {
+        self.failures
+            .get(&(folder.to_string(), uid))
+            .map(|e| e.1.clone())
+            .unwrap_or_default()
+    }
+
+    fn clear(&mut self, folder: &str, uid: u32) {
+        self.failures.remove(&(folder.to_string(), uid));
+    }
+}
+
+impl SourceCtx {
+    fn direction(&self, folder: &Folder, m: &Message) -> Direction {
+        let from_team = m.from.as_ref().is_some_and(|a| self.team.contains(&a.addr));
+        if folder.role == FolderRole::Sent || from_team {
+            Direction::Outbound
+        } else {
+            Direction::Inbound
+        }
+    }
+
+    /// One pass over every folder on an open session.
+    pub async fn sync_folders(
+        &self,
+        session: &mut Session,
+        poison: &mut PoisonTracker,
+        progress: &mut (dyn FnMut(Progress) + Send),
+    ) -> Result<Vec<FolderReport>, ImapError> {
+        let mut reports = Vec::new();
+        for folder in &self.cfg.folders {
+            reports.push(self.sync_folder(session, folder, poison, progress).await?);
+        }
+        Ok(reports)
+    }
+
+    /// Syncs one folder: first-run backfill, UIDVALIDITY reconciliation, then new UIDs in batches.
+    pub async fn sync_folder(
+        &self,
+        session: &mut Session,
+        folder: &Folder,
+        poison: &mut PoisonTracker,
+        progress: &mut (dyn FnMut(Progress) + Send),
+    ) -> Result<FolderReport, ImapError> {
+        let t = self.cfg.timeout;
+        let mut report = FolderReport {
+            folder: folder.name.clone(),
+            ..FolderReport::default()
+        };
+        let mailbox = session
+            .examine(&folder.name)
+            .await
+            .map_err(protocol("examine", t))?;
+        let uid_validity = mailbox.uid_validity.ok_or(ImapError::Protocol {
+            what: "examine",
+            reason: format!("folder {} has no UIDVALIDITY", folder.name),
+        })?;
+        let stored = self.store.imap_cursor(&self.name, &folder.name).await?;
+        let mut cursor = match stored {
+            None => self.first_run(session, folder, uid_validity).await?,
+            Some(c) if c.uid_validity != uid_validity => {
+                report.uid_validity_changed = true;
+                self.uid_validity_changed(session, folder, c, uid_validity, &mut report)
+                    .await?
+            }
+            Some(c) => c,
+        };
+
+        // new UIDs; `n:*` always includes the highest message, hence the filter
+        let from = cursor.last_uid.saturating_add(1);
+        let mut listed = list(session, &format!("{from}:*"), t).await?;
+        listed.retain(|l| l.uid > cursor.last_uid);
+        if !listed.is_empty() {
+            // UIDs accounted for ahead of the cursor (UIDVALIDITY matches) are not fetched again
+            let known = self
+                .store
+                .imap_accounted_above(&self.name, &folder.name, uid_validity, cursor.last_uid)
+                .await?;
+            let total = listed.len() as u64;
+            let mut done = 0u64;
+            progress(Progress {
+                folder: folder.name.clone(),
+                done,
+                total,
+            });
+            for batch in batches(&listed, self.cfg.batch_size.max(1) as usize) {
+                let todo: Vec<Listed> = batch
+                    .iter()
+                    .filter(|l| !known.contains(&l.uid))
+                    .copied()
+                    .collect();
+                let last = batch.last().map_or(cursor.last_uid, |l| l.uid);
+                let out = self
+                    .fetch_and_commit(
+                        session,
+                        folder,
+                        uid_validity,
+                        &todo,
+                        &mut cursor,
+                        last,
+                        poison,
+                    )
+                    .await?;
+                report.inserted += out.0;
+                report.duplicates += out.1;
+                report.accounted += out.2;
+                done += batch.len() as u64;
+                progress(Progress {
+                    folder: folder.name.clone(),
+                    done,
+                    total,
+                });
+            }
+        }
+        Ok(report)
+    }
+
+    /// First run: the backfill setting decides where the cursor starts; what it skips is counted.
+    async fn first_run(
+        &self,
+        session: &mut Session,
+        folder: &Folder,
+        uid_validity: u32,
+    ) -> Result<ImapCursor, ImapError> {
+        let now = Utc::now();
+        let listed = list(session, "1:*", self.cfg.timeout).await?;
+        let cutoff = match self.cfg.backfill {
+            Backfill::All => None,
+            Backfill::None => Some(now),
+            Backfill::Within(d) => {
+                Some(now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX))
+            }
+        };
+        let floor = match cutoff {
+            None => 0,
+            Some(cutoff) => listed
+                .iter()
+                .find(|l| l.internal_date.is_some_and(|d| d >= cutoff))
+                .map_or_else(|| listed.last().map_or(0, |l| l.uid), |l| l.uid - 1),
+        };
+        let skipped = listed.iter().filter(|l| l.uid <= floor).count() as u64;
+        let cursor = ImapCursor {
+            uid_validity,
+            last_uid: floor,
+            backfill_floor: floor,
+            backfill_skipped: skipped,
+            backfill_cutoff: cutoff,
+        };
+        self.store
+            .commit_imap_batch(&self.name, &folder.name, &[], &[], &cursor, now)
+            .await?;
+        info!(
+            source = %self.name,
+            folder = %folder.name,
+            uid_validity,
+            backfill_floor = floor,
+            skipped,
+            "first sync of folder"
+        );
+        Ok(cursor)
+    }
+
+    /// UIDVALIDITY changed: enumerate the folder, match every message against what is stored by
+    /// fingerprint, record matches (and old messages below the backfill cutoff) in ONE transaction
+    /// with the new cursor at 0; the normal pass then fetches only what is missing.
+    async fn uid_validity_changed(
+        &self,
+        session: &mut Session,
+        folder: &Folder,
+        old: ImapCursor,
+        uid_validity: u32,
+        report: &mut FolderReport,
+    ) -> Result<ImapCursor, ImapError> {
+        let t = self.cfg.timeout;
+        let now = Utc::now();
+        // headers in chunks, so a large folder never sits in memory at once
+        let listed = list(session, "1:*", t).await?;
+        let mut server: Vec<(u32, Option<String>, Option<DateTime<Utc>>)> =
+            Vec::with_capacity(listed.len());
+        for chunk in listed.chunks(500) {
+            let uids: Vec<u32> = chunk.iter().map(|l| l.uid).collect();
+            let fetches: Vec<Fetch> = session
+                .uid_fetch(uid_set(&uids), "(UID BODY.PEEK[HEADER])")
+                .await
+                .map_err(protocol("uid fetch (fingerprint)", t))?
+                .try_collect()
+                .await
+                .map_err(protocol("uid fetch (fingerprint)", t))?;
+            for l in chunk {
+                let id = fetches
+                    .iter()
+                    .find(|f| f.uid == Some(l.uid))
+                    .and_then(|f| f.header())
+                    .and_then(email::message_id_of);
+                server.push((l.uid, id, l.internal_date));
+            }
+        }
+        server.sort_by_key(|s| s.0);
+        // messages without a Message-ID are fingerprinted by the hash of their bytes
+        let hashed = server.iter().filter(|s| s.1.is_none()).count();
+        for entry in server.iter_mut().filter(|s| s.1.is_none()) {
+            let f: Vec<Fetch> = session
+                .uid_fetch(entry.0.to_string(), "(UID BODY.PEEK[])")
+                .await
+                .map_err(protocol("uid fetch (fingerprint)", t))?
+                .try_collect()
+                .await
+                .map_err(protocol("uid fetch (fingerprint)", t))?;
+            entry.1 = f
+                .iter()
+                .find(|f| f.uid == Some(entry.0))
+                .and_then(|f| f.body())
+                .map(email::fingerprint);
+        }
+        let mut stored = self
+            .store
+            .imap_folder_fingerprints(&self.name, &folder.name)
+            .await?;
+        let mut accounted = Vec::new();
+        let mut missing = 0u64;
+        for (uid, id, date) in &server {
+            let matched = id
+                .as_ref()
+                .and_then(|id| stored.get_mut(id))
+                .filter(|n| **n > 0);
+            if let Some(n) = matched {
+                *n -= 1;
+                accounted.push(AccountedUid {
+                    uid: *uid,
+                    kind: AccountedKind::Matched,
+                    detail: id.clone().unwrap_or_default(),
+                    raw: None,
+                });
+            } else if let (Some(cutoff), Some(date)) = (old.backfill_cutoff, date)
+                && *date < cutoff
+            {
+                accounted.push(AccountedUid {
+                    uid: *uid,
+                    kind: AccountedKind::Backfill,
+                    detail: String::new(),
+                    raw: None,
+                });
+            } else {
+                missing += 1;
+            }
+        }
+        let cursor = ImapCursor {
+            uid_validity,
+            last_uid: 0,
+            backfill_floor: 0,
+            backfill_skipped: old.backfill_skipped,
+            backfill_cutoff: old.backfill_cutoff,
+        };
+        self.store
+            .commit_imap_batch(&self.name, &folder.name, &[], &accounted, &cursor, now)
+            .await?;
+        let detail = format!(
+            "uidvalidity {} -> {uid_validity}: {} on server ({hashed} without Message-ID, \
+             fingerprinted by content hash), {} already stored, {missing} to fetch",
+            old.uid_validity,
+            server.len(),
+            accounted
+                .iter()
+                .filter(|a| a.kind == AccountedKind::Matched)
+                .count()
+        );
+        warn!(source = %self.name, folder = %folder.name, "{detail}");
+        self.store
+            .record_source_event(
+                &self.name,
+                Some(&folder.name),
+                "uid_validity_changed",
+                &detail,
+                now,
+            )
+            .await?;
+        report.accounted += accounted.len() as u64;
+        Ok(cursor)
+    }
+
+    /// Fetches `todo` (all UIDs of one batch not yet known), normalizes, and commits them with the
+    /// cursor at `last`. A failing batch is retried one UID at a time; a UID failing on its own
+    /// `POISON_ATTEMPTS` times is quarantined so it cannot stall the folder.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_and_commit(
+        &self,
+        session: &mut Session,
+        folder: &Folder,
+        uid_validity: u32,
+        todo: &[Listed],
+        cursor: &mut ImapCursor,
+        last: u32,
+        poison: &mut PoisonTracker,
+    ) -> Result<(u64, u64, u64), ImapError> {
+        let t = self.cfg.timeout;
+        let mut accounted = Vec::new();
+        let mut wanted = Vec::new();
+        for l in todo {
+            if l.size > MAX_MESSAGE_BYTES {
+                accounted.push(AccountedUid {
+                    uid: l.uid,
+                    kind: AccountedKind::Quarantined,
+                    detail: format!("too large: {} bytes", l.size),
+                    raw: None,
+                });
+            } else if poison.attempts(&folder.name, l.uid) >= POISON_ATTEMPTS {
+                accounted.push(AccountedUid {
+                    uid: l.uid,
+                    kind: AccountedKind::Quarantined,
+                    detail: poison.last_error(&folder.name, l.uid),
+                    raw: None,
+                });
+            } else {
+                wanted.push(l.uid);
+            }
+        }
+        // a batch that failed before is fetched one UID at a time, so the culprit is found
+        let suspicious = wanted.iter().any(|u| poison.attempts(&folder.name, *u) > 0);
+        let groups: Vec<Vec<u32>> = if suspicious {
+            wanted.iter().map(|u| vec![*u]).collect()
+        } else if wanted.is_empty() {
+            Vec::new()
+        } else {
+            vec![wanted.clone()]
+        };
+        let mut messages = Vec::with_capacity(wanted.len());
+        for group in groups {
+            // each response is normalized as it streams in and then dropped: memory holds one
+            // batch of normalized messages, not also every raw response
+            let fetched = async {
+                let stream = session
+                    .uid_fetch(
+                        uid_set(&group),
+                        "(UID INTERNALDATE RFC822.SIZE BODY.PEEK[])",
+                    )
+                    .await?;
+                let mut stream = std::pin::pin!(stream);
+                while let Some(f) = stream.try_next().await? {
+                    self.take_fetch(
+                        folder,
+                        uid_validity,
+                        &group,
+                        &f,
+                        &mut messages,
+                        &mut accounted,
+                    );
+                }
+                Ok::<(), async_imap::error::Error>(())
+            }
+            .await;
+            if let Err(e) = fetched {
+                let err = protocol("uid fetch", t)(e);
+                for uid in &group {
+                    poison.record(&folder.name, *uid, &err.to_string());
+                }
+                return Err(err);
+            }
+        }
+        // UIDs the server did not return were expunged meanwhile: nothing left to ingest
+        for l in todo {
+            poison.clear(&folder.name, l.uid);
+        }
+        let next = ImapCursor {
+            last_uid: last.max(cursor.last_uid),
+            uid_validity,
+            ..*cursor
+        };
+        let out = self
+            .store
+            .commit_imap_batch(
+                &self.name,
+                &folder.name,
+                &messages,
+                &accounted,
+                &next,
+                Utc::now(),
+            )
+            .await?;
+        for a in accounted
+            .iter()
+            .filter(|a| a.kind == AccountedKind::Quarantined)
+        {
+            warn!(source = %self.name, folder = %folder.name, uid = a.uid, reason = %a.detail, "message quarantined");
+            self.store
+                .record_source_event(
+                    &self.name,
+                    Some(&folder.name),
+                    "quarantined",
+                    &format!("uid {}: {}", a.uid, a.detail),
+                    Utc::now(),
+                )
+                .await?;
+        }
+        *cursor = next;
+        Ok((out.inserted, out.duplicates, accounted.len() as u64))
+    }
+
+    /// Turns one FETCH response into a message (or an accounted UID).
+    fn take_fetch(
+        &self,
+        folder: &Folder,
+        uid_validity: u32,
+        group: &[u32],
+        f: &Fetch,
+        messages: &mut Vec<Message>,
+        accounted: &mut Vec<AccountedUid>,
+    ) {
+        let Some(uid) = f.uid else { return };
+        if !group.contains(&uid) {
+            return; // an unsolicited FETCH (flag change by another client)
+        }
+        let Some(body) = f.body() else {
+            accounted.push(AccountedUid {
+                uid,
+                kind: AccountedKind::Quarantined,
+                detail: "server returned no body".into(),
+                raw: None,
+            });
+            return;
+        };
+        let received_at = f
+            .internal_date()
+            .map(|d| d.with_timezone(&Utc))
+            .unwrap_or_else(Utc::now);
+        let origin = Origin::Imap {
+            folder: folder.name.clone(),
+            uid_validity,
+            uid,
+        };
+        let mut m = email::normalize(&self.name, origin, body.to_vec(), received_at);
+        if m.automation == Automation::Frontdesk {
+            // the loop guard: our own digests and alerts are never client messages
+            accounted.push(AccountedUid {
+                uid,
+                kind: AccountedKind::Own,
+                detail: m.message_id.clone().unwrap_or_default(),
+                raw: None,
+            });
+            return;
+        }
+        m.direction = self.direction(folder, &m);
+        messages.push(m);
+    }
+
+    /// Compares the folder on the server with the store and saves the figures: UIDs above the
+    /// backfill floor and up to the cursor that are neither stored nor accounted for are
+    /// unaccounted (must be 0). UIDs above the cursor are pending, not lost.
+    pub async fn reconcile(
+        &self,
+        session: &mut Session,
+        folder: &Folder,
+    ) -> Result<Option<u64>, ImapError> {
+        let t = self.cfg.timeout;
+        let mailbox = session
+            .examine(&folder.name)
+            .await
+            .map_err(protocol("examine", t))?;
+        let Some(cursor) = self.store.imap_cursor(&self.name, &folder.name).await? else {
+            return Ok(None);
+        };
+        if mailbox.uid_validity != Some(cursor.uid_validity) {
+            return Ok(None); // the next pass reconciles the UIDVALIDITY change first
+        }
+        let server = session
+            .uid_search("ALL")
+            .await
+            .map_err(protocol("uid search", t))?;
+        let known = self
+            .store
+            .imap_known_uids(&self.name, &folder.name, cursor.uid_validity)
+            .await?;
+        let unaccounted = server
+            .iter()
+            .filter(|u| **u > cursor.backfill_floor && **u <= cursor.last_uid && !known.contains(u))
+            .count() as u64;
+        self.store
+            .save_imap_reconciliation(
+                &self.name,
+                &folder.name,
+                server.len() as u64,
+                unaccounted,
+                Utc::now(),
+            )
+            .await?;
+        if unaccounted > 0 {
+            warn!(source = %self.name, folder = %folder.name, unaccounted, "messages on the server are missing from the queue");
+        }
+        Ok(Some(unaccounted))
+    }
+}
+
+/// Splits listed messages into batches of at most `max` messages and about `MAX_BATCH_BYTES`.
+fn batches(listed: &[Listed], max: usize) -> Vec<&[Listed]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0u64;
+    for (i, l) in listed.iter().enumerate() {
+        let n = i - start;
+        if n > 0 && (n >= max || bytes + u64::from(l.size) > MAX_BATCH_BYTES) {
+            out.push(&listed[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += u64::from(l.size);
+    }
+    if start < listed.len() {
+        out.push(&listed[start..]);
+    }
+    out
+}
+
+/// One pass over a source: connect, sync every folder, reconcile, log out.
+pub async fn sync_once(
+    ctx: &SourceCtx,
+    poison: &mut PoisonTracker,
+    progress: &mut (dyn FnMut(Progress) + Send),
+) -> Result<Vec<FolderReport>, ImapError> {
+    let result = async {
+        let (mut session, _) = connect(&ctx.cfg).await?;
+        let reports = ctx.sync_folders(&mut session, poison, progress).await?;
+        for folder in &ctx.cfg.folders {
+            ctx.reconcile(&mut session, folder).await?;
+        }
+        let _ = session.logout().await;
+        Ok(reports)
+    }
+    .await;
+    record_health(ctx, result.as_ref().err()).await;
+    result
+}
+
+/// Reconciles every folder of a source against the server (for `frontdesk sources`).
+pub async fn reconcile_source(ctx: &SourceCtx) -> Result<(), ImapError> {
+    let (mut session, _) = connect(&ctx.cfg).await?;
+    for folder in &ctx.cfg.folders {
+        ctx.reconcile(&mut session, folder).await?;
+    }
+    let _ = session.logout().await;
+    Ok(())
+}
+
+async fn record_health(ctx: &SourceCtx, error: Option<&ImapError>) {
+    let now = Utc::now();
+    let result = match error {
+        None => ctx.store.source_succeeded(&ctx.name, now).await,
+        Some(e) => {
+            let after = if e.is_config_problem() { 1 } else { 3 };
+            ctx.store
+                .source_failed(&ctx.name, &e.to_string(), after, now)
+                .await
+        }
+    };
+    if let Err(e) = result {
+        warn!(source = %ctx.name, error = %e, "cannot record source health");
+    }
+}
+
+/// Exponential backoff with jitter between `BACKOFF_MIN` and `BACKOFF_MAX`.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    /// The delay before the next attempt: uniformly random in [d/2, d], d doubling each time.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        let half = d / 2;
+        half + rand::rng().random_range(Duration::ZERO..=half)
+    }
+
+    /// Back to the minimum after a success.
+    pub fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+}
+
+/// Why an IDLE wait ended.
+enum Wake {
+    /// New data (or it is time to look again).
+    Check,
+    /// Shutdown was requested.
+    Shutdown,
+}
+
+/// Drains unsolicited responses gathered during earlier commands; true if mail may have arrived.
+/// The channel is bounded and drops on overflow (stack.md §5.2), so any EXISTS means "look".
+fn drain_unsolicited(session: &mut Session) -> bool {
+    let mut new_mail = false;
+    while let Ok(r) = session.unsolicited_responses.try_recv() {
+        if matches!(
+            r,
+            UnsolicitedResponse::Exists(_) | UnsolicitedResponse::Recent(_)
+        ) {
+            new_mail = true;
+        }
+    }
+    new_mail
+}
+
+/// Waits for new mail in `folder` with IDLE, at most `segment`; the session comes back ready.
+async fn idle_wait(
+    mut session: Session,
+    folder: &str,
+    last_uid: u32,
+    segment: Duration,
+    t: Duration,
+    shutdown: &CancellationToken,
+) -> Result<(Session, Wake), ImapError> {
+    session
+        .examine(folder)
+        .await
+        .map_err(protocol("examine", t))?;
+    if drain_unsolicited(&mut session) {
+        return Ok((session, Wake::Check));
+    }
+    // mail that arrived after the last listing is in no EXISTS we will see: look once more
+    let newer = list_uids_above(&mut session, last_uid, t).await?;
+    if newer {
+        return Ok((session, Wake::Check));
+    }
+    let unsolicited = session.unsolicited_responses.clone();
+    let mut idle = session.idle();
+    tokio::time::timeout(t, idle.init())
+        .await
+        .map_err(|_| ImapError::Timeout {
+            what: "idle",
+            secs: t.as_secs(),
+        })?
+        .map_err(protocol("idle", t))?;
+    // an EXISTS sent while IDLE started goes to the unsolicited channel, not to the wait below
+    let mut arrived = false;
+    while let Ok(r) = unsolicited.try_recv() {
+        arrived |= matches!(
+            r,
+            UnsolicitedResponse::Exists(_) | UnsolicitedResponse::Recent(_)
+        );
+    }
+    // keepalives come every few minutes at most: silence is handled by IDLE_SILENCE instead
+    set_read_timeout(idle.as_mut(), None);
+    let wake = if arrived {
+        Wake::Check
+    } else {
+        let (wait, _stop) = idle.wait_with_timeout(IDLE_SILENCE);
+        tokio::select! {
+            r = wait => { r.map_err(protocol("idle", t))?; Wake::Check }
+            _ = tokio::time::sleep(segment) => Wake::Check,
+            _ = shutdown.cancelled() => Wake::Shutdown,
+        }
+    };
+    set_read_timeout(idle.as_mut(), Some(t));
+    // DONE must be answered within the read timeout: this is what detects a dead link
+    let session = idle.done().await.map_err(protocol("idle done", t))?;
+    Ok((session, wake))
+}
+
+/// True when the selected folder has a UID above `last_uid` (`UID FETCH n:*`, filtered).
+async fn list_uids_above(
+    session: &mut Session,
+    last_uid: u32,
+    t: Duration,
+) -> Result<bool, ImapError> {
+    let fetches: Vec<Fetch> = session
+        .uid_fetch(format!("{}:*", last_uid.saturating_add(1)), "(UID)")
+        .await
+        .map_err(protocol("uid fetch", t))?
+        .try_collect()
+        .await
+        .map_err(protocol("uid fetch", t))?;
+    Ok(fetches.iter().any(|f| f.uid.is_some_and(|u| u > last_uid)))
+}
+
+/// The source task of `frontdesk run`: sync, then IDLE (or poll), forever; reconnects with
+/// backoff; records health; wakes the core after new rows; stops on `shutdown`.
+pub async fn run(ctx: SourceCtx, core: Arc<Notify>, shutdown: CancellationToken) {
+    let mut backoff = Backoff::default();
+    let mut poison = PoisonTracker::default();
+    loop {
+        let result = watch(&ctx, &core, &mut poison, &mut backoff, &shutdown).await;
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                warn!(source = %ctx.name, error = %e, "imap source failed; reconnecting");
+                record_health(&ctx, Some(&e)).await;
+            }
+        }
+        let delay = backoff.next_delay();
+        debug!(source = %ctx.name, delay_ms = delay.as_millis() as u64, "reconnect backoff");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// One connection's life: returns Ok on shutdown, Err when the connection failed.
+async fn watch(
+    ctx: &SourceCtx,
+    core: &Notify,
+    poison: &mut PoisonTracker,
+    backoff: &mut Backoff,
+    shutdown: &CancellationToken,
+) -> Result<(), ImapError> {
+    let t = ctx.cfg.timeout;
+    let (mut session, has_idle) = tokio::select! {
+        r = connect(&ctx.cfg) => r?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    info!(source = %ctx.name, idle = has_idle && ctx.cfg.idle, "imap connected");
+    let idle_folder = ctx
+        .cfg
+        .folders
+        .iter()
+        .find(|f| f.role == FolderRole::Inbound)
+        .or(ctx.cfg.folders.first())
+        .map(|f| f.name.clone());
+    let mut last_reconcile: Option<tokio::time::Instant> = None;
+    let mut no_progress = |_: Progress| {};
+    loop {
+        let reports = tokio::select! {
+            r = ctx.sync_folders(&mut session, poison, &mut no_progress) => r?,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        if reports.iter().any(|r| r.inserted > 0) {
+            core.notify_one();
+        }
+        if last_reconcile.is_none_or(|at| at.elapsed() >= RECONCILE_EVERY) {
+            for folder in &ctx.cfg.folders {
+                ctx.reconcile(&mut session, folder).await?;
+            }
+            last_reconcile = Some(tokio::time::Instant::now());
+        }
+        record_health(ctx, None).await;
+        backoff.reset();
+
+        match (&idle_folder, has_idle && ctx.cfg.idle) {
+            (Some(folder), true) => {
+                // with several folders, IDLE watches the inbound one; the others are polled
+                let segment = if ctx.cfg.folders.len() > 1 {
+                    ctx.cfg.poll_interval.min(IDLE_REFRESH)
+                } else {
+                    IDLE_REFRESH
+                };
+                let last_uid = ctx
+                    .store
+                    .imap_cursor(&ctx.name, folder)
+                    .await?
+                    .map_or(0, |c| c.last_uid);
+                let (s, wake) = idle_wait(session, folder, last_uid, segment, t, shutdown).await?;
+                session = s;
+                if let Wake::Shutdown = wake {
+                    let _ = tokio::time::timeout(t, session.logout()).await;
+                    return Ok(());
+                }
+            }
+            _ => {
+                tokio::select! {
+                    _ = tokio::time::sleep(ctx.cfg.poll_interval) => {}
+                    _ = shutdown.cancelled() => {
+                        let _ = tokio::time::timeout(t, session.logout()).await;
+                        return Ok(());
+                    }
+                }
+                // a NOOP keeps the link honest between polls
+                session.noop().await.map_err(protocol("noop", t))?;
+            }
+        }
+    }
+}
+
+/// The IMAP sources of a config (only `only` when given), ready to sync.
+pub fn sources(config: &Config, store: &Store, only: Option<&str>) -> Vec<SourceCtx> {
+    let team: Arc<HashSet<String>> = Arc::new(
+        config
+            .team
+            .iter()
+            .flat_map(|m| m.email.iter().map(|e| e.to_lowercase()))
+            .collect(),
+    );
+    config
+        .sources
+        .iter()
+        .filter(|s| only.is_none_or(|n| n == s.name))
+        .filter_map(|s| match &s.kind {
+            SourceKind::Imap(cfg) => Some(SourceCtx {
+                name: s.name.clone(),
+                cfg: cfg.clone(),
+                team: team.clone(),
+                store: store.clone(),
+            }),
+            SourceKind::Webhook(_) => None,
+        })
+        .collect()
+}
+
+/// One line of `frontdesk sources`: a folder's ledger with its source's health.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LedgerLine {
+    /// The folder's figures (source and folder names included).
+    #[serde(flatten)]
+    pub folder: FolderLedger,
+    /// The source is healthy (no repeated failures since its last success).
+    pub healthy: bool,
+    /// The source's last successful pass.
+    pub last_success: Option<DateTime<Utc>>,
+    /// The source's last error.
+    pub last_error: Option<String>,
+    /// When it happened.
+    pub last_error_at: Option<DateTime<Utc>>,
+    /// Why reconciling against the server failed just now, if it did.
+    pub reconcile_error: Option<String>,
+}
+
+/// Reconciles every IMAP source against its server (errors are reported, not fatal) and returns
+/// the ledger with health: the data of `frontdesk sources`.
+pub async fn ledger(config: &Config, store: &Store) -> Result<Vec<LedgerLine>, store::Error> {
+    let mut errors = std::collections::HashMap::new();
+    for ctx in sources(config, store, None) {
+        if let Err(e) = reconcile_source(&ctx).await {
+            errors.insert(ctx.name.clone(), e.to_string());
+        }
+    }
+    let health = store.source_health().await?;
+    let lines = store
+        .imap_ledger()
+        .await?
+        .into_iter()
+        .map(|folder| {
+            let h = health.iter().find(|h| h.source == folder.source);
+            LedgerLine {
+                healthy: h.is_none_or(|h| h.healthy),
+                last_success: h.and_then(|h| h.last_success),
+                last_error: h.and_then(|h| h.last_error.clone()),
+                last_error_at: h.and_then(|h| h.last_error_at),
+                reconcile_error: errors.get(&folder.source).cloned(),
+                folder,
+            }
+        })
+        .collect();
+    Ok(lines)
+}
+
+/// The ledger as aligned text for a terminal.
+pub fn ledger_text(lines: &[LedgerLine]) -> String {
+    let mut out = format!(
+        "{:<16} {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<7} {}\n",
+        "SOURCE",
+        "FOLDER",
+        "SERVER",
+        "STORED",
+        "BACKFILL",
+        "QUARANT",
+        "OWN",
+        "UNACCT",
+        "HEALTH",
+        "LAST ERROR"
+    );
+    let n = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    for l in lines {
+        let f = &l.folder;
+        out.push_str(&format!(
+            "{:<16} {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<7} {}\n",
+            f.source,
+            f.folder,
+            n(f.server_messages),
+            f.ingested + f.matched,
+            f.skipped_backfill,
+            f.quarantined,
+            f.own,
+            n(f.unaccounted),
+            if l.healthy { "ok" } else { "FAILING" },
+            l.reconcile_error
+                .as_deref()
+                .or(l.last_error.as_deref())
+                .unwrap_or("")
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_sets_are_compact() {
+        assert_eq!(uid_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");
+        assert_eq!(uid_set(&[42]), "42");
+        assert_eq!(uid_set(&[]), "");
+        assert_eq!(
+            uid_set(&[u32::MAX - 1, u32::MAX]),
+            format!("{}:{}", u32::MAX - 1, u32::MAX)
+        );
+    }
+
+    #[test]
+    fn batches_bound_count_and_bytes() {
+        let listed: Vec<Listed> = (1..=10)
+            .map(|uid| Listed {
+                uid,
+                size: if uid == 5 { 9 * 1024 * 1024 } else { 100 },
+                internal_date: None,
+            })
+            .collect();
+        let b = batches(&listed, 3);
+        let uids: Vec<Vec<u32>> = b
+            .iter()
+            .map(|b| b.iter().map(|l| l.uid).collect())
+            .collect();
+        assert_eq!(
+            uids,
+            vec![vec![1, 2, 3], vec![4], vec![5], vec![6, 7, 8], vec![9, 10]]
+        );
+        assert!(batches(&[], 3).is_empty());
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut b = Backoff::default();
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(500) && first <= Duration::from_secs(1));
+        for _ in 0..20 {
+            assert!(b.next_delay() <= BACKOFF_MAX);
+        }
+        let capped = b.next_delay();
+        assert!(
+            capped >= BACKOFF_MAX / 2 && capped <= BACKOFF_MAX,
+            "{capped:?}"
+        );
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        assert!(is_loopback("127.0.0.1"));
+        assert!(is_loopback("localhost"));
+        assert!(is_loopback("[::1]"));
+        assert!(!is_loopback("imap.example.com"));
+        assert!(!is_loopback("10.0.0.1"));
+    }
+}

@@ -1,0 +1,484 @@
+//! IMAP progress: cursors advanced in the same transaction as the messages, UIDs accounted for
+//! without a row (quarantine, loop guard, UIDVALIDITY matches, backfill), source health and the
+//! "nothing lost" ledger.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::Row;
+
+use super::messages::insert_message;
+use super::{Error, Store, from_ms, to_ms};
+use crate::message::Message;
+
+/// Where ingestion of one folder stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ImapCursor {
+    /// The folder's UIDVALIDITY the UIDs below belong to.
+    pub uid_validity: u32,
+    /// The highest UID committed (ingested or accounted for).
+    pub last_uid: u32,
+    /// UIDs at or below this were skipped by the first run's backfill.
+    pub backfill_floor: u32,
+    /// How many messages the backfill skipped.
+    pub backfill_skipped: u64,
+    /// The backfill's INTERNALDATE cutoff, reapplied after a UIDVALIDITY change.
+    pub backfill_cutoff: Option<DateTime<Utc>>,
+}
+
+/// Why a UID has no message row of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountedKind {
+    /// It kept failing to fetch or parse.
+    Quarantined,
+    /// frontdesk's own digest or alert (loop guard).
+    Own,
+    /// Already stored under an earlier UIDVALIDITY.
+    Matched,
+    /// Older than the backfill cutoff, found after a UIDVALIDITY change.
+    Backfill,
+}
+
+impl AccountedKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            AccountedKind::Quarantined => "quarantined",
+            AccountedKind::Own => "own",
+            AccountedKind::Matched => "matched",
+            AccountedKind::Backfill => "backfill",
+        }
+    }
+}
+
+/// A UID accounted for without a message row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountedUid {
+    /// The UID (under the cursor's UIDVALIDITY).
+    pub uid: u32,
+    /// Why it has no row.
+    pub kind: AccountedKind,
+    /// A short reason (the error, the matched Message-ID).
+    pub detail: String,
+    /// The raw bytes when they could be fetched (quarantine keeps them).
+    pub raw: Option<Vec<u8>>,
+}
+
+/// What one committed batch changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BatchOutcome {
+    /// New message rows.
+    pub inserted: u64,
+    /// Messages whose origin was already stored.
+    pub duplicates: u64,
+}
+
+/// One folder's line of the ledger (`frontdesk sources`).
+#[derive(Debug, Clone, Serialize)]
+pub struct FolderLedger {
+    /// Source name.
+    pub source: String,
+    /// Folder name.
+    pub folder: String,
+    /// The folder's UIDVALIDITY.
+    pub uid_validity: u32,
+    /// Highest committed UID.
+    pub last_uid: u32,
+    /// Messages on the server at the last reconciliation.
+    pub server_messages: Option<u64>,
+    /// Rows stored under the current UIDVALIDITY.
+    pub ingested: u64,
+    /// Already stored under an earlier UIDVALIDITY.
+    pub matched: u64,
+    /// Skipped by the backfill setting.
+    pub skipped_backfill: u64,
+    /// Quarantined UIDs.
+    pub quarantined: u64,
+    /// frontdesk's own mail, not ingested.
+    pub own: u64,
+    /// Server UIDs above the backfill floor that are neither stored nor accounted for: must be 0.
+    pub unaccounted: Option<u64>,
+    /// When the ledger was last reconciled against the server.
+    pub reconciled_at: Option<DateTime<Utc>>,
+}
+
+/// A source's health as recorded by its ingestion task.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SourceHealth {
+    /// Source name.
+    pub source: String,
+    /// False once it has failed repeatedly since its last success.
+    pub healthy: bool,
+    /// The last successful pass.
+    pub last_success: Option<DateTime<Utc>>,
+    /// The last error, in words.
+    pub last_error: Option<String>,
+    /// When the last error happened.
+    pub last_error_at: Option<DateTime<Utc>>,
+    /// Consecutive failures since the last success.
+    pub failures: u32,
+}
+
+/// `imap:{uid_validity}:{uid}:{folder}` -> (uid, folder); see `Origin::key`.
+fn parse_origin_key(key: &str, uid_validity: u32) -> Option<(u32, &str)> {
+    let rest = key.strip_prefix(&format!("imap:{uid_validity}:"))?;
+    let (uid, folder) = rest.split_once(':')?;
+    Some((uid.parse().ok()?, folder))
+}
+
+impl Store {
+    /// The folder's cursor, if it has ever been synced.
+    pub async fn imap_cursor(
+        &self,
+        source: &str,
+        folder: &str,
+    ) -> Result<Option<ImapCursor>, Error> {
+        let row = sqlx::query(
+            "SELECT uid_validity, last_uid, backfill_floor, backfill_skipped, backfill_cutoff \
+             FROM imap_cursors WHERE source = ? AND folder = ?",
+        )
+        .bind(source)
+        .bind(folder)
+        .fetch_optional(self.reader())
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        let cutoff: Option<i64> = r.try_get("backfill_cutoff")?;
+        Ok(Some(ImapCursor {
+            uid_validity: u32::try_from(r.try_get::<i64, _>("uid_validity")?).unwrap_or(0),
+            last_uid: u32::try_from(r.try_get::<i64, _>("last_uid")?).unwrap_or(0),
+            backfill_floor: u32::try_from(r.try_get::<i64, _>("backfill_floor")?).unwrap_or(0),
+            backfill_skipped: u64::try_from(r.try_get::<i64, _>("backfill_skipped")?).unwrap_or(0),
+            backfill_cutoff: cutoff.map(from_ms),
+        }))
+    }
+
+    /// Stores a batch, the UIDs accounted for without a row and the new cursor in ONE transaction:
+    /// after a crash either all of it is there or none of it, so the cursor never runs ahead.
+    pub async fn commit_imap_batch(
+        &self,
+        source: &str,
+        folder: &str,
+        messages: &[Message],
+        accounted: &[AccountedUid],
+        cursor: &ImapCursor,
+        now: DateTime<Utc>,
+    ) -> Result<BatchOutcome, Error> {
+        let mut tx = self.begin_write().await?;
+        let mut out = BatchOutcome::default();
+        for m in messages {
+            if insert_message(&mut tx, m, now).await?.duplicate {
+                out.duplicates += 1;
+            } else {
+                out.inserted += 1;
+            }
+        }
+        for a in accounted {
+            sqlx::query(
+                "INSERT INTO imap_accounted (source, folder, uid_validity, uid, kind, detail, raw, at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(source)
+            .bind(folder)
+            .bind(i64::from(cursor.uid_validity))
+            .bind(i64::from(a.uid))
+            .bind(a.kind.as_str())
+            .bind(&a.detail)
+            .bind(a.raw.as_deref())
+            .bind(to_ms(now))
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO imap_cursors (source, folder, uid_validity, last_uid, updated_at, \
+             backfill_floor, backfill_skipped, backfill_cutoff) VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (source, folder) DO UPDATE SET uid_validity = excluded.uid_validity, \
+             last_uid = excluded.last_uid, updated_at = excluded.updated_at, \
+             backfill_floor = excluded.backfill_floor, backfill_skipped = excluded.backfill_skipped, \
+             backfill_cutoff = excluded.backfill_cutoff",
+        )
+        .bind(source)
+        .bind(folder)
+        .bind(i64::from(cursor.uid_validity))
+        .bind(i64::from(cursor.last_uid))
+        .bind(to_ms(now))
+        .bind(i64::from(cursor.backfill_floor))
+        .bind(i64::try_from(cursor.backfill_skipped).unwrap_or(i64::MAX))
+        .bind(cursor.backfill_cutoff.map(to_ms))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Every UID of the folder under `uid_validity` that has a row or is accounted for.
+    pub async fn imap_known_uids(
+        &self,
+        source: &str,
+        folder: &str,
+        uid_validity: u32,
+    ) -> Result<HashSet<u32>, Error> {
+        let mut known = HashSet::new();
+        // origin keys of one UIDVALIDITY share the prefix `imap:{v}:`; `;` sorts right after `:`
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT origin_key FROM messages WHERE source = ? AND origin_key >= ? AND origin_key < ?",
+        )
+        .bind(source)
+        .bind(format!("imap:{uid_validity}:"))
+        .bind(format!("imap:{uid_validity};"))
+        .fetch_all(self.reader())
+        .await?;
+        for (key,) in &rows {
+            if let Some((uid, f)) = parse_origin_key(key, uid_validity)
+                && f == folder
+            {
+                known.insert(uid);
+            }
+        }
+        let rows: Vec<(i64,)> = sqlx::query_as(
+            "SELECT uid FROM imap_accounted WHERE source = ? AND folder = ? AND uid_validity = ?",
+        )
+        .bind(source)
+        .bind(folder)
+        .bind(i64::from(uid_validity))
+        .fetch_all(self.reader())
+        .await?;
+        known.extend(rows.into_iter().filter_map(|(u,)| u32::try_from(u).ok()));
+        Ok(known)
+    }
+
+    /// UIDs above `last_uid` already accounted for without a row (matched after a UIDVALIDITY
+    /// change): the incremental pass skips them. Message rows never lie above the cursor.
+    pub async fn imap_accounted_above(
+        &self,
+        source: &str,
+        folder: &str,
+        uid_validity: u32,
+        last_uid: u32,
+    ) -> Result<HashSet<u32>, Error> {
+        let rows: Vec<(i64,)> = sqlx::query_as(
+            "SELECT uid FROM imap_accounted WHERE source = ? AND folder = ? AND uid_validity = ? AND uid > ?",
+        )
+        .bind(source)
+        .bind(folder)
+        .bind(i64::from(uid_validity))
+        .bind(i64::from(last_uid))
+        .fetch_all(self.reader())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(u,)| u32::try_from(u).ok())
+            .collect())
+    }
+
+    /// How many rows of this folder (any UIDVALIDITY) carry each Message-ID: the fingerprints a
+    /// UIDVALIDITY change is reconciled against.
+    pub async fn imap_folder_fingerprints(
+        &self,
+        source: &str,
+        folder: &str,
+    ) -> Result<HashMap<String, u32>, Error> {
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT origin_key, message_id FROM messages WHERE source = ? AND origin_key >= 'imap:' AND origin_key < 'imap;'",
+        )
+        .bind(source)
+        .fetch_all(self.reader())
+        .await?;
+        let mut counts = HashMap::new();
+        for (key, id) in rows {
+            let Some(id) = id else { continue };
+            let same_folder = key
+                .strip_prefix("imap:")
+                .and_then(|r| r.splitn(3, ':').nth(2))
+                .is_some_and(|f| f == folder);
+            if same_folder {
+                *counts.entry(id).or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Records a notable event for a source (UIDVALIDITY change, quarantine).
+    pub async fn record_source_event(
+        &self,
+        source: &str,
+        folder: Option<&str>,
+        kind: &str,
+        detail: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO source_events (source, folder, kind, detail, at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(source)
+        .bind(folder)
+        .bind(kind)
+        .bind(detail)
+        .bind(to_ms(now))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// Events of one kind for a source, oldest first (kind, folder, detail).
+    pub async fn source_events(
+        &self,
+        source: &str,
+        kind: &str,
+    ) -> Result<Vec<(Option<String>, String)>, Error> {
+        Ok(sqlx::query_as(
+            "SELECT folder, detail FROM source_events WHERE source = ? AND kind = ? ORDER BY id",
+        )
+        .bind(source)
+        .bind(kind)
+        .fetch_all(self.reader())
+        .await?)
+    }
+
+    /// A pass succeeded: the source is healthy again.
+    pub async fn source_succeeded(&self, source: &str, now: DateTime<Utc>) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO source_health (source, healthy, last_success, failures, updated_at) \
+             VALUES (?, 1, ?, 0, ?) ON CONFLICT (source) DO UPDATE SET healthy = 1, \
+             last_success = excluded.last_success, failures = 0, updated_at = excluded.updated_at",
+        )
+        .bind(source)
+        .bind(to_ms(now))
+        .bind(to_ms(now))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// A pass failed; after `unhealthy_after` consecutive failures the source is unhealthy.
+    pub async fn source_failed(
+        &self,
+        source: &str,
+        error: &str,
+        unhealthy_after: u32,
+        now: DateTime<Utc>,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO source_health (source, healthy, last_error, last_error_at, failures, updated_at) \
+             VALUES (?1, ?2 > 1, ?3, ?4, 1, ?4) ON CONFLICT (source) DO UPDATE SET \
+             failures = failures + 1, healthy = (failures + 1) < ?2, last_error = ?3, \
+             last_error_at = ?4, updated_at = ?4",
+        )
+        .bind(source)
+        .bind(i64::from(unhealthy_after))
+        .bind(error)
+        .bind(to_ms(now))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// Health of every source that has reported.
+    pub async fn source_health(&self) -> Result<Vec<SourceHealth>, Error> {
+        let rows = sqlx::query(
+            "SELECT source, healthy, last_success, last_error, last_error_at, failures \
+             FROM source_health ORDER BY source",
+        )
+        .fetch_all(self.reader())
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(SourceHealth {
+                source: r.try_get("source")?,
+                healthy: r.try_get::<i64, _>("healthy")? != 0,
+                last_success: r.try_get::<Option<i64>, _>("last_success")?.map(from_ms),
+                last_error: r.try_get("last_error")?,
+                last_error_at: r.try_get::<Option<i64>, _>("last_error_at")?.map(from_ms),
+                failures: u32::try_from(r.try_get::<i64, _>("failures")?).unwrap_or(u32::MAX),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Saves the outcome of reconciling a folder against the server.
+    pub async fn save_imap_reconciliation(
+        &self,
+        source: &str,
+        folder: &str,
+        server_messages: u64,
+        unaccounted: u64,
+        now: DateTime<Utc>,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE imap_cursors SET server_messages = ?, unaccounted = ?, reconciled_at = ? \
+             WHERE source = ? AND folder = ?",
+        )
+        .bind(i64::try_from(server_messages).unwrap_or(i64::MAX))
+        .bind(i64::try_from(unaccounted).unwrap_or(i64::MAX))
+        .bind(to_ms(now))
+        .bind(source)
+        .bind(folder)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// The ledger: one line per synced (source, folder).
+    pub async fn imap_ledger(&self) -> Result<Vec<FolderLedger>, Error> {
+        let rows = sqlx::query(
+            "SELECT source, folder, uid_validity, last_uid, backfill_skipped, server_messages, \
+             unaccounted, reconciled_at FROM imap_cursors ORDER BY source, folder",
+        )
+        .fetch_all(self.reader())
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let source: String = r.try_get("source")?;
+            let folder: String = r.try_get("folder")?;
+            let uid_validity = u32::try_from(r.try_get::<i64, _>("uid_validity")?).unwrap_or(0);
+            let counts: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT kind, count(*) FROM imap_accounted WHERE source = ? AND folder = ? \
+                 AND uid_validity = ? GROUP BY kind",
+            )
+            .bind(&source)
+            .bind(&folder)
+            .bind(i64::from(uid_validity))
+            .fetch_all(self.reader())
+            .await?;
+            let count = |k: AccountedKind| {
+                counts
+                    .iter()
+                    .find(|(kind, _)| kind == k.as_str())
+                    .map_or(0, |(_, n)| u64::try_from(*n).unwrap_or(0))
+            };
+            let keys: Vec<(String,)> = sqlx::query_as(
+                "SELECT origin_key FROM messages WHERE source = ? AND origin_key >= ? AND origin_key < ?",
+            )
+            .bind(&source)
+            .bind(format!("imap:{uid_validity}:"))
+            .bind(format!("imap:{uid_validity};"))
+            .fetch_all(self.reader())
+            .await?;
+            let ingested = keys
+                .iter()
+                .filter(|(k,)| parse_origin_key(k, uid_validity).is_some_and(|(_, f)| f == folder))
+                .count() as u64;
+            let skipped: i64 = r.try_get("backfill_skipped")?;
+            out.push(FolderLedger {
+                uid_validity,
+                last_uid: u32::try_from(r.try_get::<i64, _>("last_uid")?).unwrap_or(0),
+                server_messages: r
+                    .try_get::<Option<i64>, _>("server_messages")?
+                    .and_then(|n| u64::try_from(n).ok()),
+                ingested,
+                matched: count(AccountedKind::Matched),
+                skipped_backfill: u64::try_from(skipped).unwrap_or(0)
+                    + count(AccountedKind::Backfill),
+                quarantined: count(AccountedKind::Quarantined),
+                own: count(AccountedKind::Own),
+                unaccounted: r
+                    .try_get::<Option<i64>, _>("unaccounted")?
+                    .and_then(|n| u64::try_from(n).ok()),
+                reconciled_at: r.try_get::<Option<i64>, _>("reconciled_at")?.map(from_ms),
+                source,
+                folder,
+            });
+        }
+        Ok(out)
+    }
+}

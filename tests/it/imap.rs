@@ -1,0 +1,658 @@
+//! IMAP ingestion against the real Dovecot rig, TLS verified against the rig CA (issue 3).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use frontdesk::config::{self, Config};
+use frontdesk::ingest::imap::{self, ImapError, PoisonTracker, SourceCtx};
+use frontdesk::store::{MessageFilter, Store};
+use sqlx::sqlite::SqlitePoolOptions;
+use tokio_util::sync::CancellationToken;
+
+use crate::rig::Rig;
+
+/// A config with one IMAP source `mail` for `user` on the rig; `extra` adds keys to `imap:`.
+fn yaml(rig: &Rig, user: &str, dir: &Path, extra: &str) -> String {
+    let lines = [
+        "storage:".to_string(),
+        format!("  sqlite: {}/frontdesk.db", dir.display()),
+        "server:".into(),
+        "  listen: 127.0.0.1:0".into(),
+        "team:".into(),
+        "  - name: Team".into(),
+        "    email: [team@shop.test]".into(),
+        "sources:".into(),
+        "  - name: mail".into(),
+        "    imap:".into(),
+        "      host: localhost".into(),
+        format!("      port: {}", rig.imaps_port),
+        "      tls: implicit".into(),
+        format!("      ca_file: {}", rig.ca.display()),
+        format!("      username: {user}"),
+        "      password: secret".into(),
+        "      timeout: 5s".into(),
+    ];
+    format!(
+        "{}\n{extra}channels:\n  - name: out\n    email: {{ file: \"{dir}/outbox\", from: \"fd@shop.test\", to: [team@shop.test] }}\n",
+        lines.join("\n"),
+        dir = dir.display(),
+    )
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    config: Config,
+    store: Store,
+}
+
+impl Setup {
+    async fn new(rig: &Rig, user: &str, extra: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let text = yaml(rig, user, dir.path(), extra);
+        let file = dir.path().join("frontdesk.yaml");
+        std::fs::write(&file, &text).unwrap();
+        let config = config::load_str(&file, &text)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .config;
+        let store = Store::open(&dir.path().join("frontdesk.db")).await.unwrap();
+        Setup { dir, config, store }
+    }
+
+    fn ctx(&self) -> SourceCtx {
+        imap::sources(&self.config, &self.store, None).remove(0)
+    }
+
+    async fn sync(&self) -> Result<Vec<imap::FolderReport>, ImapError> {
+        imap::sync_once(&self.ctx(), &mut PoisonTracker::default(), &mut |_| {}).await
+    }
+
+    async fn inserted(&self) -> u64 {
+        self.sync().await.unwrap().iter().map(|r| r.inserted).sum()
+    }
+
+    async fn count(&self) -> i64 {
+        self.store.message_count().await.unwrap()
+    }
+
+    /// (message_id, direction, in_reply_to JSON, automation) of every row.
+    async fn rows(&self) -> Vec<(Option<String>, String, String, String)> {
+        let pool = SqlitePoolOptions::new()
+            .connect(&format!(
+                "sqlite://{}/frontdesk.db",
+                self.dir.path().display()
+            ))
+            .await
+            .unwrap();
+        let rows = sqlx::query_as(
+            "SELECT message_id, direction, in_reply_to, automation FROM messages ORDER BY id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        rows
+    }
+}
+
+/// The golden corpus minus frontdesk's own digest (the loop guard has its own test), each copy
+/// made unique so `n` messages are `n` distinct client messages.
+fn varied(n: usize, tag: &str) -> Vec<Vec<u8>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/email");
+    let mut fixtures: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+        .filter(|p| !p.to_string_lossy().contains("frontdesk_digest"))
+        .collect();
+    fixtures.sort();
+    let bodies: Vec<Vec<u8>> = fixtures.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    (0..n)
+        .map(|i| {
+            let mut m = format!("X-Test-Seq: {tag}-{i}\r\n").into_bytes();
+            m.extend_from_slice(&bodies[i % bodies.len()]);
+            m
+        })
+        .collect()
+}
+
+fn simple(i: usize, tag: &str) -> Vec<u8> {
+    format!(
+        "From: Client {i} <c{i}@client.test>\r\nTo: team@shop.test\r\nSubject: {tag} {i}\r\n\
+Message-ID: <{tag}-{i}@client.test>\r\nDate: Tue, 1 Jul 2025 10:00:00 +0000\r\n\r\nbody {i}\r\n"
+    )
+    .into_bytes()
+}
+
+fn no_seen_added(rig: &Rig, user: &str, folder: &str) {
+    let flags = rig.flags(user, folder);
+    assert!(
+        flags.iter().all(|(_, f)| !f.contains("Seen")),
+        "\\Seen was added: {flags:?}"
+    );
+}
+
+#[tokio::test]
+async fn five_hundred_varied_messages_exactly_once_then_five_more() {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("varied");
+    rig.append_many(&user, "INBOX", varied(500, "v"));
+    let s = Setup::new(rig, &user, "      backfill: all\n      batch_size: 64\n").await;
+
+    assert_eq!(s.inserted().await, 500);
+    assert_eq!(s.count().await, 500);
+    assert_eq!(s.inserted().await, 0, "a second sync adds nothing");
+    assert_eq!(s.count().await, 500);
+
+    rig.append_many(&user, "INBOX", (0..5).map(|i| simple(i, "more")));
+    assert_eq!(s.inserted().await, 5);
+    assert_eq!(s.count().await, 505);
+
+    let ledger = imap::ledger(&s.config, &s.store).await.unwrap();
+    assert_eq!(ledger.len(), 1);
+    let l = &ledger[0];
+    assert_eq!(l.folder.unaccounted, Some(0), "{l:?}");
+    assert_eq!(l.folder.server_messages, Some(505));
+    assert_eq!(l.folder.ingested, 505);
+    assert!(l.healthy);
+
+    // degraded messages are stored, not dropped
+    let degraded = s
+        .store
+        .messages(&MessageFilter {
+            source: None,
+            limit: Some(1000),
+        })
+        .await
+        .unwrap()
+        .iter()
+        .filter(|m| m.parse == "degraded")
+        .count();
+    assert!(degraded >= 25, "{degraded}");
+
+    // the mailbox is untouched: nothing deleted, no \Seen added
+    assert_eq!(rig.status(&user, "INBOX").messages, 505);
+    no_seen_added(rig, &user, "INBOX");
+}
+
+#[tokio::test]
+async fn sources_json_shows_unaccounted_zero() {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("ledger");
+    rig.append_many(&user, "INBOX", (0..7).map(|i| simple(i, "ledger")));
+    let s = Setup::new(rig, &user, "      backfill: all\n").await;
+    s.sync().await.unwrap();
+    let (code, out, err) = crate::support::frontdesk(
+        &[
+            "--config",
+            s.dir.path().join("frontdesk.yaml").to_str().unwrap(),
+            "sources",
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let line = &v.as_array().unwrap()[0];
+    assert_eq!(line["source"], "mail");
+    assert_eq!(line["folder"], "INBOX");
+    assert_eq!(line["unaccounted"], 0, "{line}");
+    assert_eq!(line["server_messages"], 7);
+    assert_eq!(line["ingested"], 7);
+    assert_eq!(line["healthy"], true);
+}
+
+#[tokio::test]
+async fn idle_delivers_an_appended_message_within_two_seconds() {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("idle");
+    rig.append_many(&user, "INBOX", (0..3).map(|i| simple(i, "idle")));
+    let s = Setup::new(rig, &user, "      backfill: all\n").await;
+    let core = Arc::new(tokio::sync::Notify::new());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(imap::run(s.ctx(), core.clone(), stop.clone()));
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.count().await < 3 {
+        assert!(Instant::now() < deadline, "initial sync did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // let the task settle into IDLE
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = Instant::now();
+    rig.append(&user, "INBOX", &simple(99, "idle"));
+    while s.count().await < 4 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "not ingested within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = t0.elapsed();
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("source task stops on shutdown")
+        .unwrap();
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    no_seen_added(rig, &user, "INBOX");
+}
+
+#[tokio::test]
+async fn uid_validity_change_loses_nothing_and_duplicates_nothing() {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("uidv");
+    let mut msgs: Vec<Vec<u8>> = (0..95).map(|i| simple(i, "uidv")).collect();
+    // five without a Message-ID: fingerprinted by their bytes
+    msgs.extend((0..5).map(|i| {
+        format!("From: n{i}@client.test\r\nSubject: no id {i}\r\n\r\nbody\r\n").into_bytes()
+    }));
+    rig.append_many(&user, "INBOX", &msgs);
+    let s = Setup::new(rig, &user, "      backfill: all\n").await;
+    assert_eq!(s.inserted().await, 100);
+
+    let before = rig.status(&user, "INBOX").uid_validity;
+    rig.set_uid_validity(&user, "INBOX", before + 1000);
+    rig.append_many(&user, "INBOX", (100..105).map(|i| simple(i, "uidv")));
+
+    let reports = s.sync().await.unwrap();
+    assert!(reports[0].uid_validity_changed);
+    assert_eq!(reports[0].inserted, 5);
+    assert_eq!(s.count().await, 105);
+    let rows = s.rows().await;
+    let mut ids: Vec<_> = rows.iter().map(|r| r.0.clone().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 105, "0 duplicates");
+
+    let events = s
+        .store
+        .source_events("mail", "uid_validity_changed")
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(events[0].1.contains("100 already stored"), "{events:?}");
+    assert!(events[0].1.contains("(5 without Message-ID"), "{events:?}");
+
+    assert_eq!(s.inserted().await, 0, "stable after the change");
+    let ledger = imap::ledger(&s.config, &s.store).await.unwrap();
+    assert_eq!(ledger[0].folder.unaccounted, Some(0), "{:?}", ledger[0]);
+    assert_eq!(ledger[0].folder.matched, 100);
+    assert_eq!(ledger[0].folder.ingested, 5);
+    no_seen_added(rig, &user, "INBOX");
+}
+
+#[tokio::test]
+async fn sent_reply_is_outbound_and_linked_to_the_client_message() {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("sent");
+    rig.append(&user, "INBOX", &simple(1, "ask"));
+    rig.append(
+        &user,
+        "INBOX",
+        b"From: Team <Team@Shop.test>\r\nTo: c2@client.test\r\nSubject: we wrote first\r\nMessage-ID: <first@shop.test>\r\n\r\nhello\r\n",
+    );
+    rig.append(
+        &user,
+        "Sent",
+        b"From: someone@shop.test\r\nTo: c1@client.test\r\nSubject: Re: ask 1\r\nMessage-ID: <reply-1@shop.test>\r\nIn-Reply-To: <ask-1@client.test>\r\n\r\nanswer\r\n",
+    );
+    let s = Setup::new(
+        rig,
+        &user,
+        "      backfill: all\n      folders: [{name: INBOX, role: inbound}, {name: Sent, role: sent}]\n",
+    )
+    .await;
+    assert_eq!(s.inserted().await, 3);
+    let rows = s.rows().await;
+    let by_id = |id: &str| {
+        rows.iter()
+            .find(|r| r.0.as_deref() == Some(id))
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_id("ask-1@client.test").1, "inbound");
+    let reply = by_id("reply-1@shop.test");
+    assert_eq!(reply.1, "outbound");
+    assert_eq!(reply.2, r#"["ask-1@client.test"]"#);
+    // a team address is outbound wherever it is
+    assert_eq!(by_id("first@shop.test").1, "outbound");
+}
+
+#[tokio::test]
+async fn an_empty_folder_syncs_to_nothing_and_is_fully_accounted() {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("empty");
+    rig.create_folder(&user, "INBOX");
+    let s = Setup::new(rig, &user, "").await;
+    assert_eq!(s.inserted().await, 0);
+    assert_eq!(s.inserted().await, 0);
+    let l = &imap::ledger(&s.config, &s.store).await.unwrap()[0];
+    assert_eq!(
+        (l.folder.server_messages, l.folder.unaccounted),
+        (Some(0), Some(0))
+    );
+    rig.append(&user, "INBOX", &simple(1, "empty"));
+    assert_eq!(s.inserted().await, 1, "default backfill 30d keeps new mail");
+}
+
+#[tokio::test]
+async fn own_digests_are_never_ingested() {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("loop");
+    let digest = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/email/frontdesk_digest.eml"),
+    )
+    .unwrap();
+    rig.append(&user, "INBOX", &digest);
+    rig.append(&user, "INBOX", &simple(1, "loop"));
+    let s = Setup::new(rig, &user, "      backfill: all\n").await;
+    assert_eq!(s.inserted().await, 1);
+    let ledger = imap::ledger(&s.config, &s.store).await.unwrap();
+    assert_eq!(ledger[0].folder.own, 1);
+    assert_eq!(ledger[0].folder.unaccounted, Some(0));
+}
+
+#[tokio::test]
+async fn backfill_duration_and_none_skip_old_mail_and_count_it() {
+    let rig = Rig::shared();
+    let old = SystemTime::now() - Duration::from_secs(60 * 86400);
+    let recent = SystemTime::now() - Duration::from_secs(86400);
+    let dated = |tag: &str| -> Vec<(Vec<u8>, Option<SystemTime>)> {
+        (0..5)
+            .map(|i| (simple(i, tag), Some(if i < 3 { old } else { recent })))
+            .collect()
+    };
+
+    let user = rig.new_mailbox("bf");
+    rig.append_many_dated(&user, "INBOX", dated("bf"));
+    let s = Setup::new(rig, &user, "      backfill: 30d\n").await;
+    assert_eq!(s.inserted().await, 2);
+    let l = &imap::ledger(&s.config, &s.store).await.unwrap()[0];
+    assert_eq!(
+        (l.folder.skipped_backfill, l.folder.unaccounted),
+        (3, Some(0))
+    );
+
+    let user = rig.new_mailbox("bfnone");
+    rig.append_many_dated(&user, "INBOX", dated("bfnone"));
+    let s = Setup::new(rig, &user, "      backfill: none\n").await;
+    assert_eq!(s.inserted().await, 0);
+    rig.append(&user, "INBOX", &simple(9, "bfnone"));
+    assert_eq!(s.inserted().await, 1);
+    let l = &imap::ledger(&s.config, &s.store).await.unwrap()[0];
+    assert_eq!(
+        (l.folder.skipped_backfill, l.folder.unaccounted),
+        (5, Some(0))
+    );
+}
+
+#[tokio::test]
+async fn starttls_works_and_wrong_password_is_a_clear_error() {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("tls");
+    rig.append(&user, "INBOX", &simple(1, "tls"));
+    let s = Setup::new(rig, &user, "      backfill: all\n").await;
+    // STARTTLS on the plain port, verified against the same CA
+    let mut ctx = s.ctx();
+    ctx.cfg.tls = config::TlsMode::Starttls;
+    ctx.cfg.port = rig.imap_port;
+    let reports = imap::sync_once(&ctx, &mut PoisonTracker::default(), &mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!(reports[0].inserted, 1);
+
+    // wrong password: the CLI names the source and the refusal
+    let file = s.dir.path().join("frontdesk.yaml");
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("password: secret", "password: wrong");
+    std::fs::write(&file, text).unwrap();
+    let (code, _, err) =
+        crate::support::frontdesk(&["--config", file.to_str().unwrap(), "sync"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("source mail:"), "{err}");
+    assert!(err.contains(&format!("login as {user} refused")), "{err}");
+    let health = s.store.source_health().await.unwrap();
+    assert!(!health[0].healthy, "{health:?}");
+    assert!(
+        health[0]
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("refused")
+    );
+}
+
+#[tokio::test]
+async fn untrusted_certificate_is_refused() {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("untrusted");
+    let s = Setup::new(rig, &user, "").await;
+    let mut ctx = s.ctx();
+    ctx.cfg.ca_file = Some(rig.other_ca.clone());
+    let err = imap::sync_once(&ctx, &mut PoisonTracker::default(), &mut |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ImapError::Tls { .. }), "{err}");
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    assert_eq!(s.count().await, 0);
+}
+
+#[tokio::test]
+async fn unreachable_host_retries_with_backoff_and_turns_unhealthy() {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("down");
+    let s = Setup::new(rig, &user, "").await;
+    let mut ctx = s.ctx();
+    ctx.cfg.port = crate::support::free_port(); // nothing listens there
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let task = tokio::spawn(imap::run(
+        ctx,
+        Arc::new(tokio::sync::Notify::new()),
+        stop.clone(),
+    ));
+    // backoff 0.5-1 s, 1-2 s, ...: the third failure comes within about 4 s
+    let health = loop {
+        let h = s.store.source_health().await.unwrap();
+        if h.first().is_some_and(|h| h.failures >= 3) {
+            break h.remove_first();
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "{h:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        started.elapsed() > Duration::from_millis(1400),
+        "retries are spaced out"
+    );
+    assert!(!health.healthy);
+    assert!(
+        health
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("cannot connect"),
+        "{health:?}"
+    );
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+trait RemoveFirst<T> {
+    fn remove_first(self) -> T;
+}
+impl<T> RemoveFirst<T> for Vec<T> {
+    fn remove_first(mut self) -> T {
+        self.remove(0)
+    }
+}
+
+/// A server that accepts and then says nothing more after `greeting`.
+async fn silent_server(greeting: &'static [u8]) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let _ = sock.write_all(greeting).await;
+                let mut buf = [0u8; 1024];
+                while matches!(sock.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_silent_server_times_out_instead_of_hanging() {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("silent");
+    let s = Setup::new(rig, &user, "").await;
+    for (greeting, tls, expect) in [
+        (
+            &b""[..],
+            config::TlsMode::Implicit,
+            "tls handshake timed out",
+        ),
+        (&b""[..], config::TlsMode::None, "greeting timed out"),
+        (
+            &b"* OK ready\r\n"[..],
+            config::TlsMode::None,
+            "login timed out",
+        ),
+    ] {
+        let mut ctx = s.ctx();
+        ctx.cfg.port = silent_server(greeting).await;
+        ctx.cfg.tls = tls;
+        ctx.cfg.host = "127.0.0.1".into();
+        ctx.cfg.timeout = Duration::from_secs(1);
+        let t0 = Instant::now();
+        let err = tokio::time::timeout(
+            Duration::from_secs(10),
+            imap::sync_once(&ctx, &mut PoisonTracker::default(), &mut |_| {}),
+        )
+        .await
+        .expect("hangs")
+        .unwrap_err();
+        assert!(err.to_string().contains(expect), "{err}");
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    }
+}
+
+#[tokio::test]
+async fn dovecot_restart_during_a_2000_message_sync_loses_and_duplicates_nothing() {
+    let rig = Rig::start(); // its own Dovecot: this test stops it
+    rig.append_many("alice", "INBOX", (0..2000).map(|i| simple(i, "restart")));
+    let s = Setup::new(&rig, "alice", "      backfill: all\n      batch_size: 25\n").await;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(imap::run(
+        s.ctx(),
+        Arc::new(tokio::sync::Notify::new()),
+        stop.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while s.count().await < 200 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    rig.stop_dovecot();
+    let during = s.count().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    rig.start_dovecot();
+    while s.count().await < 2000 {
+        assert!(Instant::now() < deadline, "stuck at {}", s.count().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(during < 2000, "the restart happened mid-sync ({during})");
+    assert_eq!(s.count().await, 2000);
+    let rows = s.rows().await;
+    let mut ids: Vec<_> = rows.iter().map(|r| r.0.clone().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 2000);
+    let h = s.store.source_health().await.unwrap();
+    assert!(h[0].healthy, "healthy again after reconnecting: {h:?}");
+    assert_eq!(rig.status("alice", "INBOX").messages, 2000);
+    no_seen_added(&rig, "alice", "INBOX");
+}
+
+#[tokio::test]
+async fn sigkill_during_sync_then_restart_gives_exactly_2000() {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("kill");
+    rig.append_many(&user, "INBOX", (0..2000).map(|i| simple(i, "kill")));
+    let s = Setup::new(rig, &user, "      backfill: all\n      batch_size: 20\n").await;
+    let file = s.dir.path().join("frontdesk.yaml");
+    let mut child = std::process::Command::new(crate::support::bin())
+        .args(["--config", file.to_str().unwrap(), "sync"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while s.count().await < 300 {
+        assert!(Instant::now() < deadline);
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "sync ended before the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at_kill = s.count().await;
+    assert!(at_kill < 2000, "{at_kill}");
+
+    let (code, _, err) =
+        crate::support::frontdesk(&["--config", file.to_str().unwrap(), "sync"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(s.count().await, 2000);
+    let ledger = imap::ledger(&s.config, &s.store).await.unwrap();
+    assert_eq!(ledger[0].folder.unaccounted, Some(0));
+    assert_eq!(ledger[0].folder.ingested, 2000);
+    no_seen_added(rig, &user, "INBOX");
+}
+
+#[tokio::test]
+async fn frontdesk_run_ingests_new_mail_within_two_seconds_and_stops_cleanly() {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("daemon");
+    rig.append(&user, "INBOX", &simple(0, "daemon"));
+    let text = yaml(rig, &user, Path::new("{dir}"), "      backfill: all\n")
+        .replace("listen: 127.0.0.1:0", "listen: 127.0.0.1:{port}");
+    let mut d = crate::support::TestDaemon::start(&text);
+    let store = Store::open(&d.db()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.message_count().await.unwrap() < 1 {
+        assert!(Instant::now() < deadline, "{}", d.log.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // into IDLE
+    let t0 = Instant::now();
+    rig.append(&user, "INBOX", &simple(1, "daemon"));
+    while store.message_count().await.unwrap() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "not ingested within 2 s: {}",
+            d.log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, took) = d.signal_and_wait(15, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", d.log.lock().unwrap());
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    no_seen_added(rig, &user, "INBOX");
+}
