@@ -568,6 +568,40 @@ async fn every_scheme_verifies_vectors_and_rejects_mutations() {
     let reordered = b"To=%2B18005551212&Digits=1234&CallSid=CA1234567890ABCDE&From=%2B12349013030&Caller=%2B12349013030";
     let r = request(d.port, &tw.path, &tw.headers, reordered).await;
     assert_eq!(r.status, 200, "{r:?}");
+    // `frontdesk sources` shows the counters (rejections were flushed with the last commit).
+    let out = Command::new(binary())
+        .args(["sources", "--json", "--config"])
+        .arg(d.config())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sw = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["kind"] == "webhook" && l["source"] == "sw")
+        .expect("sw in frontdesk sources");
+    assert_eq!(
+        (sw["accepted"].as_i64(), sw["duplicates"].as_i64()),
+        (Some(1), Some(1))
+    );
+    assert!(
+        sw["rejected"]["bad_signature"].as_i64().unwrap_or(0) >= 3,
+        "{sw}"
+    );
+    assert!(sw["last_delivery_at"].is_string());
+    let open = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["source"] == "open")
+        .expect("open in frontdesk sources");
+    assert_eq!(open["preset"], "form");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
