@@ -65,7 +65,8 @@ http {
 }
 EOF
 "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' </dev/null >"$WORK/nginx/stdout.log" 2>&1 &
-PIDS+=($!)
+NGINX_PID=$!
+PIDS+=($NGINX_PID)
 wait_port "$NGINX_PORT"
 
 # --- frontdesk ---
@@ -106,29 +107,40 @@ t.sort(); print(f"fsync p50 {statistics.median(t)*1e3:.2f} ms, p99 {t[int(len(t)
 EOF
 }
 
-run_wrk() {  # run_wrk NAME URL -> prints one TSV row
-    local name=$1 url=$2
+ticks() {  # CPU ticks (user+sys) of a process and its direct children
+    local t=0 c
+    for c in "$1" $(ps -o pid= --ppid "$1" 2>/dev/null); do
+        [ -r "/proc/$c/stat" ] && t=$((t + $(awk '{print $14+$15}' "/proc/$c/stat")))
+    done
+    echo "$t"
+}
+
+run_wrk() {  # run_wrk NAME URL PID -> prints one TSV row
+    local name=$1 url=$2 pid=$3
     wrk -t"$THREADS" -c"$CONNS" -d2s -s "$BENCH_DIR/wrk_signed.lua" "$url" >"$WORK/$name.warmup.log" 2>&1 || true
     local before after
     before=$( [ "$name" = frontdesk ] && rows || echo 0)
+    local t0; t0=$(ticks "$pid")
     wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --timeout 5s -s "$BENCH_DIR/wrk_signed.lua" "$url" >"$WORK/$name.log" 2>&1
     after=$( [ "$name" = frontdesk ] && rows || echo 0)
+    local cpu=$(( $(ticks "$pid") - t0 ))
     local j; j=$(grep '^WRKJSON ' "$WORK/$name.log" | tail -1 | cut -d' ' -f2-)
-    python3 - "$name" "$j" "$((after - before))" <<'EOF'
+    python3 - "$name" "$j" "$((after - before))" "$cpu" "$(getconf CLK_TCK)" <<'EOF'
 import json, sys
 name, j, stored = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+cpu_us = int(sys.argv[4]) / int(sys.argv[5]) * 1e6 / max(j["requests"], 1)
 acked = j["requests"] - j["non2xx"]
 print("\t".join(str(x) for x in [name, j["requests"], f'{acked / j["duration_s"]:.0f}', f'{j["p50_ms"]:.2f}',
-      f'{j["p99_ms"]:.2f}', j["non2xx"], j["socket_errors"], j["timeouts"], stored if name == "frontdesk" else "-", j["body_bytes"]]))
+      f'{j["p99_ms"]:.2f}', j["non2xx"], j["socket_errors"], j["timeouts"], stored if name == "frontdesk" else "-", f"{cpu_us:.1f}", j["body_bytes"]]))
 EOF
 }
 
 echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ)  $(nproc) cores  wrk -t$THREADS -c$CONNS -d${DURATION}s  (scratch: $WORK)"
 echo "# before: $(fsync_probe)"
-NGINX_ROW=$(run_wrk nginx-204 "http://127.0.0.1:$NGINX_PORT/hooks/bench")
-FD_ROW=$(run_wrk frontdesk "http://127.0.0.1:$FD_PORT/hooks/bench")
+NGINX_ROW=$(run_wrk nginx-204 "http://127.0.0.1:$NGINX_PORT/hooks/bench" "$NGINX_PID")
+FD_ROW=$(run_wrk frontdesk "http://127.0.0.1:$FD_PORT/hooks/bench" "$FD_PID")
 echo "# after:  $(fsync_probe)"
-printf 'target\trequests\tacked_rps\tp50_ms\tp99_ms\tnon2xx\tsocket_errors\ttimeouts\trows_stored\tbody_bytes\n'
+printf 'target\trequests\tacked_rps\tp50_ms\tp99_ms\tnon2xx\tsocket_errors\ttimeouts\trows_stored\tserver_cpu_us_per_req\tbody_bytes\n'
 printf '%s\n%s\n' "$NGINX_ROW" "$FD_ROW"
 python3 - "$NGINX_ROW" "$FD_ROW" <<'EOF'
 import sys

@@ -356,13 +356,28 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 let lines = frontdesk::ingest::imap::ledger(&loaded.config, &store)
                     .await
                     .map_err(anyhow::Error::from)?;
+                let hooks = frontdesk::ingest::webhook::sources_report(&loaded.config, &store)
+                    .await
+                    .map_err(anyhow::Error::from)?;
                 if json {
+                    // One array: IMAP folder lines, then webhook lines (`"kind": "webhook"`).
+                    let mut all = Vec::with_capacity(lines.len() + hooks.len());
+                    for l in &lines {
+                        all.push(serde_json::to_value(l).map_err(anyhow::Error::from)?);
+                    }
+                    for h in &hooks {
+                        all.push(serde_json::to_value(h).map_err(anyhow::Error::from)?);
+                    }
                     emit(&format!(
                         "{}\n",
-                        serde_json::to_string_pretty(&lines).map_err(anyhow::Error::from)?
+                        serde_json::to_string_pretty(&all).map_err(anyhow::Error::from)?
                     ));
                 } else {
                     emit(&frontdesk::ingest::imap::ledger_text(&lines));
+                    if !hooks.is_empty() {
+                        emit("\n");
+                        emit(&frontdesk::ingest::webhook::sources_text(&hooks));
+                    }
                 }
                 Ok::<(), Failure>(())
             })

@@ -127,6 +127,130 @@ pub(crate) async fn insert_message(
     })
 }
 
+/// Inserts several messages inside `tx` with one multi-row statement per chunk, so a batch costs
+/// a few round trips to SQLite instead of one per message. Same semantics as `insert_message` for
+/// each message in order: an origin already stored, or repeated earlier in `msgs`, is a duplicate
+/// carrying the first row's id.
+pub(crate) async fn insert_messages(
+    tx: &mut Transaction<'_, Sqlite>,
+    msgs: &[&Message],
+    now: DateTime<Utc>,
+) -> Result<Vec<Ingested>, Error> {
+    /// Rows per statement: 21 binds each stays far below SQLite's 32,766-variable limit.
+    const CHUNK: usize = 400;
+    struct Prepared<'m> {
+        msg: &'m Message,
+        key: String,
+        origin_json: String,
+        to_json: String,
+        irt_json: String,
+        refs_json: String,
+        sha: String,
+    }
+    let mut first_of: std::collections::HashMap<(&str, String), usize> =
+        std::collections::HashMap::new();
+    let mut slot = Vec::with_capacity(msgs.len());
+    let mut unique: Vec<Prepared<'_>> = Vec::new();
+    for msg in msgs {
+        let key = msg.origin.key();
+        match first_of.get(&(msg.source.as_str(), key.clone())) {
+            Some(&u) => slot.push((u, true)),
+            None => {
+                let origin_json =
+                    serde_json::to_string(&msg.origin).map_err(|e| Error::Corrupt {
+                        table: "messages",
+                        reason: e.to_string(),
+                    })?;
+                first_of.insert((msg.source.as_str(), key.clone()), unique.len());
+                slot.push((unique.len(), false));
+                unique.push(Prepared {
+                    msg,
+                    key,
+                    origin_json,
+                    to_json: serde_json::to_string(&msg.to).unwrap_or_else(|_| "[]".into()),
+                    irt_json: serde_json::to_string(&msg.in_reply_to)
+                        .unwrap_or_else(|_| "[]".into()),
+                    refs_json: serde_json::to_string(&msg.references)
+                        .unwrap_or_else(|_| "[]".into()),
+                    sha: hex::encode(Sha256::digest(&msg.raw)),
+                });
+            }
+        }
+    }
+    let mut ids: std::collections::HashMap<(String, String), i64> =
+        std::collections::HashMap::new();
+    let stored_at = to_ms(now);
+    for chunk in unique.chunks(CHUNK) {
+        let mut qb = sqlx::QueryBuilder::<Sqlite>::new(
+            "INSERT INTO messages (source, origin_key, origin, direction, received_at, sent_at, \
+             from_addr, from_name, to_addrs, subject, body_text, message_id, in_reply_to, refs, \
+             thread_key, automation, parse, parse_reason, raw, raw_sha256, stored_at) ",
+        );
+        qb.push_values(chunk, |mut b, p| {
+            let m = p.msg;
+            let parse_reason = match &m.parse {
+                crate::message::ParseStatus::Ok => None,
+                crate::message::ParseStatus::Degraded(r) => Some(r.as_str()),
+            };
+            b.push_bind(m.source.as_str())
+                .push_bind(p.key.as_str())
+                .push_bind(p.origin_json.as_str())
+                .push_bind(m.direction.as_str())
+                .push_bind(to_ms(m.received_at))
+                .push_bind(m.sent_at.map(to_ms))
+                .push_bind(m.from.as_ref().map(|a| a.addr.as_str()))
+                .push_bind(m.from.as_ref().and_then(|a| a.name.as_deref()))
+                .push_bind(p.to_json.as_str())
+                .push_bind(m.subject.as_deref())
+                .push_bind(m.text.as_deref())
+                .push_bind(m.message_id.as_deref())
+                .push_bind(p.irt_json.as_str())
+                .push_bind(p.refs_json.as_str())
+                .push_bind(m.thread_key.as_deref())
+                .push_bind(automation_str(m.automation))
+                .push_bind(m.parse.as_str())
+                .push_bind(parse_reason)
+                .push_bind(m.raw.as_slice())
+                .push_bind(p.sha.as_str())
+                .push_bind(stored_at);
+        });
+        // RETURNING order is unspecified in SQLite, so rows are matched by their key.
+        qb.push(" ON CONFLICT (source, origin_key) DO NOTHING RETURNING id, source, origin_key");
+        let rows: Vec<(i64, String, String)> = qb.build_query_as().fetch_all(&mut **tx).await?;
+        for (id, source, key) in rows {
+            ids.insert((source, key), id);
+        }
+    }
+    let mut by_unique = Vec::with_capacity(unique.len());
+    for p in &unique {
+        match ids.get(&(p.msg.source.clone(), p.key.clone())) {
+            Some(&id) => by_unique.push(Ingested {
+                id,
+                duplicate: false,
+            }),
+            None => {
+                let (id,): (i64,) =
+                    sqlx::query_as("SELECT id FROM messages WHERE source = ? AND origin_key = ?")
+                        .bind(&p.msg.source)
+                        .bind(&p.key)
+                        .fetch_one(&mut **tx)
+                        .await?;
+                by_unique.push(Ingested {
+                    id,
+                    duplicate: true,
+                });
+            }
+        }
+    }
+    Ok(slot
+        .into_iter()
+        .map(|(u, repeated)| Ingested {
+            id: by_unique[u].id,
+            duplicate: repeated || by_unique[u].duplicate,
+        })
+        .collect())
+}
+
 impl Store {
     /// Stores one message durably (committed and fsync'd on return) unless its origin exists.
     pub async fn ingest(&self, msg: &Message, now: DateTime<Utc>) -> Result<Ingested, Error> {

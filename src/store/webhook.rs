@@ -19,7 +19,7 @@ use serde::Serialize;
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
-use super::messages::insert_message;
+use super::messages::{insert_message, insert_messages};
 use super::{Error, Ingested, Store, from_ms, to_ms};
 use crate::message::Message;
 
@@ -270,52 +270,56 @@ async fn insert_batch(
     let mut tx = sqlx::Connection::begin_with(&mut **conn, "BEGIN IMMEDIATE").await?;
     let mut results = Vec::with_capacity(batch.len());
     let mut tally: HashMap<(String, String), i64> = counts.clone();
-    let mut touched: HashMap<&str, ()> = HashMap::new();
-    for job in batch {
+    let mut touched: HashMap<String, ()> = HashMap::new();
+    // Deliveries with a one-time token are checked and stored one by one (rare: Mailgun);
+    // the rest go in one multi-row insert.
+    let mut plain: Vec<usize> = Vec::with_capacity(batch.len());
+    results.resize(batch.len(), Err(IngestError::Busy));
+    for (i, job) in batch.iter().enumerate() {
         let msg = &job.delivery.message;
-        if let Some(token) = &job.delivery.replay_token {
-            let key = msg.origin.key();
-            let seen: Option<(String,)> = sqlx::query_as(
-                "SELECT origin_key FROM webhook_replay_tokens WHERE source = ? AND token = ?",
-            )
-            .bind(&msg.source)
-            .bind(token)
-            .fetch_optional(&mut *tx)
-            .await?;
-            match seen {
-                Some((k,)) if k != key => {
-                    *tally
-                        .entry((msg.source.clone(), "rejected:token_reused".into()))
-                        .or_insert(0) += 1;
-                    results.push(Err(IngestError::TokenReused));
-                    continue;
-                }
-                Some(_) => {}
-                None => {
-                    sqlx::query(
-                        "INSERT INTO webhook_replay_tokens (source, token, origin_key, seen_at) \
-                         VALUES (?, ?, ?, ?)",
-                    )
-                    .bind(&msg.source)
-                    .bind(token)
-                    .bind(&key)
-                    .bind(to_ms(now))
-                    .execute(&mut *tx)
-                    .await?;
-                }
+        let Some(token) = &job.delivery.replay_token else {
+            plain.push(i);
+            continue;
+        };
+        let key = msg.origin.key();
+        let seen: Option<(String,)> = sqlx::query_as(
+            "SELECT origin_key FROM webhook_replay_tokens WHERE source = ? AND token = ?",
+        )
+        .bind(&msg.source)
+        .bind(token)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match seen {
+            Some((k,)) if k != key => {
+                *tally
+                    .entry((msg.source.clone(), "rejected:token_reused".into()))
+                    .or_insert(0) += 1;
+                results[i] = Err(IngestError::TokenReused);
+                continue;
+            }
+            Some(_) => {}
+            None => {
+                sqlx::query(
+                    "INSERT INTO webhook_replay_tokens (source, token, origin_key, seen_at) \
+                     VALUES (?, ?, ?, ?)",
+                )
+                .bind(&msg.source)
+                .bind(token)
+                .bind(&key)
+                .bind(to_ms(now))
+                .execute(&mut *tx)
+                .await?;
             }
         }
         let out = insert_message(&mut tx, msg, now).await?;
-        let counter = if out.duplicate {
-            "duplicates"
-        } else {
-            "accepted"
-        };
-        *tally
-            .entry((msg.source.clone(), counter.into()))
-            .or_insert(0) += 1;
-        touched.insert(msg.source.as_str(), ());
-        results.push(Ok(out));
+        record(&mut tally, &mut touched, msg, out);
+        results[i] = Ok(out);
+    }
+    let msgs: Vec<&Message> = plain.iter().map(|&i| &batch[i].delivery.message).collect();
+    let outs = insert_messages(&mut tx, &msgs, now).await?;
+    for (&i, out) in plain.iter().zip(outs) {
+        record(&mut tally, &mut touched, &batch[i].delivery.message, out);
+        results[i] = Ok(out);
     }
     for ((source, name), n) in &tally {
         sqlx::query(
@@ -329,6 +333,7 @@ async fn insert_batch(
         .await?;
     }
     for source in touched.keys() {
+        let source = source.as_str();
         sqlx::query(
             "INSERT INTO webhook_activity (source, last_delivery_at) VALUES (?, ?) \
              ON CONFLICT (source) DO UPDATE SET last_delivery_at = excluded.last_delivery_at",
@@ -346,6 +351,24 @@ async fn insert_batch(
     }
     tx.commit().await?;
     Ok(results)
+}
+
+/// Counts one stored delivery as accepted or duplicate and marks its source as active.
+fn record(
+    tally: &mut HashMap<(String, String), i64>,
+    touched: &mut HashMap<String, ()>,
+    msg: &Message,
+    out: Ingested,
+) {
+    let counter = if out.duplicate {
+        "duplicates"
+    } else {
+        "accepted"
+    };
+    *tally
+        .entry((msg.source.clone(), counter.into()))
+        .or_insert(0) += 1;
+    touched.insert(msg.source.clone(), ());
 }
 
 #[cfg(test)]
@@ -444,5 +467,72 @@ mod tests {
             .await;
         assert_eq!(replay, Err(IngestError::TokenReused));
         assert_eq!(store.message_count().await.unwrap(), 1);
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::tests_support::message;
+    use crate::store::Store;
+    use crate::store::messages::insert_messages;
+    use chrono::Utc;
+
+    #[tokio::test]
+    async fn multi_row_insert_matches_single_row_semantics() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("q.db")).await.unwrap();
+        let mut tx = store.begin_write().await.unwrap();
+        let a = message("s", "a");
+        let first = insert_messages(&mut tx, &[&a], Utc::now()).await.unwrap();
+        let b = message("s", "b");
+        let other_source = message("t", "a");
+        let got = insert_messages(&mut tx, &[&b, &a, &b, &other_source], Utc::now())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert!(!got[0].duplicate);
+        assert_eq!((got[1].id, got[1].duplicate), (first[0].id, true));
+        assert_eq!((got[2].id, got[2].duplicate), (got[0].id, true));
+        assert!(!got[3].duplicate);
+        assert_ne!(got[3].id, first[0].id);
+        assert_eq!(store.message_count().await.unwrap(), 3);
+        // A batch larger than one statement chunk.
+        let many: Vec<_> = (0..1000).map(|i| message("m", &format!("k{i}"))).collect();
+        let refs: Vec<_> = many.iter().collect();
+        let mut tx = store.begin_write().await.unwrap();
+        let got = insert_messages(&mut tx, &refs, Utc::now()).await.unwrap();
+        tx.commit().await.unwrap();
+        assert!(got.iter().all(|g| !g.duplicate));
+        assert_eq!(store.message_count().await.unwrap(), 1003);
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    use crate::message::{Automation, Direction, Message, Origin, ParseStatus};
+    use chrono::Utc;
+
+    /// A minimal webhook message with the given source and delivery id.
+    pub fn message(source: &str, id: &str) -> Message {
+        Message {
+            source: source.into(),
+            origin: Origin::Webhook {
+                delivery_id: id.into(),
+            },
+            direction: Direction::Inbound,
+            received_at: Utc::now(),
+            sent_at: None,
+            from: None,
+            to: vec![],
+            subject: None,
+            text: Some("hello".into()),
+            message_id: None,
+            in_reply_to: vec![],
+            references: vec![],
+            thread_key: None,
+            automation: Automation::Human,
+            parse: ParseStatus::Ok,
+            raw: id.as_bytes().to_vec(),
+        }
     }
 }

@@ -76,12 +76,25 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
+        self.spawn_wrapped(&[]);
+    }
+
+    /// Starts the daemon, optionally under a wrapper command (`strace ... --`).
+    fn spawn_wrapped(&mut self, wrapper: &[String]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
-        let child = Command::new(binary())
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let child = cmd
             .arg("run")
             .arg("--config")
             .arg(self.config())
@@ -555,6 +568,40 @@ async fn every_scheme_verifies_vectors_and_rejects_mutations() {
     let reordered = b"To=%2B18005551212&Digits=1234&CallSid=CA1234567890ABCDE&From=%2B12349013030&Caller=%2B12349013030";
     let r = request(d.port, &tw.path, &tw.headers, reordered).await;
     assert_eq!(r.status, 200, "{r:?}");
+    // `frontdesk sources` shows the counters (rejections were flushed with the last commit).
+    let out = Command::new(binary())
+        .args(["sources", "--json", "--config"])
+        .arg(d.config())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sw = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["kind"] == "webhook" && l["source"] == "sw")
+        .expect("sw in frontdesk sources");
+    assert_eq!(
+        (sw["accepted"].as_i64(), sw["duplicates"].as_i64()),
+        (Some(1), Some(1))
+    );
+    assert!(
+        sw["rejected"]["bad_signature"].as_i64().unwrap_or(0) >= 3,
+        "{sw}"
+    );
+    assert!(sw["last_delivery_at"].is_string());
+    let open = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["source"] == "open")
+        .expect("open in frontdesk sources");
+    assert_eq!(open["preset"], "form");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1031,5 +1078,90 @@ async fn disk_full_answers_503_then_recovers_without_restart() {
         recovered,
         "no 2xx within 5 s of freeing space; log:\n{}",
         d.log()
+    );
+}
+
+/// D2: every 2xx is preceded by an fsync of the database or its WAL since the previous 2xx
+/// (Postfix's rule, checked on the syscalls). Skipped when strace is not installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_ack_follows_an_fsync_since_the_previous_ack() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        eprintln!("skipping fsync audit: strace not installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    write_secret(tmp.path(), "sw", SW_SECRET);
+    let sources = format!(
+        "  - name: sw\n    webhook:\n      preset: standard-webhooks\n      auth: {{ scheme: standard-webhooks, secret_file: {}/sw }}\n",
+        tmp.path().display()
+    );
+    let mut d = Daemon::start(&sources, None, "");
+    d.kill9();
+    let trace = tmp.path().join("trace.txt");
+    let wrapper: Vec<String> = [
+        "strace",
+        "-f",
+        "-yy",
+        "-s",
+        "300",
+        "-e",
+        "trace=fdatasync,fsync,write,writev,sendto,sendmsg",
+        "-o",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([trace.display().to_string(), "--".to_string()])
+    .collect();
+    d.spawn_wrapped(&wrapper);
+    for i in 0..200 {
+        let body = format!(r#"{{"type":"t","data":{{"n":{i}}}}}"#);
+        let id = format!("d2_{i}");
+        let r = request(
+            d.port,
+            "/hooks/sw",
+            &sw_headers(SW_SECRET, &id, now_secs(), body.as_bytes()),
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    // SIGTERM goes to the daemon itself (strace would detach and leave it running); strace then
+    // exits when its tracee does.
+    let strace_pid = d.child.as_ref().map(|c| c.id()).unwrap_or_default();
+    let out = Command::new("ps")
+        .args(["-o", "pid=", "--ppid", &strace_pid.to_string()])
+        .output()
+        .unwrap();
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        unsafe_free_sigterm(pid.parse().unwrap());
+    }
+    if let Some(mut c) = d.child.take() {
+        let _ = c.wait();
+    }
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let mut synced = false;
+    let (mut acks, mut unsynced) = (0, 0);
+    for line in text.lines() {
+        let is_sync = (line.contains("fdatasync(") || line.contains("fsync("))
+            && (line.contains("-wal>") || line.contains(".db>"));
+        if is_sync {
+            synced = true;
+        }
+        let is_ack = (line.contains("write") || line.contains("send"))
+            && line.contains("TCP:[")
+            && line.contains("HTTP/1.1 200")
+            && line.contains("duplicate");
+        if is_ack {
+            acks += 1;
+            if !synced {
+                unsynced += 1;
+            }
+            synced = false;
+        }
+    }
+    assert_eq!(acks, 200, "acks seen in the trace");
+    assert_eq!(
+        unsynced, 0,
+        "2xx sent without an fsync since the previous one"
     );
 }

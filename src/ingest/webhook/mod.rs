@@ -337,32 +337,116 @@ async fn receive(
     }
 }
 
-/// The webhook part of `frontdesk sources`: one aligned line per source with its counters.
-pub fn counters_text(counters: &[crate::store::webhook::WebhookCounters]) -> String {
+/// One webhook source as `frontdesk sources` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WebhookSourceLine {
+    /// Always `webhook` (IMAP lines in the same listing have a `folder` instead).
+    pub kind: &'static str,
+    /// The source name.
+    pub source: String,
+    /// The configured preset.
+    pub preset: &'static str,
+    /// Deliveries stored as new rows.
+    pub accepted: i64,
+    /// Repeated deliveries answered with the existing id.
+    pub duplicates: i64,
+    /// 401s and 413s by reason (`bad_signature`, `timestamp_outside_window`, `too_large`, ...).
+    pub rejected: std::collections::BTreeMap<String, i64>,
+    /// Acknowledged but not stored (pings, status callbacks).
+    pub ignored: i64,
+    /// Answered 422 (a required field missing).
+    pub invalid: i64,
+    /// The last accepted or duplicate delivery.
+    pub last_delivery_at: Option<chrono::DateTime<Utc>>,
+}
+
+/// Every configured webhook source with its counters (zero when it never got a request).
+pub async fn sources_report(
+    config: &config::Config,
+    store: &crate::store::Store,
+) -> Result<Vec<WebhookSourceLine>, crate::store::Error> {
+    let counters = store.webhook_counters().await?;
+    let mut out = Vec::new();
+    for s in &config.sources {
+        let SourceKind::Webhook(hook) = &s.kind else {
+            continue;
+        };
+        let mut line = WebhookSourceLine {
+            kind: "webhook",
+            source: s.name.clone(),
+            preset: preset_name(hook.preset),
+            accepted: 0,
+            duplicates: 0,
+            rejected: std::collections::BTreeMap::new(),
+            ignored: 0,
+            invalid: 0,
+            last_delivery_at: None,
+        };
+        if let Some(c) = counters.iter().find(|c| c.source == s.name) {
+            line.accepted = c.accepted;
+            line.duplicates = c.duplicates;
+            line.last_delivery_at = c.last_delivery_at;
+            for (name, n) in &c.other {
+                match name.strip_prefix("rejected:") {
+                    Some(reason) => {
+                        line.rejected.insert(reason.to_string(), *n);
+                    }
+                    None if name == "ignored" => line.ignored = *n,
+                    None if name == "invalid" => line.invalid = *n,
+                    None => {}
+                }
+            }
+        }
+        out.push(line);
+    }
+    Ok(out)
+}
+
+fn preset_name(p: config::Preset) -> &'static str {
+    match p {
+        config::Preset::Form => "form",
+        config::Preset::Json => "json",
+        config::Preset::StandardWebhooks => "standard-webhooks",
+        config::Preset::Github => "github",
+        config::Preset::SlackEvents => "slack-events",
+        config::Preset::TwilioSms => "twilio-sms",
+        config::Preset::Stripe => "stripe",
+        config::Preset::PostmarkInbound => "postmark-inbound",
+        config::Preset::MailgunInbound => "mailgun-inbound",
+    }
+}
+
+/// The webhook part of `frontdesk sources` as aligned text.
+pub fn sources_text(lines: &[WebhookSourceLine]) -> String {
     let mut out = format!(
-        "{:<20} {:>9} {:>10} {:>8}  {:<20}  OTHER\n",
-        "WEBHOOK", "ACCEPTED", "DUPLICATES", "REJECTED", "LAST DELIVERY (UTC)"
+        "{:<16} {:<18} {:>9} {:>10} {:>8} {:>7} {:>7}  {:<19}  REJECTED BY REASON\n",
+        "WEBHOOK",
+        "PRESET",
+        "ACCEPTED",
+        "DUPLICATES",
+        "REJECTED",
+        "IGNORED",
+        "INVALID",
+        "LAST DELIVERY (UTC)"
     );
-    for c in counters {
-        let rejected: i64 = c
-            .other
-            .iter()
-            .filter(|(name, _)| name.starts_with("rejected:"))
-            .map(|(_, n)| n)
-            .sum();
-        let last = c.last_delivery_at.map_or_else(
+    for l in lines {
+        let rejected: i64 = l.rejected.values().sum();
+        let last = l.last_delivery_at.map_or_else(
             || "-".to_string(),
             |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
         );
-        let other: Vec<String> = c.other.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let reasons: Vec<String> = l.rejected.iter().map(|(k, v)| format!("{k}={v}")).collect();
         out.push_str(&format!(
-            "{:<20} {:>9} {:>10} {:>8}  {:<20}  {}\n",
-            c.source,
-            c.accepted,
-            c.duplicates,
+            "{:<16} {:<18} {:>9} {:>10} {:>8} {:>7} {:>7}  {:<19}  {}\n",
+            l.source,
+            l.preset,
+            l.accepted,
+            l.duplicates,
             rejected,
+            l.ignored,
+            l.invalid,
             last,
-            other.join(" ")
+            reasons.join(" ")
         ));
     }
     out
@@ -371,24 +455,31 @@ pub fn counters_text(counters: &[crate::store::webhook::WebhookCounters]) -> Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::webhook::WebhookCounters;
 
     #[test]
-    fn counters_text_sums_rejections() {
-        let text = counters_text(&[WebhookCounters {
+    fn sources_text_sums_rejections() {
+        let text = sources_text(&[WebhookSourceLine {
+            kind: "webhook",
             source: "sms".into(),
+            preset: "twilio-sms",
             accepted: 5,
             duplicates: 2,
-            other: vec![
-                ("ignored".into(), 1),
-                ("rejected:bad_signature".into(), 3),
-                ("rejected:too_large".into(), 1),
-            ],
+            rejected: [
+                ("bad_signature".to_string(), 3),
+                ("too_large".to_string(), 1),
+            ]
+            .into_iter()
+            .collect(),
+            ignored: 1,
+            invalid: 0,
             last_delivery_at: None,
         }]);
         let line = text.lines().nth(1).unwrap();
         let cols: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(&cols[..5], &["sms", "5", "2", "4", "-"]);
-        assert!(line.contains("rejected:bad_signature=3"));
+        assert_eq!(
+            &cols[..8],
+            &["sms", "twilio-sms", "5", "2", "4", "1", "0", "-"]
+        );
+        assert!(line.contains("bad_signature=3 too_large=1"));
     }
 }
