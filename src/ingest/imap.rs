@@ -366,23 +366,27 @@ struct Listed {
 
 /// `UID FETCH set (UID RFC822.SIZE INTERNALDATE)`, sorted by UID.
 async fn list(session: &mut Session, set: &str, t: Duration) -> Result<Vec<Listed>, ImapError> {
-    let fetches: Vec<Fetch> = session
-        .uid_fetch(set, "(UID RFC822.SIZE INTERNALDATE)")
-        .await
-        .map_err(protocol("uid fetch (list)", t))?
-        .try_collect()
-        .await
-        .map_err(protocol("uid fetch (list)", t))?;
-    let mut out: Vec<Listed> = fetches
-        .iter()
-        .filter_map(|f| {
-            Some(Listed {
-                uid: f.uid?,
-                size: f.size.unwrap_or(0),
-                internal_date: f.internal_date().map(|d| d.with_timezone(&Utc)),
-            })
-        })
-        .collect();
+    // each response is turned into a small `Listed` and dropped at once: async-imap keeps a
+    // buffer per response, so collecting 10,000 of them first would cost tens of megabytes
+    let mut out = Vec::new();
+    let listed = async {
+        let stream = session
+            .uid_fetch(set, "(UID RFC822.SIZE INTERNALDATE)")
+            .await?;
+        let mut stream = std::pin::pin!(stream);
+        while let Some(f) = stream.try_next().await? {
+            if let Some(uid) = f.uid {
+                out.push(Listed {
+                    uid,
+                    size: f.size.unwrap_or(0),
+                    internal_date: f.internal_date().map(|d| d.with_timezone(&Utc)),
+                });
+            }
+        }
+        Ok::<(), async_imap::error::Error>(())
+    }
+    .await;
+    listed.map_err(protocol("uid fetch (list)", t))?;
     out.sort_by_key(|l| l.uid);
     out.dedup_by_key(|l| l.uid);
     Ok(out)
