@@ -260,9 +260,13 @@ async fn sender_task(shared: Shared) {
     loop {
         let current = config.borrow_and_update().clone();
         let generation = shared.shutdown.child_token();
+        let quiet = quiet_hours(&current);
         match crate::notify::Sender::new(shared.store.clone(), current) {
             Ok(sender) => {
-                let sender = sender.wake_on(shared.wake_sender.clone());
+                let mut sender = sender.wake_on(shared.wake_sender.clone());
+                if let Some(quiet) = quiet {
+                    sender = sender.quiet_hours(quiet);
+                }
                 let handle = tokio::spawn(sender.run(generation.clone()));
                 tokio::select! {
                     _ = shared.shutdown.cancelled() => {
@@ -288,6 +292,20 @@ async fn sender_task(shared: Shared) {
                     changed = config.changed() => if changed.is_err() { return },
                 }
             }
+        }
+    }
+}
+
+/// `alerts.quiet_hours`: alerts are held while its calendar is closed (they go into the next
+/// digest). `always` or an unusable calendar means never quiet; the latter is logged.
+fn quiet_hours(config: &Config) -> Option<crate::notify::sender::QuietHours> {
+    let name = config.alerts.quiet_calendar.as_ref()?;
+    let spec = config.sla.calendars.get(name)?;
+    match crate::core::build_calendar(name, spec) {
+        Ok(calendar) => Some(Arc::new(move |t| !calendar.is_open(t))),
+        Err(e) => {
+            tracing::error!(error = %e, calendar = %name, "quiet hours ignored: calendar not usable");
+            None
         }
     }
 }
