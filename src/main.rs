@@ -64,6 +64,41 @@ enum Command {
         /// The new database file (must not exist)
         path: PathBuf,
     },
+    /// List conversations with their SLA state, most urgent first
+    Conversations {
+        /// One JSON array on stdout
+        #[arg(long)]
+        json: bool,
+        /// idle, waiting, at_risk, breached or all
+        #[arg(long, default_value = "all")]
+        state: String,
+        /// Only this owner's conversations
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// Response-time statistics: count, median, p90 (business and calendar), share met
+    Stats {
+        /// One JSON array on stdout
+        #[arg(long)]
+        json: bool,
+        /// From this date (YYYY-MM-DD or RFC 3339; default: 28 days ago)
+        #[arg(long)]
+        since: Option<String>,
+        /// Until this date (exclusive; default: now)
+        #[arg(long)]
+        until: Option<String>,
+        /// client, owner or source (default: everything together)
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Explain a message's (or with --conversation, a conversation's) client, owner, policy and due time
+    Explain {
+        /// Message id (or conversation id with --conversation)
+        id: i64,
+        /// Treat ID as a conversation id
+        #[arg(long)]
+        conversation: bool,
+    },
     /// Print the man page (roff) to stdout
     #[command(hide = true)]
     Manpage,
@@ -341,6 +376,155 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                     frontdesk::cli_text::print_messages(&rows);
                 }
                 Ok::<(), Failure>(())
+            })
+        }
+        Command::Conversations { json, state, owner } => {
+            if !["all", "idle", "waiting", "at_risk", "breached"].contains(&state.as_str()) {
+                return Err(Failure {
+                    code: 64,
+                    message: format!(
+                        "unknown --state '{state}': use idle, waiting, at_risk, breached or all"
+                    ),
+                });
+            }
+            let path = config::resolve_path(cli.config.as_deref());
+            let loaded = load_config(&path)?;
+            runtime()?.block_on(async move {
+                let store = open_store(&loaded.config).await?;
+                let rows = store
+                    .conversations(&frontdesk::store::core::ConversationFilter {
+                        state: Some(state),
+                        owner,
+                    })
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                if json {
+                    emit(&format!(
+                        "{}\n",
+                        serde_json::to_string_pretty(&rows).map_err(anyhow::Error::from)?
+                    ));
+                } else {
+                    let mut out = String::new();
+                    for r in &rows {
+                        out.push_str(&format!(
+                            "{:>6}  {:<9} {:<24} {:<10} due {}\n",
+                            r.id,
+                            r.state,
+                            frontdesk::cli_text::one_line(&r.client, 24),
+                            r.owner.as_deref().unwrap_or("-"),
+                            r.due_at.map_or("-".to_string(), |t| t.to_rfc3339()),
+                        ));
+                    }
+                    emit(&out);
+                }
+                Ok::<(), Failure>(())
+            })
+        }
+        Command::Stats {
+            json,
+            since,
+            until,
+            by,
+        } => {
+            let parse = |s: &str| -> Result<chrono::DateTime<chrono::Utc>, Failure> {
+                chrono::DateTime::parse_from_rfc3339(s)
+                    .map(|t| t.with_timezone(&chrono::Utc))
+                    .or_else(|_| {
+                        chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                            .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc())
+                    })
+                    .map_err(|_| Failure {
+                        code: 64,
+                        message: format!("bad date '{s}': use YYYY-MM-DD or RFC 3339"),
+                    })
+            };
+            let now = chrono::Utc::now();
+            let until = until.as_deref().map(parse).transpose()?.unwrap_or(now);
+            let since = since
+                .as_deref()
+                .map(parse)
+                .transpose()?
+                .unwrap_or(until - chrono::TimeDelta::days(28));
+            use frontdesk::sla::stats::GroupBy;
+            let group = match by.as_deref() {
+                None => GroupBy::All,
+                Some("client") => GroupBy::Client,
+                Some("owner") => GroupBy::Owner,
+                Some("source") => GroupBy::Source,
+                Some(other) => {
+                    return Err(Failure {
+                        code: 64,
+                        message: format!("unknown --by '{other}': use client, owner or source"),
+                    });
+                }
+            };
+            let path = config::resolve_path(cli.config.as_deref());
+            let loaded = load_config(&path)?;
+            runtime()?.block_on(async move {
+                let store = open_store(&loaded.config).await?;
+                let rows = store
+                    .fulfilled_targets(since, until)
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                let stats = frontdesk::sla::stats::summarize(&rows, group);
+                if json {
+                    emit(&format!(
+                        "{}\n",
+                        serde_json::to_string_pretty(&stats).map_err(anyhow::Error::from)?
+                    ));
+                } else {
+                    let mut out = String::new();
+                    for r in &stats {
+                        out.push_str(&format!(
+                            "{:<24} {:<11} n={:<5} median {}s p90 {}s (business)  median {}s p90 {}s (calendar)  met {:.0}%\n",
+                            frontdesk::cli_text::one_line(&r.group, 24),
+                            r.metric,
+                            r.count,
+                            r.median_business_s,
+                            r.p90_business_s,
+                            r.median_calendar_s,
+                            r.p90_calendar_s,
+                            r.share_met * 100.0
+                        ));
+                    }
+                    emit(&out);
+                }
+                Ok::<(), Failure>(())
+            })
+        }
+        Command::Explain { id, conversation } => {
+            let path = config::resolve_path(cli.config.as_deref());
+            let loaded = load_config(&path)?;
+            let routing =
+                frontdesk::core::Routing::from_config(&loaded.config).map_err(|e| Failure {
+                    code: 78,
+                    message: e.to_string(),
+                })?;
+            runtime()?.block_on(async move {
+                let store = open_store(&loaded.config).await?;
+                let text = if conversation {
+                    frontdesk::core::explain(&store, &routing, id).await
+                } else {
+                    frontdesk::core::explain_message(&store, &routing, id).await
+                }
+                .map_err(anyhow::Error::from)?;
+                match text {
+                    Some(t) => {
+                        emit(&format!("{t}\n"));
+                        Ok::<(), Failure>(())
+                    }
+                    None => Err(Failure {
+                        code: 1,
+                        message: format!(
+                            "no {} {id} (or not processed yet)",
+                            if conversation {
+                                "conversation"
+                            } else {
+                                "message"
+                            }
+                        ),
+                    }),
+                }
             })
         }
         Command::Sync { source } => {

@@ -2,6 +2,7 @@
 //! HTTP and real mail servers on loopback.
 
 mod config_check;
+mod core;
 mod daemon;
 mod deploy;
 mod digest;
