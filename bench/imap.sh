@@ -81,7 +81,7 @@ mbsync_conf() { # mbsync_conf NAME FSYNC
 FSync $2
 
 IMAPAccount bench
-Host 127.0.0.1
+Host localhost
 Port $RIG_IMAPS_PORT
 User alice
 Pass secret
@@ -119,7 +119,7 @@ peer_cmd() {
 peer_count() {
     case $1 in
     frontdesk) "$PY" -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*) from messages").fetchone()[0])' "$W/fd/frontdesk.db" ;;
-    *) find "$W/$1/mail/INBOX" -type f \( -path '*/cur/*' -o -path '*/new/*' \) | wc -l ;;
+    *) find "$W/$1/mail/INBOX" -type f \( -path '*/cur/*' -o -path '*/new/*' \) 2>/dev/null | wc -l ;;
     esac
 }
 
@@ -130,7 +130,7 @@ measure() { # measure PHASE PEER EXPECTED_TOTAL MSGS
     sync
     # shellcheck disable=SC2046
     /usr/bin/time -o "$W/time.out" -f '%e %M' $(peer_cmd "$peer") >/dev/null 2>"$W/$peer.$phase.log" ||
-        echo "FAILED $peer $phase (see below)" >&2
+        { echo "FAILED $peer $phase:"; tail -5 "$W/$peer.$phase.log"; } >&2
     out=$(tail -1 "$W/time.out")
     wall=${out% *}
     rss=${out#* }

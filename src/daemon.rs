@@ -77,6 +77,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("cannot set up the output channels")?;
     tracker.spawn(sender_task(shared.clone()));
 
+    // The core loop: the only writer of conversations and SLA targets. Its rules are checked
+    // here so that a config the core cannot use fails the start.
+    crate::core::Routing::from_config(&config_rx.borrow()).context("cannot build the sla rules")?;
+    tracker.spawn(core_task(shared.clone()));
+
     let app = http::router(state);
     let server_shutdown = shutdown.clone();
     let header_timeout = config_rx.borrow().server.header_timeout;
@@ -200,6 +205,49 @@ async fn imap_supervisor(shared: Shared) {
     for (_, (_, token, handle)) in running {
         token.cancel();
         let _ = handle.await;
+    }
+}
+
+/// Runs the core loop, rebuilding its routing (clients, owners, policies, calendars) on reload.
+///
+/// The loop commits each step before the next, so stopping it between steps loses nothing; open
+/// targets are recomputed from the message log under the new rules.
+async fn core_task(shared: Shared) {
+    let mut config = shared.config.clone();
+    loop {
+        let current = config.borrow_and_update().clone();
+        match crate::core::Routing::from_config(&current) {
+            Ok(routing) => {
+                let generation = shared.shutdown.child_token();
+                let core = crate::core::Core::new(shared.store.clone(), Arc::new(routing));
+                let wake = shared.wake_core.clone();
+                let stop = generation.clone();
+                let handle = tokio::spawn(async move { core.run(wake, stop).await });
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => {
+                        let _ = handle.await;
+                        return;
+                    }
+                    changed = config.changed() => {
+                        generation.cancel();
+                        let _ = handle.await;
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "sla rules not usable; waiting for a config reload");
+                shared
+                    .health
+                    .failed("core", &e.to_string(), chrono::Utc::now());
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => return,
+                    changed = config.changed() => if changed.is_err() { return },
+                }
+            }
+        }
     }
 }
 

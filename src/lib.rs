@@ -4,6 +4,7 @@
 
 pub mod cli_text;
 pub mod config;
+pub mod core;
 pub mod daemon;
 pub mod digest;
 pub mod health;
@@ -11,4 +12,7 @@ pub mod http;
 pub mod ingest;
 pub mod message;
 pub mod notify;
+pub mod rules;
+pub mod sla;
 pub mod store;
+pub mod thread;

@@ -59,6 +59,11 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+    /// Write a consistent copy of the database to PATH while the daemon runs
+    Backup {
+        /// The new database file (must not exist)
+        path: PathBuf,
+    },
     /// Print the man page (roff) to stdout
     #[command(hide = true)]
     Manpage,
@@ -146,6 +151,12 @@ fn init_logging(format: LogFormat) {
     use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_from_env("FRONTDESK_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,hyper=warn"));
+    // async-imap traces every encoded command, LOGIN and AUTHENTICATE with their secrets
+    // included, and lettre traces the SMTP dialogue: cap both at debug, whatever the filter says.
+    let filter = ["async_imap=debug", "imap_proto=debug", "lettre=debug"]
+        .iter()
+        .filter_map(|d| d.parse().ok())
+        .fold(filter, |f, d| f.add_directive(d));
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let format = match format {
         LogFormat::Auto if under_journal => LogFormat::Journald,
@@ -239,6 +250,31 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                     })
                 }
             }
+        }
+        Command::Backup { path } => {
+            let cfg = config::resolve_path(cli.config.as_deref());
+            let loaded = load_config(&cfg)?;
+            runtime()?.block_on(async move {
+                let store = open_store(&loaded.config).await?;
+                store.backup(&path).await.map_err(anyhow::Error::from)?;
+                let copy = Store::open(&path).await.map_err(anyhow::Error::from)?;
+                let verdict = copy.integrity_check().await.map_err(anyhow::Error::from)?;
+                if verdict != "ok" {
+                    return Err(Failure {
+                        code: 1,
+                        message: format!(
+                            "backup {} failed its integrity check: {verdict}",
+                            path.display()
+                        ),
+                    });
+                }
+                emit(&format!(
+                    "{}: {} messages, integrity ok\n",
+                    path.display(),
+                    copy.message_count().await.map_err(anyhow::Error::from)?
+                ));
+                Ok(())
+            })
         }
         Command::Manpage => {
             let mut buf = Vec::new();

@@ -30,6 +30,8 @@ pub fn normalize(
 ) -> Message {
     let fields = catch_unwind(AssertUnwindSafe(|| extract(&raw))).unwrap_or_else(|_| Fields {
         reasons: vec!["mail parser panicked".to_string()],
+        // the header-only parse usually survives; the id must agree with `fingerprint`
+        message_id: message_id_of(&raw),
         ..Fields::default()
     });
     let message_id = fields
@@ -475,9 +477,13 @@ Message-ID: <id1@x.test>\r\nIn-Reply-To: <id0@x.test>\r\nReferences: <a@x> <id0@
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
         for entry in std::fs::read_dir(dir).unwrap() {
             let raw = std::fs::read(entry.unwrap().path()).unwrap();
+            // the same checks as fuzz/fuzz_targets/email_normalize.rs
             let m = norm(&raw);
             assert_eq!(m.raw, raw);
-            assert!(m.message_id.is_some_and(|id| !id.contains(['<', '>'])));
+            let id = m.message_id.unwrap();
+            assert!(!id.is_empty() && !id.contains(['<', '>', '\r', '\n', '\0']));
+            assert!(m.subject.is_none_or(|s| !s.contains(['\r', '\n', '\0'])));
+            assert_eq!(fingerprint(&raw), id);
         }
     }
 

@@ -366,23 +366,27 @@ struct Listed {
 
 /// `UID FETCH set (UID RFC822.SIZE INTERNALDATE)`, sorted by UID.
 async fn list(session: &mut Session, set: &str, t: Duration) -> Result<Vec<Listed>, ImapError> {
-    let fetches: Vec<Fetch> = session
-        .uid_fetch(set, "(UID RFC822.SIZE INTERNALDATE)")
-        .await
-        .map_err(protocol("uid fetch (list)", t))?
-        .try_collect()
-        .await
-        .map_err(protocol("uid fetch (list)", t))?;
-    let mut out: Vec<Listed> = fetches
-        .iter()
-        .filter_map(|f| {
-            Some(Listed {
-                uid: f.uid?,
-                size: f.size.unwrap_or(0),
-                internal_date: f.internal_date().map(|d| d.with_timezone(&Utc)),
-            })
-        })
-        .collect();
+    // each response is turned into a small `Listed` and dropped at once: async-imap keeps a
+    // buffer per response, so collecting 10,000 of them first would cost tens of megabytes
+    let mut out = Vec::new();
+    let listed = async {
+        let stream = session
+            .uid_fetch(set, "(UID RFC822.SIZE INTERNALDATE)")
+            .await?;
+        let mut stream = std::pin::pin!(stream);
+        while let Some(f) = stream.try_next().await? {
+            if let Some(uid) = f.uid {
+                out.push(Listed {
+                    uid,
+                    size: f.size.unwrap_or(0),
+                    internal_date: f.internal_date().map(|d| d.with_timezone(&Utc)),
+                });
+            }
+        }
+        Ok::<(), async_imap::error::Error>(())
+    }
+    .await;
+    listed.map_err(protocol("uid fetch (list)", t))?;
     out.sort_by_key(|l| l.uid);
     out.dedup_by_key(|l| l.uid);
     Ok(out)
@@ -534,6 +538,21 @@ impl SourceCtx {
                 done,
                 total,
             });
+            // fetching batch N+1 overlaps with normalizing and committing batch N (commits stay
+            // in order: at most one is in flight, and each carries its own cursor)
+            let mut inflight: Option<tokio::task::JoinHandle<Result<BatchCounts, ImapError>>> =
+                None;
+            let mut add = |report: &mut FolderReport, c: BatchCounts| {
+                report.inserted += c.inserted;
+                report.duplicates += c.duplicates;
+                report.accounted += c.accounted;
+                done += c.messages;
+                progress(Progress {
+                    folder: folder.name.clone(),
+                    done,
+                    total,
+                });
+            };
             for batch in batches(&listed, self.cfg.batch_size.max(1) as usize) {
                 let todo: Vec<Listed> = batch
                     .iter()
@@ -541,26 +560,27 @@ impl SourceCtx {
                     .copied()
                     .collect();
                 let last = batch.last().map_or(cursor.last_uid, |l| l.uid);
-                let out = self
-                    .fetch_and_commit(
-                        session,
-                        folder,
-                        uid_validity,
-                        &todo,
-                        &mut cursor,
-                        last,
-                        poison,
-                    )
-                    .await?;
-                report.inserted += out.0;
-                report.duplicates += out.1;
-                report.accounted += out.2;
-                done += batch.len() as u64;
-                progress(Progress {
-                    folder: folder.name.clone(),
-                    done,
-                    total,
-                });
+                let fetched = self
+                    .fetch_batch(session, folder, uid_validity, &todo, &cursor, last, poison)
+                    .await;
+                let previous = match inflight.take() {
+                    Some(h) => Some(join_commit(h).await),
+                    None => None,
+                };
+                if let Some(c) = previous {
+                    add(&mut report, c?);
+                }
+                let mut fetched = fetched?;
+                fetched.messages = batch.len() as u64;
+                cursor = fetched.next;
+                let me = self.clone();
+                let f = folder.clone();
+                inflight = Some(tokio::spawn(
+                    async move { me.commit_fetched(&f, fetched).await },
+                ));
+            }
+            if let Some(h) = inflight.take() {
+                add(&mut report, join_commit(h).await?);
             }
         }
         Ok(report)
@@ -729,20 +749,20 @@ impl SourceCtx {
         Ok(cursor)
     }
 
-    /// Fetches `todo` (all UIDs of one batch not yet known), normalizes, and commits them with the
-    /// cursor at `last`. A failing batch is retried one UID at a time; a UID failing on its own
+    /// Fetches `todo` (all UIDs of one batch not yet known) for a commit with the cursor at
+    /// `last`. A failing batch is retried one UID at a time; a UID failing on its own
     /// `POISON_ATTEMPTS` times is quarantined so it cannot stall the folder.
     #[allow(clippy::too_many_arguments)]
-    async fn fetch_and_commit(
+    async fn fetch_batch(
         &self,
         session: &mut Session,
         folder: &Folder,
         uid_validity: u32,
         todo: &[Listed],
-        cursor: &mut ImapCursor,
+        cursor: &ImapCursor,
         last: u32,
         poison: &mut PoisonTracker,
-    ) -> Result<(u64, u64, u64), ImapError> {
+    ) -> Result<Fetched, ImapError> {
         let t = self.cfg.timeout;
         let mut accounted = Vec::new();
         let mut wanted = Vec::new();
@@ -774,10 +794,10 @@ impl SourceCtx {
         } else {
             vec![wanted.clone()]
         };
-        let mut messages = Vec::with_capacity(wanted.len());
+        let mut raws = Vec::with_capacity(wanted.len());
         for group in groups {
-            // each response is normalized as it streams in and then dropped: memory holds one
-            // batch of normalized messages, not also every raw response
+            // each response's body is copied out as it streams in and the response dropped:
+            // async-imap keeps a buffer per response
             let fetched = async {
                 let stream = session
                     .uid_fetch(
@@ -787,14 +807,7 @@ impl SourceCtx {
                     .await?;
                 let mut stream = std::pin::pin!(stream);
                 while let Some(f) = stream.try_next().await? {
-                    self.take_fetch(
-                        folder,
-                        uid_validity,
-                        &group,
-                        &f,
-                        &mut messages,
-                        &mut accounted,
-                    );
+                    take_fetch(&group, &f, &mut raws, &mut accounted);
                 }
                 Ok::<(), async_imap::error::Error>(())
             }
@@ -816,6 +829,48 @@ impl SourceCtx {
             uid_validity,
             ..*cursor
         };
+        Ok(Fetched {
+            raws,
+            accounted,
+            next,
+            messages: 0,
+        })
+    }
+
+    /// Normalizes a fetched batch and commits it with its cursor in one transaction.
+    async fn commit_fetched(
+        &self,
+        folder: &Folder,
+        fetched: Fetched,
+    ) -> Result<BatchCounts, ImapError> {
+        let Fetched {
+            raws,
+            mut accounted,
+            next,
+            messages: count,
+        } = fetched;
+        let uid_validity = next.uid_validity;
+        let mut messages = Vec::with_capacity(raws.len());
+        for raw in raws {
+            let origin = Origin::Imap {
+                folder: folder.name.clone(),
+                uid_validity,
+                uid: raw.uid,
+            };
+            let mut m = email::normalize(&self.name, origin, raw.bytes, raw.received_at);
+            if m.automation == Automation::Frontdesk {
+                // the loop guard: our own digests and alerts are never client messages
+                accounted.push(AccountedUid {
+                    uid: raw.uid,
+                    kind: AccountedKind::Own,
+                    detail: m.message_id.clone().unwrap_or_default(),
+                    raw: None,
+                });
+                continue;
+            }
+            m.direction = self.direction(folder, &m);
+            messages.push(m);
+        }
         let out = self
             .store
             .commit_imap_batch(
@@ -842,55 +897,12 @@ impl SourceCtx {
                 )
                 .await?;
         }
-        *cursor = next;
-        Ok((out.inserted, out.duplicates, accounted.len() as u64))
-    }
-
-    /// Turns one FETCH response into a message (or an accounted UID).
-    fn take_fetch(
-        &self,
-        folder: &Folder,
-        uid_validity: u32,
-        group: &[u32],
-        f: &Fetch,
-        messages: &mut Vec<Message>,
-        accounted: &mut Vec<AccountedUid>,
-    ) {
-        let Some(uid) = f.uid else { return };
-        if !group.contains(&uid) {
-            return; // an unsolicited FETCH (flag change by another client)
-        }
-        let Some(body) = f.body() else {
-            accounted.push(AccountedUid {
-                uid,
-                kind: AccountedKind::Quarantined,
-                detail: "server returned no body".into(),
-                raw: None,
-            });
-            return;
-        };
-        let received_at = f
-            .internal_date()
-            .map(|d| d.with_timezone(&Utc))
-            .unwrap_or_else(Utc::now);
-        let origin = Origin::Imap {
-            folder: folder.name.clone(),
-            uid_validity,
-            uid,
-        };
-        let mut m = email::normalize(&self.name, origin, body.to_vec(), received_at);
-        if m.automation == Automation::Frontdesk {
-            // the loop guard: our own digests and alerts are never client messages
-            accounted.push(AccountedUid {
-                uid,
-                kind: AccountedKind::Own,
-                detail: m.message_id.clone().unwrap_or_default(),
-                raw: None,
-            });
-            return;
-        }
-        m.direction = self.direction(folder, &m);
-        messages.push(m);
+        Ok(BatchCounts {
+            inserted: out.inserted,
+            duplicates: out.duplicates,
+            accounted: accounted.len() as u64,
+            messages: count,
+        })
     }
 
     /// Compares the folder on the server with the store and saves the figures: UIDs above the
@@ -938,6 +950,76 @@ impl SourceCtx {
         }
         Ok(Some(unaccounted))
     }
+}
+
+/// One fetched message before normalization.
+#[derive(Debug)]
+struct RawFetched {
+    uid: u32,
+    received_at: DateTime<Utc>,
+    bytes: Vec<u8>,
+}
+
+/// A fetched batch on its way to the store.
+#[derive(Debug)]
+struct Fetched {
+    raws: Vec<RawFetched>,
+    accounted: Vec<AccountedUid>,
+    next: ImapCursor,
+    /// How many listed UIDs the batch covers (progress).
+    messages: u64,
+}
+
+/// What one committed batch did.
+#[derive(Debug, Clone, Copy)]
+struct BatchCounts {
+    inserted: u64,
+    duplicates: u64,
+    accounted: u64,
+    messages: u64,
+}
+
+/// Awaits an in-flight commit; a panicked commit task becomes an error, never a lost batch
+/// (its transaction did not commit, and the cursor did not move).
+async fn join_commit(
+    h: tokio::task::JoinHandle<Result<BatchCounts, ImapError>>,
+) -> Result<BatchCounts, ImapError> {
+    h.await.unwrap_or_else(|e| {
+        Err(ImapError::Protocol {
+            what: "commit",
+            reason: e.to_string(),
+        })
+    })
+}
+
+/// Keeps the body of one FETCH response (or accounts for a UID without one).
+fn take_fetch(
+    group: &[u32],
+    f: &Fetch,
+    raws: &mut Vec<RawFetched>,
+    accounted: &mut Vec<AccountedUid>,
+) {
+    let Some(uid) = f.uid else { return };
+    if !group.contains(&uid) {
+        return; // an unsolicited FETCH (flag change by another client)
+    }
+    let Some(body) = f.body() else {
+        accounted.push(AccountedUid {
+            uid,
+            kind: AccountedKind::Quarantined,
+            detail: "server returned no body".into(),
+            raw: None,
+        });
+        return;
+    };
+    raws.push(RawFetched {
+        uid,
+        received_at: f
+            .internal_date()
+            .map(|d| d.with_timezone(&Utc))
+            .unwrap_or_else(Utc::now),
+        bytes: body.to_vec(),
+    });
 }
 
 /// Splits listed messages into batches of at most `max` messages and about `MAX_BATCH_BYTES`.

@@ -1,8 +1,7 @@
 //! Reads for the digest: what arrived since the last digest, source health (the sources' own
 //! health rows, the IMAP ledger's unaccounted count, webhook rejections), failed sends.
 //!
-//! Open conversations and reply times belong to the core's tables (issue 5); until those exist
-//! `digest_input` leaves `open` and `replies` empty and the core adds its rows.
+//! Open conversations and reply times come from the core's tables (`store/core.rs`).
 
 use chrono::{DateTime, Utc};
 use sqlx::Row;
@@ -87,9 +86,15 @@ impl Store {
 
         Ok(DigestInput {
             since: Some(since),
-            open: Vec::new(),
+            open: self.digest_open().await?,
             new_messages,
-            replies: Vec::new(),
+            // Five weeks: the digest's period plus its trailing 4-week baseline.
+            replies: self
+                .digest_replies(
+                    now - chrono::TimeDelta::days(35),
+                    now + chrono::TimeDelta::milliseconds(1),
+                )
+                .await?,
             sources: health,
             failed_sends: self.outbox_failed_since(since).await?,
             deferred_alerts: Vec::new(),

@@ -5,6 +5,7 @@
 //! writes inside the process; `BEGIN IMMEDIATE` serializes them against other processes (the CLI).
 //! Readers use their own pool and never block the writer.
 
+pub mod core;
 mod digest;
 mod imap;
 mod messages;
@@ -147,6 +148,28 @@ impl Store {
         sqlx::query("INSERT INTO health_probe (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at")
             .bind(to_ms(now))
             .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Writes a consistent copy of the whole database to `to` while the daemon keeps running.
+    ///
+    /// `VACUUM INTO` reads one snapshot, so the copy is a committed state even mid-ingest; the
+    /// target must not exist yet.
+    pub async fn backup(&self, to: &Path) -> Result<(), Error> {
+        if to.exists() {
+            return Err(Error::Open {
+                path: to.to_path_buf(),
+                reason: "the backup target already exists".into(),
+            });
+        }
+        let target = to.to_str().ok_or_else(|| Error::Open {
+            path: to.to_path_buf(),
+            reason: "the path is not valid UTF-8".into(),
+        })?;
+        sqlx::query("VACUUM INTO ?")
+            .bind(target)
+            .execute(&self.reader)
             .await?;
         Ok(())
     }

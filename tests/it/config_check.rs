@@ -222,3 +222,37 @@ fn schema_is_json_describing_every_top_level_key() {
         assert!(props.contains_key(key), "schema lacks {key}");
     }
 }
+
+/// Every key of the JSON Schema is documented in the example config, so the two cannot drift.
+#[test]
+fn example_config_documents_every_schema_key() {
+    let (_, out, _) = frontdesk(&["schema"], &[]);
+    let schema: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut keys = std::collections::BTreeSet::new();
+    fn walk(v: &serde_json::Value, keys: &mut std::collections::BTreeSet<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let Some(serde_json::Value::Object(props)) = map.get("properties") {
+                    keys.extend(props.keys().cloned());
+                }
+                map.values().for_each(|x| walk(x, keys));
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|x| walk(x, keys)),
+            _ => {}
+        }
+    }
+    walk(&schema, &mut keys);
+    assert!(keys.len() > 60, "schema walk found only {keys:?}");
+    let example = std::fs::read_to_string(format!("{ROOT}/config/frontdesk.example.yaml")).unwrap();
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            let needle_block = format!("{k}:");
+            !example.contains(&needle_block)
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "keys missing from config/frontdesk.example.yaml: {missing:?}"
+    );
+}

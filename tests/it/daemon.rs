@@ -105,3 +105,33 @@ fn metrics_count_messages_duplicates_and_rejections() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn backup_while_running_is_a_consistent_copy() {
+    let form = "sources:\n  - name: form\n    webhook:\n      preset: form\n      auth: { scheme: none }\n";
+    let d = TestDaemon::start(&format!("{MINIMAL}{form}"));
+    for i in 0..20 {
+        let key = format!("k{i}");
+        let (code, _) = crate::support::http_request(
+            d.port,
+            "POST",
+            "/hooks/form",
+            &[
+                ("Content-Type", "application/x-www-form-urlencoded"),
+                ("Idempotency-Key", &key),
+            ],
+            format!("email=a{i}@example.org&message=hello").as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(code, 200);
+    }
+    let copy = d.dir.path().join("backup.db");
+    let cfg = d.config.to_str().unwrap();
+    let (code, out, err) = frontdesk(&["backup", copy.to_str().unwrap(), "--config", cfg], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("20 messages, integrity ok"), "{out}");
+    // A second backup to the same path is refused rather than overwriting it.
+    let (code, _, err) = frontdesk(&["backup", copy.to_str().unwrap(), "--config", cfg], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already exists"), "{err}");
+}

@@ -9,6 +9,7 @@ mod email_golden;
 mod imap;
 mod rig;
 mod rig_smoke;
+mod secrets;
 mod support;
 mod systemd;
 mod webhook;

@@ -147,6 +147,25 @@ impl Rig {
         }
     }
 
+    /// Adds a user with its own password (for tests that must recognise the password anywhere).
+    pub fn add_user_with_password(&self, name: &str, password: &str) {
+        self.rig_sh(&["add-user", &self.dir.to_string_lossy(), name, password]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !Command::new("doveadm")
+            .arg("-c")
+            .arg(&self.dovecot_conf)
+            .args(["auth", "test", name, password])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "user {name} never became valid"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// A fresh, empty mailbox user with a unique name starting with `prefix`.
     pub fn new_mailbox(&self, prefix: &str) -> String {
         let n = NEXT_MAILBOX.fetch_add(1, Ordering::Relaxed);

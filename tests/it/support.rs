@@ -107,7 +107,10 @@ impl TestDaemon {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("daemon exited with {status}:\n{}", self.log.lock().unwrap());
+                // Let the reader thread drain what the process wrote before it died.
+                std::thread::sleep(Duration::from_millis(200));
+                let log = self.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                panic!("daemon exited with {status}:\n{log}");
             }
             assert!(
                 start.elapsed() < limit,
