@@ -772,7 +772,7 @@ fn validate(raw: RawConfig, ctx: &mut Ctx) -> Config {
     let team_names: BTreeSet<String> = team.iter().map(|m| m.name.clone()).collect();
     let sources = validate_sources(raw.sources, server.max_body, ctx);
     let source_names: BTreeSet<String> = sources.iter().map(|s| s.name.clone()).collect();
-    let clients = raw
+    let clients: Vec<ClientRule> = raw
         .clients
         .into_iter()
         .enumerate()
@@ -785,6 +785,7 @@ fn validate(raw: RawConfig, ctx: &mut Ctx) -> Config {
     let channel_names: BTreeSet<String> = channels.iter().map(|c| c.name.clone()).collect();
     let digests = validate_digests(raw.digests, &channel_names, &team, ctx);
     let alerts = validate_alerts(raw.alerts, &channels, &sla, ctx);
+    report_unrouted(&sources, &clients, &responsibilities, &sla, ctx);
 
     Config {
         file: ctx.file.clone(),
@@ -1949,6 +1950,85 @@ fn validate_alerts(
             ctx,
         ),
         quiet_calendar,
+    }
+}
+
+/// Whether `m` surely matches every message from a client with `name` and `tags` on `source`.
+///
+/// Conditions that depend on the message (keywords) or on the address (email, domain) are not
+/// known from the config alone, so a rule with them does not count as reaching anything.
+fn surely_matches(
+    m: &Option<RuleMatch>,
+    source: &str,
+    name: Option<&str>,
+    tags: &[String],
+) -> bool {
+    let Some(m) = m else {
+        return true;
+    };
+    m.keyword.is_empty()
+        && m.email.is_empty()
+        && m.email_domain.is_empty()
+        && (m.source.is_empty() || m.source.iter().any(|s| s == source))
+        && (m.client.is_empty() || name.is_some_and(|n| m.client.iter().any(|c| c == n)))
+        && (m.client_tag.is_empty() || m.client_tag.iter().any(|t| tags.contains(t)))
+}
+
+/// Warns about each source, and each client rule on each source, that no ownership rule or no
+/// SLA policy surely reaches: its conversations would have no owner or no target.
+fn report_unrouted(
+    sources: &[Source],
+    clients: &[ClientRule],
+    owners: &[OwnerRule],
+    sla: &Sla,
+    ctx: &mut Ctx,
+) {
+    let mut cases: Vec<(String, String, Option<&str>, &[String])> = Vec::new();
+    for (i, s) in sources.iter().enumerate() {
+        cases.push((
+            format!("sources[{i}]"),
+            format!("source `{}`", s.name),
+            None,
+            &[],
+        ));
+    }
+    for (i, c) in clients.iter().enumerate() {
+        for s in sources
+            .iter()
+            .filter(|s| c.source.is_empty() || c.source.contains(&s.name))
+        {
+            let who = c.name.as_deref().unwrap_or("(unnamed)");
+            cases.push((
+                format!("clients[{i}]"),
+                format!("client `{who}` on source `{}`", s.name),
+                c.name.as_deref(),
+                &c.tags,
+            ));
+        }
+    }
+    for (path, what, name, tags) in cases {
+        let source = what.rsplit('`').nth(1).unwrap_or_default().to_string();
+        if !owners
+            .iter()
+            .any(|r| surely_matches(&r.matches, &source, name, tags))
+        {
+            ctx.warn(
+                &path,
+                format!("{what} reaches no owner rule, so its conversations may have no owner"),
+                Some("add a default rule without `match`, e.g. `- owner: NAME`, at the end of responsibilities".into()),
+            );
+        }
+        if !sla
+            .policies
+            .iter()
+            .any(|p| surely_matches(&p.matches, &source, name, tags))
+        {
+            ctx.warn(
+                &path,
+                format!("{what} reaches no SLA policy, so nobody is told when it waits too long"),
+                Some("add a default policy without `match` at the end of sla.policies".into()),
+            );
+        }
     }
 }
 

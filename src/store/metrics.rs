@@ -128,6 +128,30 @@ impl Store {
                 r.try_get("n")?,
             ));
         }
+        let rows = sqlx::query("SELECT state, count(*) AS n FROM conversations GROUP BY 1")
+            .fetch_all(self.reader())
+            .await?;
+        for r in rows {
+            out.push(sample(
+                "frontdesk_conversations",
+                vec![("state", r.try_get("state")?)],
+                r.try_get("n")?,
+            ));
+        }
+        let rows =
+            sqlx::query("SELECT metric, state, count(*) AS n FROM sla_targets GROUP BY 1, 2")
+                .fetch_all(self.reader())
+                .await?;
+        for r in rows {
+            out.push(sample(
+                "frontdesk_sla_targets",
+                vec![
+                    ("metric", r.try_get("metric")?),
+                    ("state", r.try_get("state")?),
+                ],
+                r.try_get("n")?,
+            ));
+        }
         let rows = sqlx::query("SELECT kind, count(*) AS n FROM alert_events GROUP BY 1")
             .fetch_all(self.reader())
             .await?;
@@ -174,7 +198,18 @@ pub fn render(samples: &[Sample]) -> String {
             "gauge",
             "Outbox items (digests and alerts) by state: pending, sent, failed.",
         ),
-        "frontdesk_alert_events_total" => ("counter", "Alert events recorded, by kind."),
+        "frontdesk_alert_events_total" => (
+            "counter",
+            "Alert events recorded, by kind (SLA warnings and breaches, source health).",
+        ),
+        "frontdesk_conversations" => (
+            "gauge",
+            "Conversations by state: idle, waiting, at_risk, breached.",
+        ),
+        "frontdesk_sla_targets" => (
+            "gauge",
+            "SLA target instances by metric and state (active, at_risk, met, breached, met_late).",
+        ),
         _ => ("gauge", ""),
     };
     let mut out = String::new();

@@ -256,3 +256,34 @@ fn example_config_documents_every_schema_key() {
         "keys missing from config/frontdesk.example.yaml: {missing:?}"
     );
 }
+
+#[test]
+fn check_reports_sources_and_clients_that_reach_no_owner_or_policy() {
+    let yaml = format!(
+        "team:\n  - name: Ann\n    email: [ann@example.com]\nsources:\n  - name: form\n    webhook: {{ preset: form, auth: {{ scheme: none }} }}\n  - name: sms\n    webhook: {{ preset: form, auth: {{ scheme: none }} }}\nclients:\n  - name: ACME\n    match: {{ email_domain: acme.example }}\n    tags: [vip]\nresponsibilities:\n  - match: {{ source: form }}\n    owner: Ann\nsla:\n  policies:\n    - name: vip\n      match: {{ client_tag: vip }}\n      first_reply: 1h\n      next_reply: 4h\nchannels:\n  - name: a\n{CHANNEL}"
+    );
+    let (code, out) = check_text(&yaml);
+    assert_eq!(code, 0, "warnings, not errors: {out}");
+    assert!(out.contains("source `sms` reaches no owner rule"), "{out}");
+    assert!(out.contains("source `form` reaches no SLA policy"), "{out}");
+    assert!(
+        !out.contains("source `form` reaches no owner rule"),
+        "{out}"
+    );
+    assert!(
+        out.contains("client `ACME` on source `sms` reaches no owner rule"),
+        "{out}"
+    );
+    // ACME is vip, and the vip policy reaches it.
+    assert!(
+        !out.contains("client `ACME` on source `form` reaches no SLA policy"),
+        "{out}"
+    );
+    // With defaults at the end, nothing is reported.
+    let fixed = yaml
+        .replace("    owner: Ann\nsla:", "    owner: Ann\n  - owner: Ann\nsla:")
+        .replace("      next_reply: 4h\n", "      next_reply: 4h\n    - name: standard\n      first_reply: 4h\n      next_reply: 8h\n");
+    let (code, out) = check_text(&fixed);
+    assert_eq!(code, 0);
+    assert!(!out.contains("reaches no"), "{out}");
+}

@@ -69,7 +69,7 @@ fn messages_on_an_empty_store_is_an_empty_json_array() {
 
 #[test]
 fn metrics_count_messages_duplicates_and_rejections() {
-    let form = "sources:\n  - name: form\n    webhook:\n      preset: form\n      max_body: 1KiB\n      auth: { scheme: none }\n";
+    let form = "sources:\n  - name: form\n    webhook:\n      preset: form\n      max_body: 1KiB\n      auth: { scheme: none }\nsla:\n  policies:\n    - name: std\n      first_reply: 4h\n      next_reply: 8h\n";
     let d = TestDaemon::start(&format!("{MINIMAL}{form}"));
     let post = |key: &str, body: &[u8]| {
         crate::support::http_request(
@@ -97,7 +97,9 @@ fn metrics_count_messages_duplicates_and_rejections() {
         let ok = text.contains("frontdesk_messages_total{source=\"form\",direction=\"inbound\",parse=\"ok\"} 2")
             && text.contains("frontdesk_webhook_requests_total{source=\"form\",result=\"duplicates\",reason=\"\"} 1")
             && text.contains("frontdesk_webhook_requests_total{source=\"form\",result=\"rejected\",reason=\"too_large\"} 1")
-            && text.contains("# TYPE frontdesk_ingest_latency_seconds");
+            && text.contains("# TYPE frontdesk_ingest_latency_seconds")
+            && text.contains("frontdesk_conversations{state=\"waiting\"} 2")
+            && text.contains("frontdesk_sla_targets{metric=\"first_reply\",state=\"active\"} 2");
         if ok {
             break;
         }
