@@ -208,21 +208,25 @@ async fn imap_supervisor(shared: Shared) {
     }
 }
 
-/// Runs the core loop, rebuilding its routing (clients, owners, policies, calendars) on reload.
+/// Runs one generation of a task per configuration, replacing it when a reload changes the config.
 ///
-/// The loop commits each step before the next, so stopping it between steps loses nothing; open
-/// targets are recomputed from the message log under the new rules.
-async fn core_task(shared: Shared) {
+/// `start` builds the generation from the config in force, or says why it cannot (the task then
+/// waits for the next reload, and is reported unhealthy). A generation is stopped through its
+/// token and awaited before the next starts; the tasks check the token only between committed
+/// steps, so nothing in flight is lost.
+async fn supervise<F, Fut, E>(shared: Shared, task: &'static str, start: F)
+where
+    F: Fn(Arc<Config>, CancellationToken) -> Result<Fut, E>,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+    E: std::fmt::Display,
+{
     let mut config = shared.config.clone();
     loop {
         let current = config.borrow_and_update().clone();
-        match crate::core::Routing::from_config(&current) {
-            Ok(routing) => {
-                let generation = shared.shutdown.child_token();
-                let core = crate::core::Core::new(shared.store.clone(), Arc::new(routing));
-                let wake = shared.wake_core.clone();
-                let stop = generation.clone();
-                let handle = tokio::spawn(async move { core.run(wake, stop).await });
+        let generation = shared.shutdown.child_token();
+        match start(current, generation.clone()) {
+            Ok(run) => {
+                let handle = tokio::spawn(run);
                 tokio::select! {
                     _ = shared.shutdown.cancelled() => {
                         let _ = handle.await;
@@ -238,10 +242,10 @@ async fn core_task(shared: Shared) {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "sla rules not usable; waiting for a config reload");
+                tracing::error!(task, error = %e, "task not startable with this configuration; waiting for a reload");
                 shared
                     .health
-                    .failed("core", &e.to_string(), chrono::Utc::now());
+                    .failed(task, &e.to_string(), chrono::Utc::now());
                 tokio::select! {
                     _ = shared.shutdown.cancelled() => return,
                     changed = config.changed() => if changed.is_err() { return },
@@ -251,49 +255,31 @@ async fn core_task(shared: Shared) {
     }
 }
 
-/// Runs the outbox sender, rebuilding it whenever a reload replaces the configuration.
-///
-/// A generation is stopped only between rounds (its `run` checks the token while sleeping), so a
-/// send in progress finishes and is recorded before the new channels take over.
+/// The core loop, its routing (clients, owners, policies, calendars) rebuilt on each reload; a
+/// new generation recomputes open targets from the message log.
+async fn core_task(shared: Shared) {
+    let (store, wake) = (shared.store.clone(), shared.wake_core.clone());
+    supervise(shared, "core", move |config, stop| {
+        let routing = crate::core::Routing::from_config(&config)?;
+        let core = crate::core::Core::new(store.clone(), Arc::new(routing));
+        let wake = wake.clone();
+        Ok::<_, crate::core::RoutingError>(async move { core.run(wake, stop).await })
+    })
+    .await
+}
+
+/// The outbox sender, its channels rebuilt on each reload.
 async fn sender_task(shared: Shared) {
-    let mut config = shared.config.clone();
-    loop {
-        let current = config.borrow_and_update().clone();
-        let generation = shared.shutdown.child_token();
-        let quiet = quiet_hours(&current);
-        match crate::notify::Sender::new(shared.store.clone(), current) {
-            Ok(sender) => {
-                let mut sender = sender.wake_on(shared.wake_sender.clone());
-                if let Some(quiet) = quiet {
-                    sender = sender.quiet_hours(quiet);
-                }
-                let handle = tokio::spawn(sender.run(generation.clone()));
-                tokio::select! {
-                    _ = shared.shutdown.cancelled() => {
-                        let _ = handle.await;
-                        return;
-                    }
-                    changed = config.changed() => {
-                        generation.cancel();
-                        let _ = handle.await;
-                        if changed.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "output channels not usable; waiting for a config reload");
-                shared
-                    .health
-                    .failed("sender", &e.to_string(), chrono::Utc::now());
-                tokio::select! {
-                    _ = shared.shutdown.cancelled() => return,
-                    changed = config.changed() => if changed.is_err() { return },
-                }
-            }
+    let (store, wake) = (shared.store.clone(), shared.wake_sender.clone());
+    supervise(shared, "sender", move |config, stop| {
+        let quiet = quiet_hours(&config);
+        let mut sender = crate::notify::Sender::new(store.clone(), config)?.wake_on(wake.clone());
+        if let Some(quiet) = quiet {
+            sender = sender.quiet_hours(quiet);
         }
-    }
+        Ok::<_, crate::notify::sender::SenderError>(sender.run(stop))
+    })
+    .await
 }
 
 /// `alerts.quiet_hours`: alerts are held while its calendar is closed (they go into the next
