@@ -30,13 +30,11 @@ pub fn normalize(
 ) -> Message {
     let fields = catch_unwind(AssertUnwindSafe(|| extract(&raw))).unwrap_or_else(|_| Fields {
         reasons: vec!["mail parser panicked".to_string()],
-        // the header-only parse usually survives; the id must agree with `fingerprint`
-        message_id: message_id_of(&raw),
         ..Fields::default()
     });
-    let message_id = fields
-        .message_id
-        .unwrap_or_else(|| synthesized_message_id(&raw));
+    // the stored id is by construction the UIDVALIDITY fingerprint (a header-only parse): the
+    // full parse can disagree on crafted headers (fuzzer find), which would defeat the matching
+    let message_id = fingerprint(&raw);
     let parse = if fields.reasons.is_empty() {
         ParseStatus::Ok
     } else {
@@ -96,7 +94,6 @@ struct Fields {
     to: Vec<Address>,
     subject: Option<String>,
     text: Option<String>,
-    message_id: Option<String>,
     in_reply_to: Vec<String>,
     references: Vec<String>,
     automation: Automation,
@@ -122,7 +119,6 @@ fn extract(raw: &[u8]) -> Fields {
         .filter_map(address)
         .collect();
     f.subject = msg.subject().map(single_line).filter(|s| !s.is_empty());
-    f.message_id = msg.message_id().and_then(clean_id);
     f.in_reply_to = ids(msg.in_reply_to());
     f.references = ids(msg.references());
     f.sent_at = match msg.date() {
