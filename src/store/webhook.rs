@@ -174,6 +174,10 @@ async fn run_writer(
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Set when a commit failed because the disk is full. Until a space probe succeeds, nothing
+    // is attempted: a small write squeezing into freed pages would otherwise flip answers between
+    // 2xx and 503 while the disk stays full (reliability.md D7: no 2xx after a failed commit).
+    let mut disk_full: Option<std::time::Instant> = None;
     loop {
         let first = tokio::select! {
             job = rx.recv() => match job {
@@ -192,6 +196,23 @@ async fn run_writer(
         let counts = take_pending(&pending);
         if batch.is_empty() && counts.is_empty() {
             continue;
+        }
+        if let Some(checked) = disk_full {
+            if checked.elapsed() >= Duration::from_millis(500) && space_available(&store).await {
+                tracing::info!("disk space is back; webhook commits resume");
+                disk_full = None;
+            } else {
+                if checked.elapsed() >= Duration::from_millis(500) {
+                    disk_full = Some(std::time::Instant::now());
+                }
+                restore_pending(&pending, counts);
+                for job in batch {
+                    let _ = job
+                        .reply
+                        .send(Err(IngestError::Unavailable("disk full".into())));
+                }
+                continue;
+            }
         }
         let now = Utc::now();
         match commit_batch(&store, &batch, &counts, now).await {
@@ -213,6 +234,9 @@ async fn run_writer(
             }
             Err(e) => {
                 tracing::warn!(error = %e, deliveries = batch.len(), "webhook batch not stored");
+                if is_disk_full(&e) {
+                    disk_full = Some(std::time::Instant::now());
+                }
                 restore_pending(&pending, counts);
                 let text = e.to_string();
                 for job in batch {
@@ -226,6 +250,38 @@ async fn run_writer(
     if !counts.is_empty() {
         let _ = commit_batch(&store, &[], &counts, Utc::now()).await;
     }
+}
+
+/// SQLITE_FULL (13): the database or disk is full.
+fn is_disk_full(e: &Error) -> bool {
+    match e {
+        Error::Unavailable(sqlx::Error::Database(db)) => db.code().as_deref() == Some("13"),
+        _ => false,
+    }
+}
+
+/// Whether 1 MiB can be written and synced beside the database (checked off the async threads).
+async fn space_available(store: &Store) -> bool {
+    let dir = store
+        .path()
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let probe = dir.join(".frontdesk-space-probe");
+        let ok = std::fs::File::create(&probe)
+            .and_then(|mut f| {
+                f.write_all(&vec![0u8; 1 << 20])?;
+                f.sync_all()
+            })
+            .is_ok();
+        let _ = std::fs::remove_file(&probe);
+        ok
+    })
+    .await
+    .unwrap_or(false)
 }
 
 fn take_pending(pending: &Pending) -> HashMap<(String, String), i64> {
