@@ -234,7 +234,8 @@ async fn run_writer(
             }
             Err(e) => {
                 tracing::warn!(error = %e, deliveries = batch.len(), "webhook batch not stored");
-                if is_disk_full(&e) {
+                // SQLITE_FULL, or an I/O error (ENOSPC surfaces as either) with no room left.
+                if is_disk_full(&e) || !space_available(&store).await {
                     disk_full = Some(std::time::Instant::now());
                 }
                 restore_pending(&pending, counts);
