@@ -272,7 +272,11 @@ pub struct Progress {
 pub struct Core {
     store: Store,
     routing: Arc<Routing>,
+    health: Option<Arc<crate::health::Health>>,
 }
+
+/// How long one core step may take before the watchdog counts the core as stuck.
+const STEP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Replaces CR, LF, NUL and other controls: alert subjects become mail headers.
 fn one_line(s: &str) -> String {
@@ -284,7 +288,17 @@ fn one_line(s: &str) -> String {
 impl Core {
     /// A core over `store` applying `routing`.
     pub fn new(store: Store, routing: Arc<Routing>) -> Self {
-        Core { store, routing }
+        Core {
+            store,
+            routing,
+            health: None,
+        }
+    }
+
+    /// Reports each step to `health`: a step past its deadline withholds the systemd watchdog.
+    pub fn with_health(mut self, health: Arc<crate::health::Health>) -> Self {
+        self.health = Some(health);
+        self
     }
 
     /// Runs until `shutdown`: steps, then sleeps until the next deadline or a wake-up.
@@ -296,9 +310,22 @@ impl Core {
             // Registered before the step so a wake-up during it is not lost.
             let notified = wake.notified();
             let mut busy = false;
+            if let Some(h) = &self.health {
+                h.busy_until("core", std::time::Instant::now() + STEP_DEADLINE);
+            }
             match self.run_once(Utc::now()).await {
-                Ok(p) => busy = p.messages >= BATCH as usize,
-                Err(e) => tracing::warn!(error = %e, "core step failed; retrying"),
+                Ok(p) => {
+                    busy = p.messages >= BATCH as usize;
+                    if let Some(h) = &self.health {
+                        h.ok("core", Utc::now());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "core step failed; retrying");
+                    if let Some(h) = &self.health {
+                        h.failed("core", &e.to_string(), Utc::now());
+                    }
+                }
             }
             if busy {
                 continue;

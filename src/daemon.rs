@@ -258,10 +258,15 @@ where
 /// The core loop, its routing (clients, owners, policies, calendars) rebuilt on each reload; a
 /// new generation recomputes open targets from the message log.
 async fn core_task(shared: Shared) {
-    let (store, wake) = (shared.store.clone(), shared.wake_core.clone());
+    let (store, wake, health) = (
+        shared.store.clone(),
+        shared.wake_core.clone(),
+        shared.health.clone(),
+    );
     supervise(shared, "core", move |config, stop| {
         let routing = crate::core::Routing::from_config(&config)?;
-        let core = crate::core::Core::new(store.clone(), Arc::new(routing));
+        let core =
+            crate::core::Core::new(store.clone(), Arc::new(routing)).with_health(health.clone());
         let wake = wake.clone();
         Ok::<_, crate::core::RoutingError>(async move { core.run(wake, stop).await })
     })
