@@ -10,6 +10,18 @@ use sqlx::Row;
 
 use super::messages::insert_message;
 use super::{Error, Store, from_ms, to_ms};
+
+/// The stored health of `source` inside `tx` (`None`: it never reported).
+async fn health_of(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    source: &str,
+) -> Result<Option<bool>, Error> {
+    let row: Option<(i64,)> = sqlx::query_as("SELECT healthy FROM source_health WHERE source = ?")
+        .bind(source)
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(row.map(|(h,)| h != 0))
+}
 use crate::message::Message;
 
 /// Where ingestion of one folder stands.
@@ -335,8 +347,11 @@ impl Store {
         .await?)
     }
 
-    /// A pass succeeded: the source is healthy again.
+    /// A pass succeeded: the source is healthy; a source that was unhealthy raises a "healthy
+    /// again" alert event in the same transaction.
     pub async fn source_succeeded(&self, source: &str, now: DateTime<Utc>) -> Result<(), Error> {
+        let mut tx = self.begin_write().await?;
+        let before = health_of(&mut tx, source).await?;
         sqlx::query(
             "INSERT INTO source_health (source, healthy, last_success, failures, updated_at) \
              VALUES (?, 1, ?, 0, ?) ON CONFLICT (source) DO UPDATE SET healthy = 1, \
@@ -345,12 +360,21 @@ impl Store {
         .bind(source)
         .bind(to_ms(now))
         .bind(to_ms(now))
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await?;
+        if before == Some(false) {
+            let event = crate::digest::AlertEvent::SourceHealthy {
+                source: source.to_string(),
+            };
+            let key = format!("source:{source}:healthy:{}", to_ms(now));
+            super::insert_alert_event(&mut tx, &key, &event, now).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
-    /// A pass failed; after `unhealthy_after` consecutive failures the source is unhealthy.
+    /// A pass failed; after `unhealthy_after` consecutive failures the source is unhealthy, and
+    /// the flip raises a "source unhealthy" alert event in the same transaction (once per flip).
     pub async fn source_failed(
         &self,
         source: &str,
@@ -358,6 +382,8 @@ impl Store {
         unhealthy_after: u32,
         now: DateTime<Utc>,
     ) -> Result<(), Error> {
+        let mut tx = self.begin_write().await?;
+        let before = health_of(&mut tx, source).await?.unwrap_or(true);
         sqlx::query(
             "INSERT INTO source_health (source, healthy, last_error, last_error_at, failures, updated_at) \
              VALUES (?1, ?2 > 1, ?3, ?4, 1, ?4) ON CONFLICT (source) DO UPDATE SET \
@@ -368,8 +394,18 @@ impl Store {
         .bind(i64::from(unhealthy_after))
         .bind(error)
         .bind(to_ms(now))
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await?;
+        let after = health_of(&mut tx, source).await?.unwrap_or(true);
+        if before && !after {
+            let event = crate::digest::AlertEvent::SourceUnhealthy {
+                source: source.to_string(),
+                error: error.to_string(),
+            };
+            let key = format!("source:{source}:unhealthy:{}", to_ms(now));
+            super::insert_alert_event(&mut tx, &key, &event, now).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -187,3 +187,42 @@ async fn sigkill_mid_transaction_leaves_no_partial_row() {
         .unwrap();
     assert_eq!(store.message_count().await.unwrap(), 11);
 }
+
+#[tokio::test]
+async fn source_health_flips_raise_one_alert_event_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("q.db")).await.unwrap();
+    let kinds = |store: Store| async move {
+        let rows: Vec<(String,)> = sqlx::query_as("SELECT kind FROM alert_events ORDER BY id")
+            .fetch_all(&store.writer)
+            .await
+            .unwrap();
+        rows.into_iter().map(|r| r.0).collect::<Vec<_>>()
+    };
+    let t = |s: i64| Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap();
+    store.source_succeeded("mail", t(0)).await.unwrap();
+    for i in 1..=5 {
+        store
+            .source_failed("mail", "connection refused", 3, t(i))
+            .await
+            .unwrap();
+    }
+    assert_eq!(kinds(store.clone()).await, vec!["source_unhealthy"]);
+    store.source_succeeded("mail", t(10)).await.unwrap();
+    store.source_succeeded("mail", t(11)).await.unwrap();
+    assert_eq!(
+        kinds(store.clone()).await,
+        vec!["source_unhealthy", "source_healthy"]
+    );
+    // A source whose very first passes fail also alerts once.
+    for i in 20..23 {
+        store
+            .source_failed("sms", "timeout", 2, t(i))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        kinds(store.clone()).await,
+        vec!["source_unhealthy", "source_healthy", "source_unhealthy"]
+    );
+}
