@@ -327,7 +327,16 @@ impl Store {
     /// Open conversations (a client waiting) for the digest, oldest wait first.
     pub async fn digest_open(&self) -> Result<Vec<crate::digest::ConversationRow>, Error> {
         let rows = sqlx::query(
-            "SELECT c.id, coalesce(c.client_name, c.client_address) AS client, c.subject, c.owner, \
+            // Named as people say it: the client rule's name, else the sender's own display
+            // name, else the address. Without a subject (SMS, chat, forms), the first words of
+            // the latest client message stand in (digest.md).
+            "SELECT c.id, coalesce(c.client_name, \
+               (SELECT m.from_name FROM messages m WHERE m.conversation_id = c.id \
+                AND m.direction = 'inbound' AND m.from_name <> '' ORDER BY m.id LIMIT 1), \
+               c.client_address) AS client, \
+             coalesce(nullif(c.subject, ''), \
+               (SELECT substr(m.body_text, 1, 200) FROM messages m WHERE m.conversation_id = c.id \
+                AND m.direction = 'inbound' ORDER BY m.id DESC LIMIT 1)) AS subject, c.owner, \
              t.policy, t.metric, t.allowed_ms, t.started_at, t.warn_at, t.due_at \
              FROM conversations c JOIN sla_targets t \
              ON t.conversation_id = c.id AND t.seq = c.targets_opened \

@@ -137,3 +137,30 @@ fn backup_while_running_is_a_consistent_copy() {
     assert_eq!(code, 1);
     assert!(err.contains("already exists"), "{err}");
 }
+
+/// Regression: a subject-less form message showed as `ann@example.org - ""` in the digest.
+#[test]
+fn digest_names_form_clients_and_quotes_their_words_when_there_is_no_subject() {
+    let form = "team:\n  - name: Bo\n    email: [bo@example.com]\nresponsibilities:\n  - owner: Bo\nsources:\n  - name: form\n    webhook:\n      preset: form\n      auth: { scheme: none }\nsla:\n  policies:\n    - name: std\n      first_reply: 4h\n      next_reply: 8h\ndigests:\n  - name: morning\n";
+    let d = TestDaemon::start(&format!("{MINIMAL}{form}"));
+    let (code, _) = crate::support::http_request(
+        d.port,
+        "POST",
+        "/hooks/form",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        b"name=Ann+Client&email=ann@example.org&message=can+you+call+me+back",
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+    let cfg = d.config.to_str().unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let (code, out, err) = frontdesk(&["digest", "--preview", "--config", cfg], &[]);
+        assert_eq!(code, 0, "{err}");
+        if out.contains("Ann Client - \"can you call me back\"") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
