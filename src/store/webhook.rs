@@ -301,30 +301,16 @@ fn restore_pending(pending: &Pending, counts: HashMap<(String, String), i64>) {
 }
 
 /// Inserts a batch in one transaction; the per-delivery results are valid only if this returns Ok.
+///
+/// `begin_write` replaces a writer connection left unusable by an earlier failed COMMIT (disk
+/// full, I/O error), so the store recovers by itself once space is back.
 async fn commit_batch(
     store: &Store,
     batch: &[Job],
     counts: &HashMap<(String, String), i64>,
     now: DateTime<Utc>,
 ) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
-    let mut conn = store.writer.acquire().await?;
-    let out = insert_batch(&mut conn, batch, counts, now).await;
-    if out.is_err() {
-        // A failed COMMIT (disk full, I/O error) can leave sqlx believing a transaction is still
-        // open on this connection, and every later BEGIN would fail. A fresh connection does not
-        // carry that state, so the store recovers by itself once space is back.
-        conn.close_on_drop();
-    }
-    out
-}
-
-async fn insert_batch(
-    conn: &mut sqlx::pool::PoolConnection<sqlx::Sqlite>,
-    batch: &[Job],
-    counts: &HashMap<(String, String), i64>,
-    now: DateTime<Utc>,
-) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
-    let mut tx = sqlx::Connection::begin_with(&mut **conn, "BEGIN IMMEDIATE").await?;
+    let mut tx = store.begin_write().await?;
     let mut results = Vec::with_capacity(batch.len());
     let mut tally: HashMap<(String, String), i64> = counts.clone();
     let mut touched: HashMap<String, ()> = HashMap::new();
