@@ -10,7 +10,9 @@ use std::time::Instant;
 use chrono::{TimeDelta, TimeZone, Utc};
 use frontdesk::core::{Core, Routing};
 use frontdesk::message::{Address, Automation, Direction, Message, Origin, ParseStatus};
+use frontdesk::sla::stats::{self, GroupBy};
 use frontdesk::store::Store;
+use frontdesk::store::core::ConversationFilter;
 
 const YAML: &str = r#"
 timezone: Europe/Athens
@@ -136,4 +138,38 @@ async fn main() {
         "core throughput:     {:.0} messages/s",
         p.messages as f64 / took.as_secs_f64()
     );
+
+    // What `frontdesk conversations --json` and `frontdesk stats [--by ...]` do on this store,
+    // minus process start and config loading (a few ms, measured by bench/service.sh).
+    let t = Instant::now();
+    let convs = store
+        .conversations(&ConversationFilter::default())
+        .await
+        .expect("conversations");
+    let json = serde_json::to_string_pretty(&convs).expect("json");
+    let listing = t.elapsed();
+    println!(
+        "conversations --json: {:.0} ms ({} conversations, {} KB)",
+        listing.as_secs_f64() * 1000.0,
+        convs.len(),
+        json.len() / 1024
+    );
+    let since = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
+    let until = Utc.with_ymd_and_hms(2026, 12, 31, 0, 0, 0).unwrap();
+    for (name, by) in [
+        ("stats", GroupBy::All),
+        ("stats --by client", GroupBy::Client),
+        ("stats --by owner", GroupBy::Owner),
+    ] {
+        let t = Instant::now();
+        let rows = store.fulfilled_targets(since, until).await.expect("stats");
+        let summary = stats::summarize(&rows, by);
+        let took = t.elapsed();
+        println!(
+            "{name:<21} {:.0} ms ({} targets, {} groups)",
+            took.as_secs_f64() * 1000.0,
+            rows.len(),
+            summary.len()
+        );
+    }
 }

@@ -27,7 +27,7 @@ use crate::rules::{
 };
 use crate::sla::calendar::{self, Calendar, CalendarError, IcsError};
 use crate::sla::clock::{self, ClockInput, Event, EventKind, Policy, WarnBefore};
-use crate::store::core::{ConversationRow, CoreTx, NewConversation, PendingMessage};
+use crate::store::core::{ConversationRow, PendingMessage};
 use crate::store::{self, Store};
 use crate::thread::{self, Candidate, ConversationId, Hints};
 
@@ -354,9 +354,25 @@ impl Core {
                 tx.rollback().await?;
                 break;
             }
-            for m in &batch {
-                self.handle(&mut tx, m, now, &mut progress).await?;
+            let routes: Vec<Route> = batch.iter().map(|m| self.route(m)).collect();
+            let lookups: Vec<step::Lookup> = batch
+                .iter()
+                .zip(&routes)
+                .map(|(m, r)| step::Lookup {
+                    message: m,
+                    subject: match r {
+                        Route::Thread { client, base, .. } if m.thread_key.is_none() => {
+                            Some((client.key.clone(), base.clone()))
+                        }
+                        _ => None,
+                    },
+                })
+                .collect();
+            let mut work = Step::load(&mut tx, &lookups, step::subject_since(&batch)).await?;
+            for (m, route) in batch.iter().zip(routes) {
+                self.handle(&mut work, m, route);
             }
+            progress.alerts += tx.write_step(&work.finish(), now).await?;
             tx.commit().await?;
             progress.messages += batch.len();
             if batch.len() < BATCH as usize {
@@ -370,17 +386,22 @@ impl Core {
                 tx.rollback().await?;
                 break;
             }
-            for id in &due {
-                let Some(mut conv) = tx.conversation(*id).await? else {
+            let mut work = Step::with(tx.load_conversations(&due).await?);
+            for id in work.ids() {
+                let Some(mut conv) = work.take(id) else {
                     continue;
                 };
                 let (state, events) = clock::tick(&conv.clock, now);
                 conv.clock = state;
                 for e in &events {
-                    progress.alerts += self.alert(&mut tx, &conv, e, now).await?;
+                    self.alert(&mut work, &conv, e);
                 }
-                tx.save_conversation(&conv, true).await?;
+                if let Some(t) = &conv.clock.open {
+                    work.save_target(conv.id, t);
+                }
+                work.put(conv);
             }
+            progress.alerts += tx.write_step(&work.finish(), now).await?;
             tx.commit().await?;
             progress.ticked += due.len();
             if due.len() < BATCH as usize {
@@ -395,9 +416,10 @@ impl Core {
     pub async fn recompute(&self, now: DateTime<Utc>) -> Result<usize, store::Error> {
         let mut tx = self.store.begin_core().await?;
         let ids = tx.open_conversations().await?;
+        let mut work = Step::with(tx.load_conversations(&ids).await?);
         let mut n = 0;
-        for id in ids {
-            let Some(mut conv) = tx.conversation(id).await? else {
+        for id in work.ids() {
+            let Some(mut conv) = work.take(id) else {
                 continue;
             };
             let Some(policy) = self.policy_for(&conv) else {
@@ -406,11 +428,15 @@ impl Core {
             let (state, events) = clock::retarget(&conv.clock, policy, now);
             conv.clock = state;
             for e in &events {
-                self.alert(&mut tx, &conv, e, now).await?;
+                self.alert(&mut work, &conv, e);
             }
-            tx.save_conversation(&conv, true).await?;
+            if let Some(t) = &conv.clock.open {
+                work.save_target(conv.id, t);
+            }
+            work.put(conv);
             n += 1;
         }
+        tx.write_step(&work.finish(), now).await?;
         tx.commit().await?;
         Ok(n)
     }
@@ -425,17 +451,12 @@ impl Core {
             .or_else(|| conv.policy.as_ref().and_then(|name| p.get(name)))
     }
 
-    async fn handle(
-        &self,
-        tx: &mut CoreTx,
-        m: &PendingMessage,
-        now: DateTime<Utc>,
-        progress: &mut Progress,
-    ) -> Result<(), store::Error> {
+    /// What a message is before threading: ignored, or a client's message (or a reply to one).
+    fn route(&self, m: &PendingMessage) -> Route {
         let r = &*self.routing;
         if m.automation == Automation::Frontdesk {
             // Our own digests and alerts are never client messages.
-            return tx.mark_processed(m.id, None, now).await;
+            return Route::Ignore;
         }
         let from_key = m
             .from
@@ -460,28 +481,39 @@ impl Core {
             // A client message without a readable sender still needs an answer: its own client.
             None if direction == Direction::Inbound => format!("unknown:{}:{}", m.source, m.id),
             // Team mail to nobody outside the team: not a client conversation.
-            None => return tx.mark_processed(m.id, None, now).await,
+            None => return Route::Ignore,
         };
-        let client = rules::resolve_client(&r.clients, &address, &m.source);
-        let base = thread::base_subject(m.subject.as_deref().unwrap_or(""));
+        Route::Thread {
+            direction,
+            client: rules::resolve_client(&r.clients, &address, &m.source),
+            base: thread::base_subject(m.subject.as_deref().unwrap_or("")),
+        }
+    }
 
+    /// Threads one message into a conversation of the step and advances its clock.
+    fn handle(&self, work: &mut Step, m: &PendingMessage, route: Route) {
+        let r = &*self.routing;
+        let Route::Thread {
+            direction,
+            client,
+            base,
+        } = route
+        else {
+            work.processed(m, None);
+            return;
+        };
         let mut candidates = Vec::new();
-        // Nearest ancestors first: the store looks up a bounded number of ids.
-        let ids: Vec<String> = m
-            .in_reply_to
-            .iter()
-            .chain(m.references.iter().rev())
-            .cloned()
-            .collect();
-        for (mid, conv) in tx.conversations_by_message_ids(&ids).await? {
-            candidates.push(Candidate {
-                id: ConversationId(conv),
-                message_ids: vec![mid],
-                ..Candidate::default()
-            });
+        for mid in step::ancestors(m) {
+            if let Some(&conv) = work.by_message_id.get(mid) {
+                candidates.push(Candidate {
+                    id: ConversationId(conv),
+                    message_ids: vec![mid.clone()],
+                    ..Candidate::default()
+                });
+            }
         }
         if let Some(key) = m.thread_key.as_deref()
-            && let Some(conv) = tx.conversation_by_thread_key(&m.source, key).await?
+            && let Some(&conv) = work.by_thread_key.get(&(m.source.clone(), key.to_string()))
         {
             candidates.push(Candidate {
                 id: ConversationId(conv),
@@ -490,23 +522,24 @@ impl Core {
             });
         }
         // `thread::assign` prefers header and key matches, and a message with a provider key never
-        // falls back to the subject: only look subjects up when they can decide.
-        let subject_decides = candidates.is_empty() && m.thread_key.is_none();
-        let since = m.received_at - thread::SUBJECT_WINDOW;
-        let by_subject = if subject_decides {
-            tx.conversations_by_subject(&client.key, &base, since)
-                .await?
-        } else {
-            Vec::new()
-        };
-        for (conv, last) in by_subject {
-            candidates.push(Candidate {
-                id: ConversationId(conv),
-                client: client.key.clone(),
-                base_subject: base.clone(),
-                last_message_at: last,
-                ..Candidate::default()
-            });
+        // falls back to the subject: only offer subjects when they can decide.
+        if candidates.is_empty() && m.thread_key.is_none() {
+            let ids = work
+                .by_subject
+                .get(&(client.key.clone(), base.clone()))
+                .cloned()
+                .unwrap_or_default();
+            for conv in ids {
+                if let Some(last) = work.last_message_at(conv) {
+                    candidates.push(Candidate {
+                        id: ConversationId(conv),
+                        client: client.key.clone(),
+                        base_subject: base.clone(),
+                        last_message_at: last,
+                        ..Candidate::default()
+                    });
+                }
+            }
         }
         let hints = Hints {
             source: m.source.clone(),
@@ -516,10 +549,8 @@ impl Core {
             client: Some(client.key.clone()),
             subject: m.subject.clone(),
         };
-        let existing = match thread::assign(&hints, &candidates, m.received_at) {
-            Some((id, _)) => tx.conversation(id.0).await?,
-            None => None,
-        };
+        let existing = thread::assign(&hints, &candidates, m.received_at)
+            .and_then(|(id, _)| work.take(id.0));
         let mut conv = match existing {
             Some(c) => c,
             None => {
@@ -531,33 +562,18 @@ impl Core {
                 };
                 let owner = rules::pick_owner(&r.owners, &facts);
                 let policy = rules::pick_policy(&r.policy_rules, &facts);
-                let id = tx
-                    .create_conversation(&NewConversation {
-                        source: &m.source,
-                        client_key: &client.key,
-                        client_address: &client.address,
-                        client_name: client.name.as_deref(),
-                        client_tags: &client.tags,
-                        client_rule: client.rule,
-                        subject: m.subject.as_deref(),
-                        base_subject: &base,
-                        owner,
-                        policy,
-                        created_at: m.received_at,
-                    })
-                    .await?;
-                // Built here rather than read back: it is exactly what was just inserted.
                 ConversationRow {
-                    id,
+                    id: work.new_id(),
                     source: m.source.clone(),
                     client_key: client.key.clone(),
                     client_address: client.address.clone(),
                     client_name: client.name.clone(),
                     client_tags: client.tags.clone(),
                     subject: m.subject.clone(),
-                    base_subject: base.clone(),
+                    base_subject: base,
                     owner: owner.map(|o| o.1.to_string()),
                     policy: policy.map(|p| p.1.to_string()),
+                    created_at: m.received_at,
                     last_message_at: m.received_at,
                     clock: clock::ClockState::default(),
                     client_rule: client.rule.map(|i| i as i64),
@@ -568,7 +584,7 @@ impl Core {
         };
         let loaded_open = conv.clock.open.clone();
         if let Some(key) = m.thread_key.as_deref() {
-            tx.add_thread_key(&m.source, key, conv.id).await?;
+            work.add_thread_key(&m.source, key, conv.id);
         }
         if let Some(policy) = self.policy_for(&conv) {
             let step = clock::apply(
@@ -582,31 +598,27 @@ impl Core {
             );
             conv.clock = step.state;
             if let Some(done) = &step.fulfilled {
-                tx.save_target(&conv, done).await?;
+                work.save_target(conv.id, done);
             }
             for e in &step.events {
                 let answered = step.fulfilled.as_ref().is_some_and(|t| t.seq == e.seq);
                 if !answered {
-                    progress.alerts += self.alert(tx, &conv, e, now).await?;
+                    self.alert(work, &conv, e);
                 }
             }
         }
         conv.last_message_at = conv.last_message_at.max(m.received_at);
-        let target_changed = conv.clock.open != loaded_open;
-        tx.save_conversation(&conv, target_changed).await?;
-        tx.mark_processed(m.id, Some(conv.id), now).await
+        if let Some(t) = conv.clock.open.as_ref().filter(|t| Some(*t) != loaded_open.as_ref()) {
+            work.save_target(conv.id, t);
+        }
+        work.processed(m, Some(conv.id));
+        work.put(conv);
     }
 
-    /// Records a warn or breach event for the alert sender (at most once per target event).
-    async fn alert(
-        &self,
-        tx: &mut CoreTx,
-        conv: &ConversationRow,
-        e: &Event,
-        _now: DateTime<Utc>,
-    ) -> Result<usize, store::Error> {
+    /// Queues a warn or breach event for the alert sender (at most once per target event).
+    fn alert(&self, work: &mut Step, conv: &ConversationRow, e: &Event) {
         let Some(settings) = &self.routing.alerts else {
-            return Ok(0);
+            return;
         };
         let (wanted, prefix) = match e.kind {
             EventKind::Warn => (settings.warn, "warn"),
@@ -614,7 +626,7 @@ impl Core {
             EventKind::Activate | EventKind::Fulfill => (false, ""),
         };
         if !wanted {
-            return Ok(0);
+            return;
         }
         let target = conv.clock.open.as_ref().filter(|t| t.seq == e.seq);
         let row = crate::digest::ConversationRow {
@@ -639,10 +651,23 @@ impl Core {
             EventKind::Warn => crate::digest::AlertEvent::SlaWarn { conversation: row },
             _ => crate::digest::AlertEvent::SlaBreach { conversation: row },
         };
-        let key = format!("{prefix}:{}:{}", conv.id, e.seq);
-        let new = tx.push_alert_event(&key, &event, e.at).await?;
-        Ok(usize::from(new))
+        work.alert(format!("{prefix}:{}:{}", conv.id, e.seq), event, e.at);
     }
+}
+
+/// What the core makes of a message before threading it.
+enum Route {
+    /// Not a client conversation (frontdesk's own mail, team mail to nobody outside the team).
+    Ignore,
+    /// Thread it for this client.
+    Thread {
+        /// Direction after team addresses are taken into account.
+        direction: Direction,
+        /// The client it is from or to.
+        client: rules::Client,
+        /// Its base subject.
+        base: String,
+    },
 }
 
 /// Describes a match's conditions, e.g. `client_tag=vip, source=sms`.
@@ -775,6 +800,10 @@ pub async fn explain_message(
         None => Ok(None),
     }
 }
+
+mod step;
+
+use step::Step;
 
 #[cfg(test)]
 mod tests;

@@ -509,3 +509,138 @@ async fn a_message_from_a_team_address_in_the_inbox_is_a_reply() {
     let t = rig.store.targets_of(conv.id).await.unwrap();
     assert_eq!(t[0].state, TargetState::Met);
 }
+
+/// A deterministic mixed workload: clients writing by email (some replying to earlier messages,
+/// some only by subject, some after the 14-day subject window) and by SMS-like thread keys, team
+/// replies, auto-replies, frontdesk's own mail and team-internal mail.
+fn workload(n: u32) -> Vec<Message> {
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move |m: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % m
+    };
+    let mut at = athens(0, 8, 0);
+    let mut out: Vec<Message> = Vec::new();
+    for i in 0..n {
+        at += TimeDelta::minutes(next(60 * 24 * 3) as i64);
+        let client = next(12);
+        let subject = ["Invoice", "Order", "Re: Order", "", "Help"][next(5) as usize];
+        let kind = next(10);
+        let earlier = (!out.is_empty()).then(|| out[next(out.len() as u64) as usize].clone());
+        let addr = if client < 3 {
+            format!("c{client}@acme.example")
+        } else {
+            format!("c{client}@mail.example")
+        };
+        let (direction, automation, from, to) = match kind {
+            0..=4 => (Direction::Inbound, Automation::Human, addr, "support@example.com".into()),
+            5..=7 => (Direction::Outbound, Automation::Human, "maria@example.com".into(), addr),
+            8 => (Direction::Inbound, Automation::Automatic, addr, "support@example.com".into()),
+            _ if client % 2 == 0 => (
+                Direction::Outbound,
+                Automation::Frontdesk,
+                "frontdesk@example.com".into(),
+                "owner@example.com".into(),
+            ),
+            _ => (
+                Direction::Outbound,
+                Automation::Human,
+                "nikos@example.com".into(),
+                "maria@example.com".into(),
+            ),
+        };
+        let sms = client >= 9;
+        let in_reply_to = match &earlier {
+            Some(e) if !sms && next(3) > 0 => e.message_id.iter().cloned().collect(),
+            _ => Vec::new(),
+        };
+        out.push(Message {
+            source: if sms { "contact-form".into() } else { "support-mail".into() },
+            origin: Origin::Webhook {
+                delivery_id: format!("w{i}"),
+            },
+            direction,
+            received_at: at,
+            sent_at: None,
+            from: Some(Address { name: None, addr: from }),
+            to: vec![Address { name: None, addr: to }],
+            subject: (!sms).then(|| subject.to_string()),
+            text: Some(format!("text {i}")),
+            message_id: (!sms).then(|| format!("m{i}@x")),
+            in_reply_to,
+            references: Vec::new(),
+            thread_key: sms.then(|| format!("thread-{client}-{}", next(2))),
+            automation,
+            parse: ParseStatus::Ok,
+            raw: format!("raw {i}").into_bytes(),
+        });
+    }
+    out
+}
+
+/// Everything the core wrote, in a comparable form.
+async fn snapshot(store: &Store) -> String {
+    let mut out = String::new();
+    let msgs = store
+        .messages(&crate::store::MessageFilter {
+            source: None,
+            limit: Some(100_000),
+        })
+        .await
+        .unwrap();
+    for m in msgs.iter().rev() {
+        out += &format!("message {} -> {:?}\n", m.id, m.conversation_id);
+    }
+    let convs = store
+        .conversations(&crate::store::core::ConversationFilter::default())
+        .await
+        .unwrap();
+    let mut ids: Vec<i64> = convs.iter().map(|c| c.id).collect();
+    ids.sort_unstable();
+    for id in ids {
+        out += &format!("{:?}\n", store.conversation(id).await.unwrap().unwrap());
+        for t in store.targets_of(id).await.unwrap() {
+            out += &format!("  {t:?}\n");
+        }
+    }
+    out += &format!("alerts {:?}\n", store.sla_alert_keys().await.unwrap());
+    out
+}
+
+/// The core handles a batch in memory: it must write exactly what one step per message writes,
+/// including replies to messages of the same batch, subjects joined within the batch and
+/// batches larger than one transaction.
+#[tokio::test]
+async fn a_batch_writes_exactly_what_one_step_per_message_writes() {
+    let msgs = workload(700);
+    // Deadlines all lie after the first message: no tick fires, only message handling counts.
+    let now = athens(0, 7, 0);
+    let batched = Rig::new().await;
+    for m in &msgs {
+        batched.store.ingest(m, m.received_at).await.unwrap();
+    }
+    let p = batched.core().run_once(now).await.unwrap();
+    assert_eq!(p.messages, msgs.len());
+
+    let single = Rig::new().await;
+    let core = single.core();
+    for m in &msgs {
+        single.store.ingest(m, m.received_at).await.unwrap();
+        assert_eq!(core.run_once(now).await.unwrap().messages, 1);
+    }
+    let a = snapshot(&batched.store).await;
+    let b = snapshot(&single.store).await;
+    assert!(a.lines().count() > 700, "workload too small:\n{a}");
+    assert!(a.contains("FirstReply") && a.contains("NextReply") && a.contains("Met"));
+    if a != b {
+        let diff: Vec<_> = a
+            .lines()
+            .zip(b.lines())
+            .filter(|(x, y)| x != y)
+            .take(5)
+            .collect();
+        panic!("batched and single-step stores differ: {diff:#?}");
+    }
+}

@@ -66,6 +66,8 @@ pub struct ConversationRow {
     pub owner: Option<String>,
     /// SLA policy name.
     pub policy: Option<String>,
+    /// Receipt time of the first message.
+    pub created_at: DateTime<Utc>,
     /// Receipt time of the latest message.
     pub last_message_at: DateTime<Utc>,
     /// The SLA clock.
@@ -76,33 +78,6 @@ pub struct ConversationRow {
     pub owner_rule: Option<i64>,
     /// Index of the policy that was chosen.
     pub policy_rule: Option<i64>,
-}
-
-/// What a new conversation starts with.
-#[derive(Debug, Clone)]
-pub struct NewConversation<'a> {
-    /// Source of the first message.
-    pub source: &'a str,
-    /// Client identity key.
-    pub client_key: &'a str,
-    /// Client address.
-    pub client_address: &'a str,
-    /// Configured client name.
-    pub client_name: Option<&'a str>,
-    /// Client tags.
-    pub client_tags: &'a [String],
-    /// Index of the client rule that matched.
-    pub client_rule: Option<usize>,
-    /// Subject of the first message.
-    pub subject: Option<&'a str>,
-    /// Its base subject.
-    pub base_subject: &'a str,
-    /// Owner and the index of the rule that named it.
-    pub owner: Option<(usize, &'a str)>,
-    /// Policy and the index of the rule that chose it.
-    pub policy: Option<(usize, &'a str)>,
-    /// Receipt time of the first message.
-    pub created_at: DateTime<Utc>,
 }
 
 /// A conversation as `frontdesk conversations --json` shows it.
@@ -420,6 +395,168 @@ impl Store {
     }
 }
 
+
+/// Everything one core step writes, applied together by [`CoreTx::write_step`].
+#[derive(Debug, Default)]
+pub struct StepWrites {
+    /// Conversations created or changed, in their final state for this step.
+    pub conversations: Vec<ConversationRow>,
+    /// Target instances created or changed, keyed by their conversation.
+    pub targets: Vec<(i64, Target)>,
+    /// New provider thread keys: `(source, key, conversation)`.
+    pub thread_keys: Vec<(String, String, i64)>,
+    /// Messages handled, with their conversation (`None`: ignored).
+    pub processed: Vec<(i64, Option<i64>)>,
+    /// Warn and breach events: `(dedupe key, event, time)`.
+    pub alerts: Vec<(String, crate::digest::AlertEvent, DateTime<Utc>)>,
+}
+
+impl StepWrites {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.conversations.is_empty()
+            && self.targets.is_empty()
+            && self.thread_keys.is_empty()
+            && self.processed.is_empty()
+            && self.alerts.is_empty()
+    }
+}
+
+/// A conversation row as the step's JSON batch carries it (see [`CoreTx::write_step`]).
+#[derive(serde::Serialize)]
+struct ConversationJson<'a> {
+    id: i64,
+    source: &'a str,
+    client_key: &'a str,
+    client_address: &'a str,
+    client_name: Option<&'a str>,
+    client_tags: &'a [String],
+    client_rule: Option<i64>,
+    subject: Option<&'a str>,
+    base_subject: &'a str,
+    owner: Option<&'a str>,
+    owner_rule: Option<i64>,
+    policy: Option<&'a str>,
+    policy_rule: Option<i64>,
+    created_at: i64,
+    last_message_at: i64,
+    started_by_team: bool,
+    replied: bool,
+    targets_opened: u32,
+    clock_last_at: Option<i64>,
+    state: &'static str,
+    waiting_since: Option<i64>,
+    due_at: Option<i64>,
+    next_deadline: Option<i64>,
+}
+
+impl<'a> ConversationJson<'a> {
+    fn new(c: &'a ConversationRow) -> Self {
+        let clock = &c.clock;
+        let (state, waiting_since, due_at) = match &clock.open {
+            None => ("idle", None, None),
+            Some(t) => (
+                match t.state {
+                    TargetState::AtRisk => "at_risk",
+                    TargetState::Breached => "breached",
+                    _ => "waiting",
+                },
+                Some(to_ms(t.started_at)),
+                Some(to_ms(t.due_at)),
+            ),
+        };
+        ConversationJson {
+            id: c.id,
+            source: &c.source,
+            client_key: &c.client_key,
+            client_address: &c.client_address,
+            client_name: c.client_name.as_deref(),
+            client_tags: &c.client_tags,
+            client_rule: c.client_rule,
+            subject: c.subject.as_deref(),
+            base_subject: &c.base_subject,
+            owner: c.owner.as_deref(),
+            owner_rule: c.owner_rule,
+            policy: c.policy.as_deref(),
+            policy_rule: c.policy_rule,
+            created_at: to_ms(c.created_at),
+            last_message_at: to_ms(c.last_message_at),
+            started_by_team: clock.started_by_team,
+            replied: clock.replied,
+            targets_opened: clock.targets_opened,
+            clock_last_at: clock.last_at.map(to_ms),
+            state,
+            waiting_since,
+            due_at,
+            next_deadline: crate::sla::clock::next_deadline(clock).map(to_ms),
+        }
+    }
+}
+
+/// A target row as the step's JSON batch carries it.
+#[derive(serde::Serialize)]
+struct TargetJson<'a> {
+    conversation_id: i64,
+    seq: u32,
+    metric: &'static str,
+    policy: &'a str,
+    allowed_ms: i64,
+    started_at: i64,
+    counting_from: i64,
+    warn_at: i64,
+    due_at: i64,
+    state: &'static str,
+    warned: bool,
+    breached: bool,
+    fulfilled_at: Option<i64>,
+    business_ms: Option<i64>,
+    calendar_ms: Option<i64>,
+}
+
+fn to_json<T: serde::Serialize>(table: &'static str, value: &T) -> Result<String, Error> {
+    serde_json::to_string(value).map_err(|e| corrupt(table, e.to_string()))
+}
+
+fn conversation_from_row(r: &SqliteRow) -> Result<ConversationRow, Error> {
+    let targets_opened = u32::try_from(r.try_get::<i64, _>("targets_opened")?)
+        .map_err(|e| corrupt("conversations", e.to_string()))?;
+    // The open target came along through the LEFT JOIN (NULL seq: none open).
+    let open = match r.try_get::<Option<i64>, _>("seq")? {
+        Some(_) => Some(target_from_row(r)?),
+        None => None,
+    };
+    let last_at = r.try_get::<Option<i64>, _>("clock_last_at")?.map(from_ms);
+    Ok(ConversationRow {
+        id: r.try_get("id")?,
+        source: r.try_get("source")?,
+        client_key: r.try_get("client_key")?,
+        client_address: r.try_get("client_address")?,
+        client_name: r.try_get("client_name")?,
+        client_tags: json_vec(r.try_get("client_tags")?),
+        subject: r.try_get("subject")?,
+        base_subject: r.try_get("base_subject")?,
+        owner: r.try_get("owner")?,
+        policy: r.try_get("c_policy")?,
+        created_at: from_ms(r.try_get("created_at")?),
+        last_message_at: from_ms(r.try_get("last_message_at")?),
+        clock: ClockState {
+            // The clock records the receipt time of every message it applied.
+            started: last_at.is_some(),
+            started_by_team: r.try_get::<i64, _>("started_by_team")? != 0,
+            replied: r.try_get::<i64, _>("replied")? != 0,
+            targets_opened,
+            open,
+            last_at,
+        },
+        client_rule: r.try_get("client_rule")?,
+        owner_rule: r.try_get("owner_rule")?,
+        policy_rule: r.try_get("policy_rule")?,
+    })
+}
+
+// Every batch statement below takes its rows as one JSON array bound to a single parameter and
+// unpacked with json_each: one cached statement and one round trip per step, whatever its size
+// (a statement per row costs a trip through sqlx's worker thread each).
 impl CoreTx {
     /// Commits the step.
     pub async fn commit(self) -> Result<(), Error> {
@@ -468,261 +605,207 @@ impl CoreTx {
         Ok(out)
     }
 
-    /// `(message_id, conversation)` for processed messages carrying any of these Message-IDs.
+    /// The highest conversation id so far: the core, the only writer of conversations, numbers
+    /// new ones itself so a whole step is written with one statement.
+    pub async fn max_conversation_id(&mut self) -> Result<i64, Error> {
+        let (id,): (Option<i64>,) = sqlx::query_as("SELECT max(id) FROM conversations")
+            .fetch_one(&mut *self.tx)
+            .await?;
+        Ok(id.unwrap_or(0))
+    }
+
+    /// `(message_id, conversation)` of processed messages carrying any of these Message-IDs
+    /// (the lowest message id first when several carry the same one).
     pub async fn conversations_by_message_ids(
         &mut self,
-        ids: &[String],
+        ids: &[&str],
     ) -> Result<Vec<(String, i64)>, Error> {
-        let mut out = Vec::new();
-        // One lookup per id keeps the statement cacheable; threads carry few ids.
-        for id in ids.iter().take(50) {
-            let rows: Vec<(String, i64)> = sqlx::query_as(
-                "SELECT message_id, conversation_id FROM messages \
-                 WHERE message_id = ? AND conversation_id IS NOT NULL LIMIT 1",
-            )
-            .bind(id)
-            .fetch_all(&mut *self.tx)
-            .await?;
-            out.extend(rows);
+        if ids.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(out)
-    }
-
-    /// The conversation holding a provider thread key of a source.
-    pub async fn conversation_by_thread_key(
-        &mut self,
-        source: &str,
-        key: &str,
-    ) -> Result<Option<i64>, Error> {
-        let row: Option<(i64,)> = sqlx::query_as(
-            "SELECT conversation_id FROM conversation_keys WHERE source = ? AND thread_key = ?",
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT m.message_id, m.conversation_id FROM json_each(?) j \
+             JOIN messages m ON m.message_id = j.value \
+             WHERE m.conversation_id IS NOT NULL ORDER BY m.id",
         )
-        .bind(source)
-        .bind(key)
-        .fetch_optional(&mut *self.tx)
+        .bind(to_json("messages", &ids)?)
+        .fetch_all(&mut *self.tx)
         .await?;
-        Ok(row.map(|r| r.0))
+        Ok(rows)
     }
 
-    /// `(conversation, last_message_at)` of a client's conversations with this base subject
-    /// whose last message is at or after `since`.
-    pub async fn conversations_by_subject(
+    /// `((source, key), conversation)` for the provider thread keys that are known.
+    pub async fn conversations_by_thread_keys(
         &mut self,
-        client_key: &str,
-        base_subject: &str,
-        since: DateTime<Utc>,
-    ) -> Result<Vec<(i64, DateTime<Utc>)>, Error> {
-        let rows: Vec<(i64, i64)> = sqlx::query_as(
-            "SELECT id, last_message_at FROM conversations \
-             WHERE client_key = ? AND base_subject = ? AND last_message_at >= ?",
+        keys: &[(&str, &str)],
+    ) -> Result<Vec<((String, String), i64)>, Error> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT k.source, k.thread_key, k.conversation_id FROM json_each(?) j \
+             JOIN conversation_keys k ON k.source = j.value ->> 0 AND k.thread_key = j.value ->> 1",
         )
-        .bind(client_key)
-        .bind(base_subject)
+        .bind(to_json("conversation_keys", &keys)?)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        Ok(rows.into_iter().map(|(s, k, c)| ((s, k), c)).collect())
+    }
+
+    /// Ids of conversations with one of these `(client key, base subject)` pairs whose last
+    /// message is at or after `since`.
+    pub async fn conversations_by_subjects(
+        &mut self,
+        pairs: &[(&str, &str)],
+        since: DateTime<Utc>,
+    ) -> Result<Vec<i64>, Error> {
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(i64,)> = sqlx::query_as(
+            "SELECT c.id FROM json_each(?) j JOIN conversations c \
+             ON c.client_key = j.value ->> 0 AND c.base_subject = j.value ->> 1 \
+             AND c.last_message_at >= ?",
+        )
+        .bind(to_json("conversations", &pairs)?)
         .bind(to_ms(since))
         .fetch_all(&mut *self.tx)
         .await?;
-        Ok(rows.into_iter().map(|(id, t)| (id, from_ms(t))).collect())
+        Ok(rows.into_iter().map(|r| r.0).collect())
     }
 
-    /// Loads a conversation with its clock (and open target).
-    pub async fn conversation(&mut self, id: i64) -> Result<Option<ConversationRow>, Error> {
-        let Some(r) = sqlx::query(
-            "SELECT id, source, client_key, client_address, client_name, client_tags, subject, \
-             base_subject, owner, policy, last_message_at, started_by_team, replied, \
-             targets_opened, clock_last_at, client_rule, owner_rule, policy_rule \
-             FROM conversations WHERE id = ?",
-        )
-        .bind(id)
-        .fetch_optional(&mut *self.tx)
-        .await?
-        else {
-            return Ok(None);
-        };
-        let targets_opened = u32::try_from(r.try_get::<i64, _>("targets_opened")?)
-            .map_err(|e| corrupt("conversations", e.to_string()))?;
-        let open = if targets_opened > 0 {
-            let row = sqlx::query(
-                "SELECT * FROM sla_targets WHERE conversation_id = ? AND seq = ? \
-                 AND state NOT IN ('met', 'met_late')",
-            )
-            .bind(id)
-            .bind(i64::from(targets_opened))
-            .fetch_optional(&mut *self.tx)
-            .await?;
-            row.as_ref().map(target_from_row).transpose()?
-        } else {
-            None
-        };
-        let last_at = r.try_get::<Option<i64>, _>("clock_last_at")?.map(from_ms);
-        Ok(Some(ConversationRow {
-            id,
-            source: r.try_get("source")?,
-            client_key: r.try_get("client_key")?,
-            client_address: r.try_get("client_address")?,
-            client_name: r.try_get("client_name")?,
-            client_tags: json_vec(r.try_get("client_tags")?),
-            subject: r.try_get("subject")?,
-            base_subject: r.try_get("base_subject")?,
-            owner: r.try_get("owner")?,
-            policy: r.try_get("policy")?,
-            last_message_at: from_ms(r.try_get("last_message_at")?),
-            clock: ClockState {
-                // The clock records the receipt time of every message it applied.
-                started: last_at.is_some(),
-                started_by_team: r.try_get::<i64, _>("started_by_team")? != 0,
-                replied: r.try_get::<i64, _>("replied")? != 0,
-                targets_opened,
-                open,
-                last_at,
-            },
-            client_rule: r.try_get("client_rule")?,
-            owner_rule: r.try_get("owner_rule")?,
-            policy_rule: r.try_get("policy_rule")?,
-        }))
-    }
-
-    /// Creates a conversation; returns its id.
-    pub async fn create_conversation(&mut self, c: &NewConversation<'_>) -> Result<i64, Error> {
-        let tags = serde_json::to_string(c.client_tags).unwrap_or_else(|_| "[]".into());
-        let (id,): (i64,) = sqlx::query_as(
-            "INSERT INTO conversations (source, client_key, client_address, client_name, \
-             client_tags, client_rule, subject, base_subject, owner, owner_rule, policy, \
-             policy_rule, created_at, last_message_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(c.source)
-        .bind(c.client_key)
-        .bind(c.client_address)
-        .bind(c.client_name)
-        .bind(&tags)
-        .bind(c.client_rule.map(|i| i as i64))
-        .bind(c.subject)
-        .bind(c.base_subject)
-        .bind(c.owner.map(|o| o.1))
-        .bind(c.owner.map(|o| o.0 as i64))
-        .bind(c.policy.map(|p| p.1))
-        .bind(c.policy.map(|p| p.0 as i64))
-        .bind(to_ms(c.created_at))
-        .bind(to_ms(c.created_at))
-        .fetch_one(&mut *self.tx)
-        .await?;
-        Ok(id)
-    }
-
-    /// Records a provider thread key for a conversation (first one wins).
-    pub async fn add_thread_key(
+    /// Loads conversations with their clocks and open targets.
+    pub async fn load_conversations(
         &mut self,
-        source: &str,
-        key: &str,
-        conversation: i64,
-    ) -> Result<(), Error> {
-        sqlx::query(
-            "INSERT INTO conversation_keys (source, thread_key, conversation_id) VALUES (?, ?, ?) \
-             ON CONFLICT (source, thread_key) DO NOTHING",
-        )
-        .bind(source)
-        .bind(key)
-        .bind(conversation)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(())
-    }
-
-    /// Writes a target instance (insert or update by `(conversation, seq)`).
-    pub async fn save_target(&mut self, c: &ConversationRow, t: &Target) -> Result<(), Error> {
-        sqlx::query(
-            "INSERT INTO sla_targets (conversation_id, seq, metric, policy, allowed_ms, started_at, \
-             counting_from, warn_at, due_at, state, warned, breached, fulfilled_at, business_ms, \
-             calendar_ms, owner, source, client_key) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (conversation_id, seq) DO UPDATE SET policy = excluded.policy, \
-             allowed_ms = excluded.allowed_ms, counting_from = excluded.counting_from, \
-             warn_at = excluded.warn_at, due_at = excluded.due_at, state = excluded.state, \
-             warned = excluded.warned, breached = excluded.breached, \
-             fulfilled_at = excluded.fulfilled_at, business_ms = excluded.business_ms, \
-             calendar_ms = excluded.calendar_ms, owner = excluded.owner",
-        )
-        .bind(c.id)
-        .bind(i64::from(t.seq))
-        .bind(t.metric.as_str())
-        .bind(&t.policy)
-        .bind(ms(t.allowed))
-        .bind(to_ms(t.started_at))
-        .bind(to_ms(t.counting_from))
-        .bind(to_ms(t.warn_at))
-        .bind(to_ms(t.due_at))
-        .bind(t.state.as_str())
-        .bind(i64::from(t.warned))
-        .bind(i64::from(t.breached))
-        .bind(t.fulfilled_at.map(to_ms))
-        .bind(t.business_duration.map(ms))
-        .bind(t.calendar_duration.map(ms))
-        .bind(c.owner.as_deref())
-        .bind(&c.source)
-        .bind(&c.client_key)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(())
-    }
-
-    /// Writes the conversation's clock and its derived listing columns, and its open target when
-    /// `target_changed` (skipping an unchanged target saves a statement per message).
-    pub async fn save_conversation(
-        &mut self,
-        c: &ConversationRow,
-        target_changed: bool,
-    ) -> Result<(), Error> {
-        let clock = &c.clock;
-        let (state, waiting_since, due_at) = match &clock.open {
-            None => ("idle", None, None),
-            Some(t) => (
-                match t.state {
-                    TargetState::AtRisk => "at_risk",
-                    TargetState::Breached => "breached",
-                    _ => "waiting",
-                },
-                Some(to_ms(t.started_at)),
-                Some(to_ms(t.due_at)),
-            ),
-        };
-        let next = crate::sla::clock::next_deadline(clock).map(to_ms);
-        sqlx::query(
-            "UPDATE conversations SET last_message_at = ?, started_by_team = ?, replied = ?, \
-             targets_opened = ?, clock_last_at = ?, state = ?, waiting_since = ?, due_at = ?, \
-             next_deadline = ? WHERE id = ?",
-        )
-        .bind(to_ms(c.last_message_at))
-        .bind(i64::from(clock.started_by_team))
-        .bind(i64::from(clock.replied))
-        .bind(i64::from(clock.targets_opened))
-        .bind(clock.last_at.map(to_ms))
-        .bind(state)
-        .bind(waiting_since)
-        .bind(due_at)
-        .bind(next)
-        .bind(c.id)
-        .execute(&mut *self.tx)
-        .await?;
-        if let Some(t) = clock.open.as_ref().filter(|_| target_changed) {
-            self.save_target(c, t).await?;
+        ids: &[i64],
+    ) -> Result<Vec<ConversationRow>, Error> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(())
+        let rows = sqlx::query(
+            "SELECT c.id, c.source, c.client_key, c.client_address, c.client_name, c.client_tags, \
+             c.subject, c.base_subject, c.owner, c.policy AS c_policy, c.created_at, \
+             c.last_message_at, c.started_by_team, c.replied, c.targets_opened, c.clock_last_at, \
+             c.client_rule, c.owner_rule, c.policy_rule, t.seq, t.metric, t.policy, \
+             t.allowed_ms, t.started_at, t.counting_from, t.warn_at, t.due_at, t.state, t.warned, \
+             t.breached, t.fulfilled_at, t.business_ms, t.calendar_ms \
+             FROM json_each(?) j JOIN conversations c ON c.id = j.value \
+             LEFT JOIN sla_targets t ON t.conversation_id = c.id AND t.seq = c.targets_opened \
+             AND t.state NOT IN ('met', 'met_late')",
+        )
+        .bind(to_json("conversations", &ids)?)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter().map(conversation_from_row).collect()
     }
 
-    /// Marks a message handled and records its conversation (`None`: ignored, e.g. no client).
-    pub async fn mark_processed(
-        &mut self,
-        message: i64,
-        conversation: Option<i64>,
-        now: DateTime<Utc>,
-    ) -> Result<(), Error> {
-        sqlx::query("UPDATE messages SET processed_at = ?, conversation_id = ? WHERE id = ?")
-            .bind(to_ms(now))
-            .bind(conversation)
-            .bind(message)
+    /// Loads one conversation with its clock and open target.
+    pub async fn conversation(&mut self, id: i64) -> Result<Option<ConversationRow>, Error> {
+        Ok(self.load_conversations(&[id]).await?.into_iter().next())
+    }
+
+    /// Writes a step: conversations (inserted or updated), thread keys, targets, the handled
+    /// messages and alert events; returns how many alert events were new.
+    pub async fn write_step(&mut self, w: &StepWrites, now: DateTime<Utc>) -> Result<usize, Error> {
+        if !w.conversations.is_empty() {
+            let rows: Vec<ConversationJson> =
+                w.conversations.iter().map(ConversationJson::new).collect();
+            // `WHERE true` keeps SQLite from reading ON CONFLICT as a join constraint.
+            sqlx::query(
+                "INSERT INTO conversations (id, source, client_key, client_address, client_name, \
+                 client_tags, client_rule, subject, base_subject, owner, owner_rule, policy, \
+                 policy_rule, created_at, last_message_at, started_by_team, replied, \
+                 targets_opened, clock_last_at, state, waiting_since, due_at, next_deadline) \
+                 SELECT v ->> 'id', v ->> 'source', v ->> 'client_key', v ->> 'client_address', \
+                 v ->> 'client_name', v -> 'client_tags', v ->> 'client_rule', v ->> 'subject', \
+                 v ->> 'base_subject', v ->> 'owner', v ->> 'owner_rule', v ->> 'policy', \
+                 v ->> 'policy_rule', v ->> 'created_at', v ->> 'last_message_at', \
+                 v ->> 'started_by_team', v ->> 'replied', v ->> 'targets_opened', \
+                 v ->> 'clock_last_at', v ->> 'state', v ->> 'waiting_since', v ->> 'due_at', \
+                 v ->> 'next_deadline' FROM (SELECT value AS v FROM json_each(?)) WHERE true \
+                 ON CONFLICT (id) DO UPDATE SET last_message_at = excluded.last_message_at, \
+                 started_by_team = excluded.started_by_team, replied = excluded.replied, \
+                 targets_opened = excluded.targets_opened, clock_last_at = excluded.clock_last_at, \
+                 state = excluded.state, waiting_since = excluded.waiting_since, \
+                 due_at = excluded.due_at, next_deadline = excluded.next_deadline",
+            )
+            .bind(to_json("conversations", &rows)?)
             .execute(&mut *self.tx)
             .await?;
-        Ok(())
+        }
+        if !w.thread_keys.is_empty() {
+            sqlx::query(
+                "INSERT INTO conversation_keys (source, thread_key, conversation_id) \
+                 SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?) WHERE true \
+                 ON CONFLICT (source, thread_key) DO NOTHING",
+            )
+            .bind(to_json("conversation_keys", &w.thread_keys)?)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        if !w.targets.is_empty() {
+            let rows: Vec<TargetJson> = w
+                .targets
+                .iter()
+                .map(|(conversation_id, t)| TargetJson {
+                    conversation_id: *conversation_id,
+                    seq: t.seq,
+                    metric: t.metric.as_str(),
+                    policy: &t.policy,
+                    allowed_ms: ms(t.allowed),
+                    started_at: to_ms(t.started_at),
+                    counting_from: to_ms(t.counting_from),
+                    warn_at: to_ms(t.warn_at),
+                    due_at: to_ms(t.due_at),
+                    state: t.state.as_str(),
+                    warned: t.warned,
+                    breached: t.breached,
+                    fulfilled_at: t.fulfilled_at.map(to_ms),
+                    business_ms: t.business_duration.map(ms),
+                    calendar_ms: t.calendar_duration.map(ms),
+                })
+                .collect();
+            // Owner, source and client are copied from the conversation (written above) so
+            // statistics group without a join.
+            sqlx::query(
+                "INSERT INTO sla_targets (conversation_id, seq, metric, policy, allowed_ms, \
+                 started_at, counting_from, warn_at, due_at, state, warned, breached, \
+                 fulfilled_at, business_ms, calendar_ms, owner, source, client_key) \
+                 SELECT v ->> 'conversation_id', v ->> 'seq', v ->> 'metric', v ->> 'policy', \
+                 v ->> 'allowed_ms', v ->> 'started_at', v ->> 'counting_from', v ->> 'warn_at', \
+                 v ->> 'due_at', v ->> 'state', v ->> 'warned', v ->> 'breached', \
+                 v ->> 'fulfilled_at', v ->> 'business_ms', v ->> 'calendar_ms', \
+                 c.owner, c.source, c.client_key \
+                 FROM (SELECT value AS v FROM json_each(?)) \
+                 JOIN conversations c ON c.id = v ->> 'conversation_id' WHERE true \
+                 ON CONFLICT (conversation_id, seq) DO UPDATE SET policy = excluded.policy, \
+                 allowed_ms = excluded.allowed_ms, counting_from = excluded.counting_from, \
+                 warn_at = excluded.warn_at, due_at = excluded.due_at, state = excluded.state, \
+                 warned = excluded.warned, breached = excluded.breached, \
+                 fulfilled_at = excluded.fulfilled_at, business_ms = excluded.business_ms, \
+                 calendar_ms = excluded.calendar_ms, owner = excluded.owner",
+            )
+            .bind(to_json("sla_targets", &rows)?)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        if !w.processed.is_empty() {
+            sqlx::query(
+                "UPDATE messages SET processed_at = ?, conversation_id = j.value ->> 1 \
+                 FROM json_each(?) j WHERE messages.id = j.value ->> 0",
+            )
+            .bind(to_ms(now))
+            .bind(to_json("messages", &w.processed)?)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        let mut new_alerts = 0;
+        for (key, event, at) in &w.alerts {
+            if super::outbox::insert_alert_event(&mut self.tx, key, event, *at).await? {
+                new_alerts += 1;
+            }
+        }
+        Ok(new_alerts)
     }
 
     /// Ids of conversations whose next SLA deadline is at or before `now`.
@@ -749,16 +832,5 @@ impl CoreTx {
                 .fetch_all(&mut *self.tx)
                 .await?;
         Ok(rows.into_iter().map(|r| r.0).collect())
-    }
-
-    /// Records a warn or breach event for the sender to group into an alert, once per
-    /// `dedupe_key`, in this transaction; true if it was new.
-    pub async fn push_alert_event(
-        &mut self,
-        dedupe_key: &str,
-        event: &crate::digest::AlertEvent,
-        at: DateTime<Utc>,
-    ) -> Result<bool, Error> {
-        super::outbox::insert_alert_event(&mut self.tx, dedupe_key, event, at).await
     }
 }
