@@ -549,8 +549,8 @@ impl Core {
             client: Some(client.key.clone()),
             subject: m.subject.clone(),
         };
-        let existing = thread::assign(&hints, &candidates, m.received_at)
-            .and_then(|(id, _)| work.take(id.0));
+        let existing =
+            thread::assign(&hints, &candidates, m.received_at).and_then(|(id, _)| work.take(id.0));
         let mut conv = match existing {
             Some(c) => c,
             None => {
@@ -608,7 +608,12 @@ impl Core {
             }
         }
         conv.last_message_at = conv.last_message_at.max(m.received_at);
-        if let Some(t) = conv.clock.open.as_ref().filter(|t| Some(*t) != loaded_open.as_ref()) {
+        if let Some(t) = conv
+            .clock
+            .open
+            .as_ref()
+            .filter(|t| Some(*t) != loaded_open.as_ref())
+        {
             work.save_target(conv.id, t);
         }
         work.processed(m, Some(conv.id));

@@ -535,9 +535,24 @@ fn workload(n: u32) -> Vec<Message> {
             format!("c{client}@mail.example")
         };
         let (direction, automation, from, to) = match kind {
-            0..=4 => (Direction::Inbound, Automation::Human, addr, "support@example.com".into()),
-            5..=7 => (Direction::Outbound, Automation::Human, "maria@example.com".into(), addr),
-            8 => (Direction::Inbound, Automation::Automatic, addr, "support@example.com".into()),
+            0..=4 => (
+                Direction::Inbound,
+                Automation::Human,
+                addr,
+                "support@example.com".into(),
+            ),
+            5..=7 => (
+                Direction::Outbound,
+                Automation::Human,
+                "maria@example.com".into(),
+                addr,
+            ),
+            8 => (
+                Direction::Inbound,
+                Automation::Automatic,
+                addr,
+                "support@example.com".into(),
+            ),
             _ if client % 2 == 0 => (
                 Direction::Outbound,
                 Automation::Frontdesk,
@@ -557,15 +572,25 @@ fn workload(n: u32) -> Vec<Message> {
             _ => Vec::new(),
         };
         out.push(Message {
-            source: if sms { "contact-form".into() } else { "support-mail".into() },
+            source: if sms {
+                "contact-form".into()
+            } else {
+                "support-mail".into()
+            },
             origin: Origin::Webhook {
                 delivery_id: format!("w{i}"),
             },
             direction,
             received_at: at,
             sent_at: None,
-            from: Some(Address { name: None, addr: from }),
-            to: vec![Address { name: None, addr: to }],
+            from: Some(Address {
+                name: None,
+                addr: from,
+            }),
+            to: vec![Address {
+                name: None,
+                addr: to,
+            }],
             subject: (!sms).then(|| subject.to_string()),
             text: Some(format!("text {i}")),
             message_id: (!sms).then(|| format!("m{i}@x")),

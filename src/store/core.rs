@@ -395,7 +395,6 @@ impl Store {
     }
 }
 
-
 /// Everything one core step writes, applied together by [`CoreTx::write_step`].
 #[derive(Debug, Default)]
 pub struct StepWrites {
@@ -675,10 +674,7 @@ impl CoreTx {
     }
 
     /// Loads conversations with their clocks and open targets.
-    pub async fn load_conversations(
-        &mut self,
-        ids: &[i64],
-    ) -> Result<Vec<ConversationRow>, Error> {
+    pub async fn load_conversations(&mut self, ids: &[i64]) -> Result<Vec<ConversationRow>, Error> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
