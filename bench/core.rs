@@ -93,7 +93,18 @@ fn message(i: u32, clients: u32) -> Message {
         thread_key: sms.then(|| format!("+302100000000:{addr}")),
         automation: Automation::Human,
         parse: ParseStatus::Ok,
-        raw: vec![b'x'; 64],
+        // Realistic sizes matter: the store keeps raw bytes, and rewriting wide rows is what
+        // the core must not do. SMS ~600 B; email 4 KB, every 50th with a 100 KB attachment.
+        raw: vec![
+            b'x';
+            if sms {
+                600
+            } else if i % 50 == 7 {
+                100_000
+            } else {
+                4_000
+            }
+        ],
     }
 }
 

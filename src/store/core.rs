@@ -292,7 +292,7 @@ impl Store {
     /// The conversation a message was threaded into, if processed.
     pub async fn conversation_of_message(&self, message: i64) -> Result<Option<i64>, Error> {
         let row: Option<(Option<i64>,)> =
-            sqlx::query_as("SELECT conversation_id FROM messages WHERE id = ?")
+            sqlx::query_as("SELECT conversation_id FROM message_threads WHERE message_id = ?")
                 .bind(message)
                 .fetch_optional(self.reader())
                 .await?;
@@ -306,11 +306,13 @@ impl Store {
             // name, else the address. Without a subject (SMS, chat, forms), the first words of
             // the latest client message stand in (digest.md).
             "SELECT c.id, coalesce(c.client_name, \
-               (SELECT m.from_name FROM messages m WHERE m.conversation_id = c.id \
-                AND m.direction = 'inbound' AND m.from_name <> '' ORDER BY m.id LIMIT 1), \
+               (SELECT m.from_name FROM message_threads mt JOIN messages m ON m.id = mt.message_id \
+                WHERE mt.conversation_id = c.id AND m.direction = 'inbound' AND m.from_name <> '' \
+                ORDER BY m.id LIMIT 1), \
                c.client_address) AS client, \
              coalesce(nullif(c.subject, ''), \
-               (SELECT substr(m.body_text, 1, 200) FROM messages m WHERE m.conversation_id = c.id \
+               (SELECT substr(m.body_text, 1, 200) FROM message_threads mt \
+                JOIN messages m ON m.id = mt.message_id WHERE mt.conversation_id = c.id \
                 AND m.direction = 'inbound' ORDER BY m.id DESC LIMIT 1)) AS subject, c.owner, \
              t.policy, t.metric, t.allowed_ms, t.started_at, t.warn_at, t.due_at \
              FROM conversations c JOIN sla_targets t \
@@ -570,9 +572,10 @@ impl CoreTx {
     /// Up to `limit` unprocessed messages, oldest id first.
     pub async fn pending(&mut self, limit: u32) -> Result<Vec<PendingMessage>, Error> {
         let rows = sqlx::query(
-            "SELECT id, source, direction, automation, received_at, from_addr, from_name, to_addrs, \
-             subject, body_text, message_id, in_reply_to, refs, thread_key FROM messages \
-             WHERE processed_at IS NULL ORDER BY id LIMIT ?",
+            "SELECT m.id, m.source, m.direction, m.automation, m.received_at, m.from_addr, \
+             m.from_name, m.to_addrs, m.subject, m.body_text, m.message_id, m.in_reply_to, m.refs, \
+             m.thread_key FROM core_queue q JOIN messages m ON m.id = q.message_id \
+             ORDER BY q.message_id LIMIT ?",
         )
         .bind(i64::from(limit))
         .fetch_all(&mut *self.tx)
@@ -623,9 +626,10 @@ impl CoreTx {
             return Ok(Vec::new());
         }
         let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT m.message_id, m.conversation_id FROM json_each(?) j \
+            "SELECT m.message_id, t.conversation_id FROM json_each(?) j \
              JOIN messages m ON m.message_id = j.value \
-             WHERE m.conversation_id IS NOT NULL ORDER BY m.id",
+             JOIN message_threads t ON t.message_id = m.id \
+             WHERE t.conversation_id IS NOT NULL ORDER BY m.id",
         )
         .bind(to_json("messages", &ids)?)
         .fetch_all(&mut *self.tx)
@@ -786,12 +790,21 @@ impl CoreTx {
             .await?;
         }
         if !w.processed.is_empty() {
+            let processed = to_json("message_threads", &w.processed)?;
             sqlx::query(
-                "UPDATE messages SET processed_at = ?, conversation_id = j.value ->> 1 \
-                 FROM json_each(?) j WHERE messages.id = j.value ->> 0",
+                "INSERT INTO message_threads (message_id, conversation_id, processed_at) \
+                 SELECT value ->> 0, value ->> 1, ? FROM json_each(?) WHERE true \
+                 ON CONFLICT (message_id) DO UPDATE SET conversation_id = excluded.conversation_id, \
+                 processed_at = excluded.processed_at",
             )
             .bind(to_ms(now))
-            .bind(to_json("messages", &w.processed)?)
+            .bind(&processed)
+            .execute(&mut *self.tx)
+            .await?;
+            sqlx::query(
+                "DELETE FROM core_queue WHERE message_id IN (SELECT value ->> 0 FROM json_each(?))",
+            )
+            .bind(&processed)
             .execute(&mut *self.tx)
             .await?;
         }

@@ -264,9 +264,10 @@ impl Store {
     pub async fn messages(&self, filter: &MessageFilter) -> Result<Vec<StoredMessage>, Error> {
         let limit = i64::from(filter.limit.unwrap_or(50));
         let rows = sqlx::query(
-            "SELECT id, source, direction, received_at, from_addr, subject, message_id, \
-             conversation_id, parse, parse_reason FROM messages \
-             WHERE (?1 IS NULL OR source = ?1) ORDER BY received_at DESC, id DESC LIMIT ?2",
+            "SELECT m.id, m.source, m.direction, m.received_at, m.from_addr, m.subject, \
+             m.message_id, t.conversation_id, m.parse, m.parse_reason FROM messages m \
+             LEFT JOIN message_threads t ON t.message_id = m.id \
+             WHERE (?1 IS NULL OR m.source = ?1) ORDER BY m.received_at DESC, m.id DESC LIMIT ?2",
         )
         .bind(filter.source.as_deref())
         .bind(limit)
@@ -292,10 +293,9 @@ impl Store {
 
     /// How many messages wait for the core loop.
     pub async fn pending_count(&self) -> Result<i64, Error> {
-        let (n,): (i64,) =
-            sqlx::query_as("SELECT count(*) FROM messages WHERE processed_at IS NULL")
-                .fetch_one(self.reader())
-                .await?;
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM core_queue")
+            .fetch_one(self.reader())
+            .await?;
         Ok(n)
     }
 

@@ -226,3 +226,66 @@ async fn source_health_flips_raise_one_alert_event_each() {
         vec!["source_unhealthy", "source_healthy", "source_unhealthy"]
     );
 }
+
+/// A store created before migration 6 keeps what the core had done: handled messages keep
+/// their conversation, pending ones stay queued, and new inserts are queued by the trigger.
+#[tokio::test]
+async fn migration_6_moves_core_state_out_of_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(
+                sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true),
+            )
+            .await
+            .unwrap();
+        let mut old = sqlx::migrate::Migrator::new(std::path::Path::new("./migrations"))
+            .await
+            .unwrap();
+        old.migrations = std::borrow::Cow::Owned(
+            old.migrations
+                .iter()
+                .filter(|m| m.version < 6)
+                .cloned()
+                .collect(),
+        );
+        old.run(&pool).await.unwrap();
+        sqlx::query(
+            "INSERT INTO conversations (id, source, client_key, client_address, base_subject, \
+             created_at, last_message_at) VALUES (7, 's', 'k', 'a', '', 0, 0)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        for (id, processed, conv) in [(1, Some(5), Some(7)), (2, Some(6), None), (3, None, None)] {
+            sqlx::query(
+                "INSERT INTO messages (id, source, origin_key, origin, direction, received_at, \
+                 parse, raw, raw_sha256, stored_at, processed_at, conversation_id) \
+                 VALUES (?, 's', ?, '{}', 'inbound', 0, 'ok', x'00', '', 0, ?, ?)",
+            )
+            .bind(id)
+            .bind(format!("o{id}"))
+            .bind(processed)
+            .bind(conv)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        pool.close().await;
+    }
+    let store = Store::open(&path).await.unwrap();
+    assert_eq!(store.pending_count().await.unwrap(), 1);
+    assert_eq!(store.conversation_of_message(1).await.unwrap(), Some(7));
+    assert_eq!(store.conversation_of_message(2).await.unwrap(), None);
+    assert_eq!(store.conversation_of_message(3).await.unwrap(), None);
+    let mut tx = store.begin_write().await.unwrap();
+    insert_message(&mut tx, &msg("s", "new", "body"), Utc::now())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(store.pending_count().await.unwrap(), 2);
+}
