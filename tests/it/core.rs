@@ -182,3 +182,221 @@ fn breach_is_recorded_exactly_once_across_sigkill_and_restart() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["state"], "breached");
 }
+
+/// A Friday at 16:30 in Athens, at least two weeks ago: every deadline below is in the past.
+fn past_friday_1630_athens() -> chrono::DateTime<chrono::Utc> {
+    use chrono::{Datelike, TimeZone};
+    let mut day = chrono::Utc::now().date_naive() - chrono::Days::new(14);
+    while day.weekday() != chrono::Weekday::Fri {
+        day = day - chrono::Days::new(1);
+    }
+    chrono_tz::Europe::Athens
+        .from_local_datetime(&day.and_hms_opt(16, 30, 0).unwrap())
+        .single()
+        .unwrap()
+        .with_timezone(&chrono::Utc)
+}
+
+fn mail(from: &str, to: &str, subject: &str, id: &str, irt: Option<&str>) -> Vec<u8> {
+    let irt = irt.map_or(String::new(), |p| format!("In-Reply-To: <{p}>\r\n"));
+    // The Date header lies (a year earlier): clocks start at the receipt time, INTERNALDATE.
+    format!(
+        "From: {from}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: <{id}>\r\n{irt}\
+         Date: Mon, 1 Jan 2024 08:00:00 +0000\r\n\r\nbody of {id}\r\n"
+    )
+    .into_bytes()
+}
+
+/// #5 end to end: mail APPENDed to the real Dovecot with past INTERNALDATEs (INBOX and Sent) and
+/// a signed webhook become conversations with the owners and business-hours due times the
+/// calendar gives, read back through `frontdesk conversations --json`.
+#[test]
+fn imap_mail_with_past_receipt_times_and_a_signed_webhook_get_business_hour_due_times() {
+    use hmac::{Hmac, KeyInit, Mac};
+    let rig = crate::rig::Rig::shared();
+    let user = rig.new_mailbox("corebiz");
+    let friday = past_friday_1630_athens();
+    let monday_1000 = friday + chrono::TimeDelta::days(3) - chrono::TimeDelta::minutes(390);
+    let tuesday_1500 = friday + chrono::TimeDelta::days(4) - chrono::TimeDelta::minutes(90);
+    let at = |t: chrono::DateTime<chrono::Utc>| Some(std::time::SystemTime::from(t));
+    rig.append_many_dated(
+        &user,
+        "INBOX",
+        [
+            (
+                mail(
+                    "Bob <bob@acme.example>",
+                    "support@shop.test",
+                    "Invoice 42",
+                    "a@acme",
+                    None,
+                ),
+                at(friday),
+            ),
+            (
+                mail(
+                    "ann@mail.example",
+                    "support@shop.test",
+                    "Broken tap",
+                    "c@mail",
+                    None,
+                ),
+                at(tuesday_1500),
+            ),
+        ],
+    );
+    rig.append_many_dated(
+        &user,
+        "Sent",
+        [(
+            mail(
+                "maria@example.com",
+                "bob@acme.example",
+                "Re: Invoice 42",
+                "b@shop",
+                Some("a@acme"),
+            ),
+            at(monday_1000),
+        )],
+    );
+    let yaml = format!(
+        r#"storage:
+  sqlite: {{dir}}/frontdesk.db
+server:
+  listen: 127.0.0.1:{{port}}
+team:
+  - name: Maria
+    email: [maria@example.com]
+  - name: Nikos
+    email: [nikos@example.com]
+sources:
+  - name: mail
+    imap:
+      host: localhost
+      port: {port}
+      tls: implicit
+      ca_file: {ca}
+      username: {user}
+      password: secret
+      backfill: all
+      folders: [{{name: INBOX, role: inbound}}, {{name: Sent, role: sent}}]
+  - name: events
+    webhook:
+      preset: json
+      auth: {{ scheme: hmac-sha256, header: X-Signature, prefix: "sha256=", encoding: hex, secret_file: {{dir}}/hm }}
+      mapping: {{ id: /id, from: /from, text: /text }}
+clients:
+  - name: ACME Ltd
+    match: {{ email_domain: acme.example }}
+    tags: [vip]
+responsibilities:
+  - match: {{ client_tag: vip }}
+    owner: Nikos
+  - owner: Maria
+sla:
+  calendars:
+    office:
+      timezone: Europe/Athens
+      hours: {{ mon-fri: ["09:00-17:00"] }}
+  policies:
+    - {{ name: vip, match: {{ client_tag: vip }}, first_reply: 1h, next_reply: 4h, calendar: office }}
+    - {{ name: standard, first_reply: 4h, next_reply: 8h, calendar: office }}
+channels:
+  - name: out
+    email: {{ file: "{{dir}}/outbox", from: "fd@example.com", to: [a@example.com] }}
+"#,
+        port = rig.imaps_port,
+        ca = rig.ca.display(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("hm");
+    std::fs::write(&secret, "hook-secret").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let d = TestDaemon::start_with(&yaml, &[], dir);
+
+    let body = br#"{"id":"evt-1","from":"carl@mail.example","text":"Do you deliver on Sundays?"}"#;
+    let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(b"hook-secret").unwrap();
+    mac.update(body);
+    let sig = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    let sent_at = chrono::Utc::now();
+    let (code, text) = http_request(
+        d.port,
+        "POST",
+        "/hooks/events",
+        &[("Content-Type", "application/json"), ("X-Signature", &sig)],
+        body,
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{text}");
+
+    let rows = wait_for(Duration::from_secs(20), || {
+        let rows = conversations(&d);
+        (rows.len() == 3).then_some(rows)
+    });
+    let by_client = |c: &str| {
+        rows.iter()
+            .find(|r| r["client"] == c)
+            .unwrap_or_else(|| panic!("no conversation for {c}: {rows:#?}"))
+            .clone()
+    };
+    // Bob wrote Friday 16:30; 30 minutes of Friday's hours and 30 of Monday's: due Monday
+    // 09:30. Maria's Sent reply at Monday 10:00 (threaded by In-Reply-To) answered it.
+    let bob = by_client("ACME Ltd");
+    assert_eq!(
+        (bob["owner"].as_str(), bob["policy"].as_str()),
+        (Some("Nikos"), Some("vip"))
+    );
+    assert_eq!(bob["state"], "idle", "the Sent reply answered Bob: {bob:#}");
+    // Ann wrote Tuesday 15:00: two hours on Tuesday, two on Wednesday: due Wednesday 11:00.
+    let ann = by_client("ann@mail.example");
+    assert_eq!(ann["owner"], "Maria");
+    assert_eq!(rfc3339(&ann["waiting_since"]), tuesday_1500);
+    assert_eq!(
+        rfc3339(&ann["due_at"]),
+        tuesday_1500 + chrono::TimeDelta::hours(20)
+    );
+    assert_eq!(ann["state"], "breached", "{ann:#}");
+    // Carl's webhook starts its clock at receipt, now: due 4 business hours later.
+    let carl = by_client("carl@mail.example");
+    let waiting = rfc3339(&carl["waiting_since"]);
+    assert!(
+        waiting >= sent_at - chrono::TimeDelta::seconds(1) && waiting <= chrono::Utc::now(),
+        "{carl:#}"
+    );
+    let cal = frontdesk::sla::calendar::Calendar::new(
+        chrono_tz::Europe::Athens,
+        frontdesk::sla::calendar::parse_hours([("mon-fri", vec!["09:00-17:00".to_string()])])
+            .unwrap(),
+        Default::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        rfc3339(&carl["due_at"]),
+        cal.add_business(waiting, chrono::TimeDelta::hours(4)),
+        "{carl:#}"
+    );
+
+    // Bob's first-reply target shows in the statistics as met late after 1h30 of business time.
+    let (code, out, err) = frontdesk(
+        &[
+            "stats",
+            "--json",
+            "--by",
+            "client",
+            "--since",
+            &(friday - chrono::TimeDelta::days(1)).to_rfc3339(),
+            "--config",
+            d.config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let stats: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let acme = stats
+        .iter()
+        .find(|s| s["group"] == "ACME Ltd")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(acme["metric"], "first_reply");
+    assert_eq!(acme["median_business_s"], 90 * 60, "{out}");
+    assert_eq!(acme["share_met"], 0.0, "{out}");
+}
