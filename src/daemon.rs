@@ -72,6 +72,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         wake_core: shared.wake_core.clone(),
     };
 
+    // WAL checkpoints run beside the writer, not inside the commits acknowledgements wait for.
+    tracker.spawn({
+        let (store, shutdown) = (store.clone(), shutdown.clone());
+        async move {
+            store
+                .run_checkpointer(Duration::from_millis(250), shutdown)
+                .await
+        }
+    });
+
     // Build the channels once up front so a broken channel fails the start, not the first send.
     crate::notify::Sender::new(store.clone(), config_rx.borrow().clone())
         .context("cannot set up the output channels")?;

@@ -25,6 +25,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, SqlitePool, Transaction};
+use tokio_util::sync::CancellationToken;
 
 /// Why a store operation failed; callers map `Unavailable` to "retry later" (503, backoff).
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,7 @@ pub struct Store {
     writer: SqlitePool,
     reader: SqlitePool,
     path: PathBuf,
+    options: SqliteConnectOptions,
 }
 
 /// The embedded schema migrations (`migrations/`), applied at every open.
@@ -95,13 +97,14 @@ impl Store {
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options.read_only(true))
+            .connect_with(options.clone().read_only(true))
             .await
             .map_err(|e| open_err(describe_open_error(&e)))?;
         Ok(Store {
             writer,
             reader,
             path: path.to_path_buf(),
+            options,
         })
     }
 
@@ -172,6 +175,49 @@ impl Store {
             .execute(&self.reader)
             .await?;
         Ok(())
+    }
+
+    /// Checkpoints the WAL from a connection of its own until `shutdown`, so commits no longer
+    /// do it inline.
+    ///
+    /// SQLite's automatic checkpoint runs inside whichever COMMIT crosses 1,000 WAL pages: that
+    /// commit then copies pages into the database file and fsyncs it, and every acknowledgement
+    /// waiting on the single writer waits for it too. A PASSIVE checkpoint never blocks the writer;
+    /// the WAL restarts from its beginning at the next write after a checkpoint caught up.
+    pub async fn run_checkpointer(&self, every: Duration, shutdown: CancellationToken) {
+        use sqlx::{ConnectOptions, Connection};
+        let mut conn = match self.options.clone().connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "no checkpoint connection; commits checkpoint inline");
+                return;
+            }
+        };
+        // Per connection: a writer connection replaced after a failed commit checkpoints inline
+        // again, which is only slower.
+        if let Err(e) = sqlx::query("PRAGMA wal_autocheckpoint = 0")
+            .execute(&self.writer)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot move checkpoints off the writer");
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let done: Result<(i64, i64, i64), _> = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+                .fetch_one(&mut conn)
+                .await;
+            if let Err(e) = done {
+                tracing::debug!(error = %e, "WAL checkpoint failed; retrying");
+            }
+        }
+        let _ = sqlx::query("PRAGMA wal_autocheckpoint = 1000")
+            .execute(&self.writer)
+            .await;
+        let _ = conn.close().await;
     }
 
     /// Closes both pools, checkpointing the WAL.
