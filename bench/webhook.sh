@@ -140,6 +140,16 @@ echo "# before: $(fsync_probe)"
 NGINX_ROW=$(run_wrk nginx-204 "http://127.0.0.1:$NGINX_PORT/hooks/bench" "$NGINX_PID")
 FD_ROW=$(run_wrk frontdesk "http://127.0.0.1:$FD_PORT/hooks/bench" "$FD_PID")
 echo "# after:  $(fsync_probe)"
+# Whether the core loop kept up (messages still queued for it at the end) and the WAL stayed small.
+python3 - "$WORK/state/frontdesk.db" <<'EOF'
+import os, sqlite3, sys
+db = sys.argv[1]
+c = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+backlog = c.execute("select count(*) from core_queue").fetchone()[0]
+convs = c.execute("select count(*) from conversations").fetchone()[0]
+wal = os.path.getsize(db + "-wal") if os.path.exists(db + "-wal") else 0
+print(f"# core backlog at the end: {backlog} messages; conversations: {convs}; WAL: {wal / 2**20:.1f} MiB")
+EOF
 printf 'target\trequests\tacked_rps\tp50_ms\tp99_ms\tnon2xx\tsocket_errors\ttimeouts\trows_stored\tserver_cpu_us_per_req\tbody_bytes\n'
 printf '%s\n%s\n' "$NGINX_ROW" "$FD_ROW"
 python3 - "$NGINX_ROW" "$FD_ROW" <<'EOF'
