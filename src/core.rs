@@ -385,6 +385,19 @@ impl Core {
             for (m, route) in batch.iter().zip(routes) {
                 self.handle(&mut work, m, route);
             }
+            let replays = work.take_replays();
+            if !replays.is_empty() {
+                let logged = tx.conversation_log(&replays).await?;
+                for id in replays {
+                    let log = logged
+                        .iter()
+                        .filter(|(c, _)| *c == id)
+                        .map(|(_, m)| m)
+                        .chain(batch.iter().filter(|m| work.assigned(m.id) == Some(id)))
+                        .collect();
+                    self.replay(&mut work, id, log);
+                }
+            }
             progress.alerts += tx.write_step(&work.finish(), now).await?;
             tx.commit().await?;
             progress.messages += batch.len();
@@ -599,7 +612,13 @@ impl Core {
         if let Some(key) = m.thread_key.as_deref() {
             work.add_thread_key(&m.source, key, conv.id);
         }
-        if let Some(policy) = self.policy_for(&conv) {
+        // A message older than what the clock has seen (a Sent folder synced after the inbox, a
+        // provider retrying late) changes history: the clock is rebuilt from the whole log at
+        // the end of the step instead of being advanced.
+        let late = conv.clock.last_at.is_some_and(|seen| m.received_at < seen);
+        if late {
+            work.needs_replay(conv.id);
+        } else if let Some(policy) = self.policy_for(&conv) {
             let step = clock::apply(
                 &conv.clock,
                 ClockInput {
@@ -630,6 +649,58 @@ impl Core {
             work.save_target(conv.id, t);
         }
         work.processed(m, Some(conv.id));
+        work.put(conv);
+    }
+
+    /// Rebuilds a conversation's clock from its whole message log in receipt order, as if the
+    /// messages had arrived in that order, and rewrites its targets.
+    ///
+    /// Targets are recomputed under the conversation's current policy. Events of targets that
+    /// are history are not alerted; the open target's are (alert keys dedupe what was sent).
+    fn replay(&self, work: &mut Step, id: i64, mut log: Vec<&PendingMessage>) {
+        let Some(mut conv) = work.take(id) else {
+            return;
+        };
+        let policy = conv
+            .policy
+            .as_ref()
+            .and_then(|p| self.routing.policies.get(p))
+            .or_else(|| self.policy_for(&conv));
+        let Some(policy) = policy else {
+            work.put(conv);
+            return;
+        };
+        log.sort_by_key(|m| (m.received_at, m.id));
+        log.dedup_by_key(|m| m.id);
+        let mut state = clock::ClockState::default();
+        let mut events = Vec::new();
+        for m in log {
+            let Route::Thread { direction, .. } = self.route(m) else {
+                continue;
+            };
+            let step = clock::apply(
+                &state,
+                ClockInput {
+                    direction,
+                    automation: m.automation,
+                    received_at: m.received_at,
+                },
+                policy,
+            );
+            state = step.state;
+            if let Some(done) = &step.fulfilled {
+                work.save_target(conv.id, done);
+            }
+            events.extend(step.events);
+        }
+        work.truncate_targets(conv.id, state.targets_opened);
+        conv.clock = state;
+        if let Some(open) = conv.clock.open.clone() {
+            work.save_target(conv.id, &open);
+            for e in events.iter().filter(|e| e.seq == open.seq) {
+                self.alert(work, &conv, e);
+            }
+        }
         work.put(conv);
     }
 

@@ -50,6 +50,10 @@ pub(super) struct Step {
     pub by_subject: HashMap<(String, String), Vec<i64>>,
     /// Targets created or changed, latest state per `(conversation, seq)`.
     targets: BTreeMap<(i64, u32), Target>,
+    /// Conversations that received a message older than their clock: replayed before writing.
+    replay: BTreeSet<i64>,
+    /// Message -> conversation for the messages handled in this step.
+    assigned: HashMap<i64, i64>,
     /// Everything else to write.
     writes: StepWrites,
 }
@@ -185,7 +189,32 @@ impl Step {
         if let (Some(mid), Some(conv)) = (&m.message_id, conversation) {
             self.by_message_id.entry(mid.clone()).or_insert(conv);
         }
+        if let Some(conv) = conversation {
+            self.assigned.insert(m.id, conv);
+        }
         self.writes.processed.push((m.id, conversation));
+    }
+
+    /// The conversation a message of this step went to.
+    pub fn assigned(&self, message: i64) -> Option<i64> {
+        self.assigned.get(&message).copied()
+    }
+
+    /// Asks for a conversation's clock to be rebuilt from its whole message log.
+    pub fn needs_replay(&mut self, conversation: i64) {
+        self.replay.insert(conversation);
+    }
+
+    /// The conversations to replay (emptied).
+    pub fn take_replays(&mut self) -> Vec<i64> {
+        std::mem::take(&mut self.replay).into_iter().collect()
+    }
+
+    /// Drops a conversation's targets numbered above `keep` (a replay found fewer).
+    pub fn truncate_targets(&mut self, conversation: i64, keep: u32) {
+        self.targets
+            .retain(|&(conv, seq), _| conv != conversation || seq <= keep);
+        self.writes.truncated.push((conversation, keep));
     }
 
     /// Queues a warn or breach event.

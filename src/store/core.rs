@@ -410,6 +410,8 @@ pub struct StepWrites {
     pub processed: Vec<(i64, Option<i64>)>,
     /// Warn and breach events: `(dedupe key, event, time)`.
     pub alerts: Vec<(String, crate::digest::AlertEvent, DateTime<Utc>)>,
+    /// Conversations whose targets above a sequence number are gone (after a replay).
+    pub truncated: Vec<(i64, u32)>,
 }
 
 impl StepWrites {
@@ -420,6 +422,7 @@ impl StepWrites {
             && self.thread_keys.is_empty()
             && self.processed.is_empty()
             && self.alerts.is_empty()
+            && self.truncated.is_empty()
     }
 }
 
@@ -518,6 +521,30 @@ fn to_json<T: serde::Serialize>(table: &'static str, value: &T) -> Result<String
     serde_json::to_string(value).map_err(|e| corrupt(table, e.to_string()))
 }
 
+fn pending_from_row(r: &SqliteRow) -> Result<PendingMessage, Error> {
+    let from_addr: Option<String> = r.try_get("from_addr")?;
+    let direction: String = r.try_get("direction")?;
+    let automation: String = r.try_get("automation")?;
+    Ok(PendingMessage {
+        id: r.try_get("id")?,
+        source: r.try_get("source")?,
+        direction: Direction::from_stored(&direction),
+        automation: automation_from(&automation),
+        received_at: from_ms(r.try_get("received_at")?),
+        from: from_addr.map(|addr| Address {
+            name: r.try_get("from_name").ok().flatten(),
+            addr,
+        }),
+        to: json_vec(r.try_get("to_addrs")?),
+        subject: r.try_get("subject")?,
+        text: r.try_get("body_text")?,
+        message_id: r.try_get("message_id")?,
+        in_reply_to: json_vec(r.try_get("in_reply_to")?),
+        references: json_vec(r.try_get("refs")?),
+        thread_key: r.try_get("thread_key")?,
+    })
+}
+
 fn conversation_from_row(r: &SqliteRow) -> Result<ConversationRow, Error> {
     let targets_opened = u32::try_from(r.try_get::<i64, _>("targets_opened")?)
         .map_err(|e| corrupt("conversations", e.to_string()))?;
@@ -569,6 +596,27 @@ impl CoreTx {
         Ok(self.tx.rollback().await?)
     }
 
+    /// The handled messages of these conversations, as `(conversation, message)`, without their
+    /// text (a replay of the SLA clock needs senders, directions and times only).
+    pub async fn conversation_log(
+        &mut self,
+        conversations: &[i64],
+    ) -> Result<Vec<(i64, PendingMessage)>, Error> {
+        let rows = sqlx::query(
+            "SELECT t.conversation_id, m.id, m.source, m.direction, m.automation, m.received_at, \
+             m.from_addr, m.from_name, m.to_addrs, m.subject, NULL AS body_text, m.message_id, \
+             m.in_reply_to, m.refs, m.thread_key FROM json_each(?) j \
+             JOIN message_threads t ON t.conversation_id = j.value \
+             JOIN messages m ON m.id = t.message_id",
+        )
+        .bind(to_json("message_threads", &conversations)?)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("conversation_id")?, pending_from_row(r)?)))
+            .collect()
+    }
+
     /// Up to `limit` unprocessed messages, oldest id first.
     pub async fn pending(&mut self, limit: u32) -> Result<Vec<PendingMessage>, Error> {
         let rows = sqlx::query(
@@ -580,31 +628,7 @@ impl CoreTx {
         .bind(i64::from(limit))
         .fetch_all(&mut *self.tx)
         .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let from_addr: Option<String> = r.try_get("from_addr")?;
-            let direction: String = r.try_get("direction")?;
-            let automation: String = r.try_get("automation")?;
-            out.push(PendingMessage {
-                id: r.try_get("id")?,
-                source: r.try_get("source")?,
-                direction: Direction::from_stored(&direction),
-                automation: automation_from(&automation),
-                received_at: from_ms(r.try_get("received_at")?),
-                from: from_addr.map(|addr| Address {
-                    name: r.try_get("from_name").ok().flatten(),
-                    addr,
-                }),
-                to: json_vec(r.try_get("to_addrs")?),
-                subject: r.try_get("subject")?,
-                text: r.try_get("body_text")?,
-                message_id: r.try_get("message_id")?,
-                in_reply_to: json_vec(r.try_get("in_reply_to")?),
-                references: json_vec(r.try_get("refs")?),
-                thread_key: r.try_get("thread_key")?,
-            });
-        }
-        Ok(out)
+        rows.iter().map(pending_from_row).collect()
     }
 
     /// The highest conversation id so far: the core, the only writer of conversations, numbers
@@ -742,6 +766,13 @@ impl CoreTx {
             .bind(to_json("conversation_keys", &w.thread_keys)?)
             .execute(&mut *self.tx)
             .await?;
+        }
+        for (conversation, keep) in &w.truncated {
+            sqlx::query("DELETE FROM sla_targets WHERE conversation_id = ? AND seq > ?")
+                .bind(conversation)
+                .bind(i64::from(*keep))
+                .execute(&mut *self.tx)
+                .await?;
         }
         if !w.targets.is_empty() {
             let rows: Vec<TargetJson> = w
