@@ -45,6 +45,17 @@ channels:
 alerts: { channel: outbox }
 "#;
 
+/// User + system CPU seconds of this process so far (all threads, incl. sqlx's SQLite worker).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the ')'.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn message(i: u32, clients: u32) -> Message {
     let client = i % clients;
     let round = i / clients;
@@ -132,12 +143,14 @@ async fn main() {
     let ingest = t.elapsed();
 
     let core = Core::new(store.clone(), routing);
+    let cpu0 = cpu_seconds();
     let t = Instant::now();
     let p = core
         .run_once(Utc.with_ymd_and_hms(2026, 12, 31, 0, 0, 0).unwrap())
         .await
         .expect("core");
     let took = t.elapsed();
+    let cpu = cpu_seconds() - cpu0;
     println!("messages:            {total} ({clients} clients)");
     println!("bulk ingest:         {:.2} s", ingest.as_secs_f64());
     println!(
@@ -145,6 +158,17 @@ async fn main() {
         p.messages, p.ticked, p.alerts
     );
     println!("core time:           {:.2} s", took.as_secs_f64());
+    // CPU time reads true on a busy machine where wall time does not (load average beside it).
+    println!(
+        "core CPU:            {:.2} s ({:.1} us/message; load average {})",
+        cpu,
+        cpu * 1e6 / p.messages.max(1) as f64,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split(' ')
+            .next()
+            .unwrap_or("?")
+    );
     println!(
         "core throughput:     {:.0} messages/s",
         p.messages as f64 / took.as_secs_f64()

@@ -426,95 +426,71 @@ impl StepWrites {
     }
 }
 
-/// A conversation row as the step's JSON batch carries it (see [`CoreTx::write_step`]).
-#[derive(serde::Serialize)]
-struct ConversationJson<'a> {
-    id: i64,
-    source: &'a str,
-    client_key: &'a str,
-    client_address: &'a str,
-    client_name: Option<&'a str>,
-    client_tags: &'a [String],
-    client_rule: Option<i64>,
-    subject: Option<&'a str>,
-    base_subject: &'a str,
-    owner: Option<&'a str>,
-    owner_rule: Option<i64>,
-    policy: Option<&'a str>,
-    policy_rule: Option<i64>,
-    created_at: i64,
-    last_message_at: i64,
-    started_by_team: bool,
-    replied: bool,
-    targets_opened: u32,
-    clock_last_at: Option<i64>,
-    state: &'static str,
-    waiting_since: Option<i64>,
-    due_at: Option<i64>,
-    next_deadline: Option<i64>,
-}
-
-impl<'a> ConversationJson<'a> {
-    fn new(c: &'a ConversationRow) -> Self {
-        let clock = &c.clock;
-        let (state, waiting_since, due_at) = match &clock.open {
-            None => ("idle", None, None),
-            Some(t) => (
-                match t.state {
-                    TargetState::AtRisk => "at_risk",
-                    TargetState::Breached => "breached",
-                    _ => "waiting",
-                },
-                Some(to_ms(t.started_at)),
-                Some(to_ms(t.due_at)),
-            ),
-        };
-        ConversationJson {
-            id: c.id,
-            source: &c.source,
-            client_key: &c.client_key,
-            client_address: &c.client_address,
-            client_name: c.client_name.as_deref(),
-            client_tags: &c.client_tags,
-            client_rule: c.client_rule,
-            subject: c.subject.as_deref(),
-            base_subject: &c.base_subject,
-            owner: c.owner.as_deref(),
-            owner_rule: c.owner_rule,
-            policy: c.policy.as_deref(),
-            policy_rule: c.policy_rule,
-            created_at: to_ms(c.created_at),
-            last_message_at: to_ms(c.last_message_at),
-            started_by_team: clock.started_by_team,
-            replied: clock.replied,
-            targets_opened: clock.targets_opened,
-            clock_last_at: clock.last_at.map(to_ms),
-            state,
-            waiting_since,
-            due_at,
-            next_deadline: crate::sla::clock::next_deadline(clock).map(to_ms),
-        }
+/// The listing columns derived from a clock: state, waiting since, due at.
+fn listing_state(clock: &ClockState) -> (&'static str, Option<i64>, Option<i64>) {
+    match &clock.open {
+        None => ("idle", None, None),
+        Some(t) => (
+            match t.state {
+                TargetState::AtRisk => "at_risk",
+                TargetState::Breached => "breached",
+                _ => "waiting",
+            },
+            Some(to_ms(t.started_at)),
+            Some(to_ms(t.due_at)),
+        ),
     }
 }
 
-/// A target row as the step's JSON batch carries it.
-#[derive(serde::Serialize)]
-struct TargetJson<'a> {
-    conversation_id: i64,
-    seq: u32,
-    metric: &'static str,
-    policy: &'a str,
-    allowed_ms: i64,
-    started_at: i64,
-    counting_from: i64,
-    warn_at: i64,
-    due_at: i64,
-    state: &'static str,
-    warned: bool,
-    breached: bool,
-    fulfilled_at: Option<i64>,
-    business_ms: Option<i64>,
-    calendar_ms: Option<i64>,
+/// Rows per multi-row statement. A step's rows go in full chunks of this size, then the rest in
+/// power-of-two chunks, so each table has at most eight statement shapes and all stay in sqlx's
+/// statement cache (a statement per row would cost a trip through its worker thread each).
+const CHUNK: usize = 64;
+
+fn chunk_len(remaining: usize) -> usize {
+    if remaining >= CHUNK {
+        CHUNK
+    } else {
+        1 << remaining.ilog2()
+    }
+}
+
+/// `head VALUES (...), (...) tail` over `rows`, in chunks.
+async fn insert_rows<'a, T>(
+    tx: &mut Transaction<'static, Sqlite>,
+    head: &str,
+    tail: &str,
+    rows: &'a [T],
+    mut bind: impl FnMut(&mut sqlx::query_builder::Separated<'_, Sqlite, &'static str>, &'a T),
+) -> Result<(), Error> {
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let (chunk, after) = rest.split_at(chunk_len(rest.len()));
+        rest = after;
+        let mut qb = sqlx::QueryBuilder::<Sqlite>::new(head);
+        qb.push_values(chunk, |mut b, row| bind(&mut b, row));
+        qb.push(tail);
+        qb.build().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Removes handled messages from the core's queue, in chunks.
+async fn delete_queued(tx: &mut Transaction<'static, Sqlite>, ids: &[i64]) -> Result<(), Error> {
+    let mut rest = ids;
+    while !rest.is_empty() {
+        let (chunk, after) = rest.split_at(chunk_len(rest.len()));
+        rest = after;
+        let mut qb =
+            sqlx::QueryBuilder::<Sqlite>::new("DELETE FROM core_queue WHERE message_id IN (");
+        let mut list = qb.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        qb.push(")");
+        qb.build().execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 fn to_json<T: serde::Serialize>(table: &'static str, value: &T) -> Result<String, Error> {
@@ -731,42 +707,69 @@ impl CoreTx {
     /// Writes a step: conversations (inserted or updated), thread keys, targets, the handled
     /// messages and alert events; returns how many alert events were new.
     pub async fn write_step(&mut self, w: &StepWrites, now: DateTime<Utc>) -> Result<usize, Error> {
-        if !w.conversations.is_empty() {
-            let rows: Vec<ConversationJson> =
-                w.conversations.iter().map(ConversationJson::new).collect();
-            // `WHERE true` keeps SQLite from reading ON CONFLICT as a join constraint.
-            sqlx::query(
-                "INSERT INTO conversations (id, source, client_key, client_address, client_name, \
-                 client_tags, client_rule, subject, base_subject, owner, owner_rule, policy, \
-                 policy_rule, created_at, last_message_at, started_by_team, replied, \
-                 targets_opened, clock_last_at, state, waiting_since, due_at, next_deadline) \
-                 SELECT v ->> 'id', v ->> 'source', v ->> 'client_key', v ->> 'client_address', \
-                 v ->> 'client_name', v -> 'client_tags', v ->> 'client_rule', v ->> 'subject', \
-                 v ->> 'base_subject', v ->> 'owner', v ->> 'owner_rule', v ->> 'policy', \
-                 v ->> 'policy_rule', v ->> 'created_at', v ->> 'last_message_at', \
-                 v ->> 'started_by_team', v ->> 'replied', v ->> 'targets_opened', \
-                 v ->> 'clock_last_at', v ->> 'state', v ->> 'waiting_since', v ->> 'due_at', \
-                 v ->> 'next_deadline' FROM (SELECT value AS v FROM json_each(?)) WHERE true \
-                 ON CONFLICT (id) DO UPDATE SET last_message_at = excluded.last_message_at, \
-                 started_by_team = excluded.started_by_team, replied = excluded.replied, \
-                 targets_opened = excluded.targets_opened, clock_last_at = excluded.clock_last_at, \
-                 state = excluded.state, waiting_since = excluded.waiting_since, \
-                 due_at = excluded.due_at, next_deadline = excluded.next_deadline",
-            )
-            .bind(to_json("conversations", &rows)?)
-            .execute(&mut *self.tx)
-            .await?;
-        }
-        if !w.thread_keys.is_empty() {
-            sqlx::query(
-                "INSERT INTO conversation_keys (source, thread_key, conversation_id) \
-                 SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?) WHERE true \
-                 ON CONFLICT (source, thread_key) DO NOTHING",
-            )
-            .bind(to_json("conversation_keys", &w.thread_keys)?)
-            .execute(&mut *self.tx)
-            .await?;
-        }
+        let tags: Vec<String> = w
+            .conversations
+            .iter()
+            .map(|c| serde_json::to_string(&c.client_tags).unwrap_or_else(|_| "[]".into()))
+            .collect();
+        let convs: Vec<(&ConversationRow, &str)> = w
+            .conversations
+            .iter()
+            .zip(tags.iter().map(String::as_str))
+            .collect();
+        insert_rows(
+            &mut self.tx,
+            "INSERT INTO conversations (id, source, client_key, client_address, client_name, \
+             client_tags, client_rule, subject, base_subject, owner, owner_rule, policy, \
+             policy_rule, created_at, last_message_at, started_by_team, replied, targets_opened, \
+             clock_last_at, state, waiting_since, due_at, next_deadline) ",
+            " ON CONFLICT (id) DO UPDATE SET last_message_at = excluded.last_message_at, \
+             started_by_team = excluded.started_by_team, replied = excluded.replied, \
+             targets_opened = excluded.targets_opened, clock_last_at = excluded.clock_last_at, \
+             state = excluded.state, waiting_since = excluded.waiting_since, \
+             due_at = excluded.due_at, next_deadline = excluded.next_deadline",
+            &convs,
+            |b, (c, tags)| {
+                let clock = &c.clock;
+                let (state, waiting_since, due_at) = listing_state(clock);
+                b.push_bind(c.id)
+                    .push_bind(c.source.as_str())
+                    .push_bind(c.client_key.as_str())
+                    .push_bind(c.client_address.as_str())
+                    .push_bind(c.client_name.as_deref())
+                    .push_bind(*tags)
+                    .push_bind(c.client_rule)
+                    .push_bind(c.subject.as_deref())
+                    .push_bind(c.base_subject.as_str())
+                    .push_bind(c.owner.as_deref())
+                    .push_bind(c.owner_rule)
+                    .push_bind(c.policy.as_deref())
+                    .push_bind(c.policy_rule)
+                    .push_bind(to_ms(c.created_at))
+                    .push_bind(to_ms(c.last_message_at))
+                    .push_bind(i64::from(clock.started_by_team))
+                    .push_bind(i64::from(clock.replied))
+                    .push_bind(i64::from(clock.targets_opened))
+                    .push_bind(clock.last_at.map(to_ms))
+                    .push_bind(state)
+                    .push_bind(waiting_since)
+                    .push_bind(due_at)
+                    .push_bind(crate::sla::clock::next_deadline(clock).map(to_ms));
+            },
+        )
+        .await?;
+        insert_rows(
+            &mut self.tx,
+            "INSERT INTO conversation_keys (source, thread_key, conversation_id) ",
+            " ON CONFLICT (source, thread_key) DO NOTHING",
+            &w.thread_keys,
+            |b, (source, key, conv)| {
+                b.push_bind(source.as_str())
+                    .push_bind(key.as_str())
+                    .push_bind(*conv);
+            },
+        )
+        .await?;
         for (conversation, keep) in &w.truncated {
             sqlx::query("DELETE FROM sla_targets WHERE conversation_id = ? AND seq > ?")
                 .bind(conversation)
@@ -774,71 +777,70 @@ impl CoreTx {
                 .execute(&mut *self.tx)
                 .await?;
         }
-        if !w.targets.is_empty() {
-            let rows: Vec<TargetJson> = w
-                .targets
-                .iter()
-                .map(|(conversation_id, t)| TargetJson {
-                    conversation_id: *conversation_id,
-                    seq: t.seq,
-                    metric: t.metric.as_str(),
-                    policy: &t.policy,
-                    allowed_ms: ms(t.allowed),
-                    started_at: to_ms(t.started_at),
-                    counting_from: to_ms(t.counting_from),
-                    warn_at: to_ms(t.warn_at),
-                    due_at: to_ms(t.due_at),
-                    state: t.state.as_str(),
-                    warned: t.warned,
-                    breached: t.breached,
-                    fulfilled_at: t.fulfilled_at.map(to_ms),
-                    business_ms: t.business_duration.map(ms),
-                    calendar_ms: t.calendar_duration.map(ms),
-                })
-                .collect();
-            // Owner, source and client are copied from the conversation (written above) so
-            // statistics group without a join.
-            sqlx::query(
-                "INSERT INTO sla_targets (conversation_id, seq, metric, policy, allowed_ms, \
-                 started_at, counting_from, warn_at, due_at, state, warned, breached, \
-                 fulfilled_at, business_ms, calendar_ms, owner, source, client_key) \
-                 SELECT v ->> 'conversation_id', v ->> 'seq', v ->> 'metric', v ->> 'policy', \
-                 v ->> 'allowed_ms', v ->> 'started_at', v ->> 'counting_from', v ->> 'warn_at', \
-                 v ->> 'due_at', v ->> 'state', v ->> 'warned', v ->> 'breached', \
-                 v ->> 'fulfilled_at', v ->> 'business_ms', v ->> 'calendar_ms', \
-                 c.owner, c.source, c.client_key \
-                 FROM (SELECT value AS v FROM json_each(?)) \
-                 JOIN conversations c ON c.id = v ->> 'conversation_id' WHERE true \
-                 ON CONFLICT (conversation_id, seq) DO UPDATE SET policy = excluded.policy, \
-                 allowed_ms = excluded.allowed_ms, counting_from = excluded.counting_from, \
-                 warn_at = excluded.warn_at, due_at = excluded.due_at, state = excluded.state, \
-                 warned = excluded.warned, breached = excluded.breached, \
-                 fulfilled_at = excluded.fulfilled_at, business_ms = excluded.business_ms, \
-                 calendar_ms = excluded.calendar_ms, owner = excluded.owner",
-            )
-            .bind(to_json("sla_targets", &rows)?)
-            .execute(&mut *self.tx)
-            .await?;
+        // Owner, source and client are copied from the conversation so statistics group without
+        // a join; every target of a step belongs to a conversation the step wrote.
+        let by_id: std::collections::HashMap<i64, &ConversationRow> =
+            w.conversations.iter().map(|c| (c.id, c)).collect();
+        let mut targets = Vec::with_capacity(w.targets.len());
+        for (conv, t) in &w.targets {
+            let c = by_id.get(conv).ok_or_else(|| {
+                corrupt(
+                    "sla_targets",
+                    format!("target of conversation {conv} without its conversation"),
+                )
+            })?;
+            targets.push((*c, t));
         }
-        if !w.processed.is_empty() {
-            let processed = to_json("message_threads", &w.processed)?;
-            sqlx::query(
-                "INSERT INTO message_threads (message_id, conversation_id, processed_at) \
-                 SELECT value ->> 0, value ->> 1, ? FROM json_each(?) WHERE true \
-                 ON CONFLICT (message_id) DO UPDATE SET conversation_id = excluded.conversation_id, \
-                 processed_at = excluded.processed_at",
-            )
-            .bind(to_ms(now))
-            .bind(&processed)
-            .execute(&mut *self.tx)
-            .await?;
-            sqlx::query(
-                "DELETE FROM core_queue WHERE message_id IN (SELECT value ->> 0 FROM json_each(?))",
-            )
-            .bind(&processed)
-            .execute(&mut *self.tx)
-            .await?;
-        }
+        insert_rows(
+            &mut self.tx,
+            "INSERT INTO sla_targets (conversation_id, seq, metric, policy, allowed_ms, \
+             started_at, counting_from, warn_at, due_at, state, warned, breached, fulfilled_at, \
+             business_ms, calendar_ms, owner, source, client_key) ",
+            " ON CONFLICT (conversation_id, seq) DO UPDATE SET policy = excluded.policy, \
+             allowed_ms = excluded.allowed_ms, counting_from = excluded.counting_from, \
+             warn_at = excluded.warn_at, due_at = excluded.due_at, state = excluded.state, \
+             warned = excluded.warned, breached = excluded.breached, \
+             fulfilled_at = excluded.fulfilled_at, business_ms = excluded.business_ms, \
+             calendar_ms = excluded.calendar_ms, owner = excluded.owner",
+            &targets,
+            |b, (c, t)| {
+                b.push_bind(c.id)
+                    .push_bind(i64::from(t.seq))
+                    .push_bind(t.metric.as_str())
+                    .push_bind(t.policy.as_str())
+                    .push_bind(ms(t.allowed))
+                    .push_bind(to_ms(t.started_at))
+                    .push_bind(to_ms(t.counting_from))
+                    .push_bind(to_ms(t.warn_at))
+                    .push_bind(to_ms(t.due_at))
+                    .push_bind(t.state.as_str())
+                    .push_bind(i64::from(t.warned))
+                    .push_bind(i64::from(t.breached))
+                    .push_bind(t.fulfilled_at.map(to_ms))
+                    .push_bind(t.business_duration.map(ms))
+                    .push_bind(t.calendar_duration.map(ms))
+                    .push_bind(c.owner.as_deref())
+                    .push_bind(c.source.as_str())
+                    .push_bind(c.client_key.as_str());
+            },
+        )
+        .await?;
+        let processed_at = to_ms(now);
+        insert_rows(
+            &mut self.tx,
+            "INSERT INTO message_threads (message_id, conversation_id, processed_at) ",
+            " ON CONFLICT (message_id) DO UPDATE SET conversation_id = excluded.conversation_id, \
+             processed_at = excluded.processed_at",
+            &w.processed,
+            |b, (message, conv)| {
+                b.push_bind(*message)
+                    .push_bind(*conv)
+                    .push_bind(processed_at);
+            },
+        )
+        .await?;
+        let handled: Vec<i64> = w.processed.iter().map(|(m, _)| *m).collect();
+        delete_queued(&mut self.tx, &handled).await?;
         let mut new_alerts = 0;
         for (key, event, at) in &w.alerts {
             if super::outbox::insert_alert_event(&mut self.tx, key, event, *at).await? {
