@@ -181,8 +181,8 @@ pub enum RawFolder {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawImap {
-    /// Server host.
-    pub host: String,
+    /// Server host (default from `auth.oauth2.provider`: imap.gmail.com, outlook.office365.com).
+    pub host: Option<String>,
     /// Port (default 993 for implicit TLS, 143 otherwise).
     pub port: Option<u16>,
     /// implicit (default) | starttls | none (loopback only).
@@ -199,6 +199,8 @@ pub struct RawImap {
     pub password_env: Option<String>,
     /// systemd credential name (under $CREDENTIALS_DIRECTORY).
     pub password_credential: Option<String>,
+    /// OAuth2 login instead of a password (`auth: {oauth2: {...}}`).
+    pub auth: Option<RawLoginAuth>,
     /// Watched folders (default [INBOX]).
     pub folders: Option<Vec<RawFolder>>,
     /// Use IDLE when offered (default true).
@@ -211,6 +213,54 @@ pub struct RawImap {
     pub timeout: Option<String>,
     /// Messages per fetch batch and transaction (default 200).
     pub batch_size: Option<u32>,
+}
+
+/// How an IMAP source or SMTP channel logs in when it does not use a password.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawLoginAuth {
+    /// OAuth2 (SASL XOAUTH2 / OAUTHBEARER) with a refresh token from `frontdesk auth login`.
+    pub oauth2: Option<RawOAuth2>,
+}
+
+/// OAuth2 provider preset.
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RawOAuth2Provider {
+    /// Google Workspace / Gmail.
+    Google,
+    /// Microsoft 365 (Entra ID).
+    Microsoft,
+    /// Any other provider: give token_url and auth_url or device_url.
+    Custom,
+}
+
+/// OAuth2 client settings.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawOAuth2 {
+    /// google | microsoft | custom: fills in hosts, ports, endpoints and scopes.
+    pub provider: RawOAuth2Provider,
+    /// The application (client) id from the provider's app registration.
+    pub client_id: String,
+    /// Inline client secret (discouraged: warns).
+    pub client_secret: Option<String>,
+    /// File holding the client secret (mode 0600).
+    pub client_secret_file: Option<PathBuf>,
+    /// Environment variable holding the client secret.
+    pub client_secret_env: Option<String>,
+    /// systemd credential name holding the client secret.
+    pub client_secret_credential: Option<String>,
+    /// Microsoft tenant id or domain (default `organizations`).
+    pub tenant: Option<String>,
+    /// Token endpoint (preset for google and microsoft).
+    pub token_url: Option<String>,
+    /// Device authorization endpoint, RFC 8628 (preset for microsoft).
+    pub device_url: Option<String>,
+    /// Authorization endpoint for the browser flow (preset for google and microsoft).
+    pub auth_url: Option<String>,
+    /// Scopes to ask for (preset for google and microsoft).
+    pub scopes: Option<Vec<String>>,
 }
 
 /// Webhook payload preset.
@@ -499,8 +549,8 @@ pub struct RawSla {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawSmtp {
-    /// Relay host.
-    pub host: String,
+    /// Relay host (default from `auth.oauth2.provider`: smtp.gmail.com, smtp.office365.com).
+    pub host: Option<String>,
     /// Port (default 465 implicit, 587 starttls, 25 none).
     pub port: Option<u16>,
     /// implicit (default) | starttls | none (loopback only).
@@ -517,6 +567,8 @@ pub struct RawSmtp {
     pub password_env: Option<String>,
     /// systemd credential name.
     pub password_credential: Option<String>,
+    /// OAuth2 login instead of a password (`auth: {oauth2: {...}}`).
+    pub auth: Option<RawLoginAuth>,
     /// Overall timeout per send (default 60s).
     pub timeout: Option<String>,
 }
