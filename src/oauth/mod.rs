@@ -108,6 +108,9 @@ pub(crate) enum TokenAnswer {
 /// The HTTP client for provider endpoints: bounded by `timeout`, no redirects (a token request
 /// that is redirected would carry its secrets to wherever the redirect points).
 pub(crate) fn http_client(timeout: Duration) -> Result<reqwest::Client, OAuthError> {
+    // reqwest (rustls-no-provider) panics without a process-wide provider; main installs ring
+    // first, and this keeps library users (tests, tools) from that panic. A no-op when set.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout)
