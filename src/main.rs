@@ -214,8 +214,9 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("FRONTDESK_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,hyper=warn"));
     // async-imap traces every encoded command, LOGIN and AUTHENTICATE with their secrets
-    // included, and lettre traces the SMTP dialogue: cap both at debug, whatever the filter says.
-    let filter = ["async_imap=debug", "imap_proto=debug", "lettre=debug"]
+    // included: cap it at debug, whatever the filter says. lettre logs every line it writes at
+    // debug ("Wrote: AUTH XOAUTH2 <base64 token>", AUTH PLAIN likewise): cap it at info.
+    let filter = ["async_imap=debug", "imap_proto=debug", "lettre=info"]
         .iter()
         .filter_map(|d| d.parse().ok())
         .fold(filter, |f, d| f.add_directive(d));
