@@ -757,6 +757,20 @@ fn explain_serde(msg: &str) -> (String, Option<String>) {
             return (format!("unknown {noun} `{word}`"), Some(fix));
         }
     }
+    // the config crate's own wording for an unknown enum value names the Rust type, not the choices
+    if let Some((name, word)) = msg
+        .strip_prefix("enum ")
+        .and_then(|rest| rest.split_once(" does not have variant constructor "))
+    {
+        let word = word.split(" for key `").next().unwrap_or(word).trim();
+        let values = enum_values(name);
+        let fix = match suggest(word, values.iter().map(String::as_str)) {
+            Some(m) => format!("did you mean `{m}`?"),
+            None if values.is_empty() => "check the spelling".to_string(),
+            None => format!("expected one of: {}", values.join(", ")),
+        };
+        return (format!("unknown value `{word}`"), Some(fix));
+    }
     if let Some(rest) = msg.strip_prefix("missing field `") {
         let field = rest.split('`').next().unwrap_or("");
         return (
@@ -786,6 +800,23 @@ fn explain_serde(msg: &str) -> (String, Option<String>) {
         .replace("u32", "a whole number")
         .replace("usize", "a whole number");
     (cleaned, None)
+}
+
+/// The values a config enum accepts, read from the derived JSON Schema (`oneOf` of `const`s).
+fn enum_values(type_name: &str) -> Vec<String> {
+    let schema = super::json_schema();
+    schema
+        .get("$defs")
+        .and_then(|d| d.get(type_name))
+        .and_then(|e| e.get("oneOf"))
+        .and_then(|o| o.as_array())
+        .map(|variants| {
+            variants
+                .iter()
+                .filter_map(|v| v.get("const").and_then(|c| c.as_str()).map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Decodes each top-level section on its own, and each list element on its own.

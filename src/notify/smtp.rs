@@ -269,7 +269,13 @@ async fn send_oauth2(s: &SmtpSettings, oauth: &OAuth2, message: Message) -> Resu
             .map_err(|e| SendError::Permanent(e.to_string()))?;
         match transport.send(message.clone()).await {
             Ok(_) => return Ok(()),
-            Err(e) if !renew && e.status().is_some_and(|c| c.to_string() == "535") => {
+            // Microsoft answers a refused token with 535; Gmail sends a 334 error challenge first,
+            // which lettre's XOAUTH2 reports as a client error about an unexpected challenge
+            Err(e)
+                if !renew
+                    && (e.status().is_some_and(|c| c.to_string() == "535")
+                        || e.to_string().contains("does not expect a challenge")) =>
+            {
                 tracing::info!(login = %oauth.target, "smtp server refused the access token; refreshing it");
                 renew = true;
             }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use tracing::{debug, info};
 
-use crate::config::{LoginTarget, OAuth2, Secret};
+use crate::config::{LoginTarget, OAuth2, OAuth2Provider, Secret};
 
 /// An access token is renewed when less than this is left of its life.
 const RENEW_BEFORE: Duration = Duration::from_secs(60);
@@ -238,16 +238,17 @@ async fn refresh(cfg: &OAuth2) -> Result<(Secret, Duration), OAuthError> {
     let mut stored = token_store::load(cfg)?;
     // Two attempts: another frontdesk process (a `sync` beside the daemon) may have rotated the
     // token between our read and our request; then the file holds the new one.
+    // Microsoft's v2 endpoint wants the scopes again on refresh; Google's takes them from the grant
+    let scope = cfg.scopes.join(" ");
     for attempt in 0..2 {
-        let answer = token_request(
-            &client,
-            cfg,
-            &[
-                ("grant_type", "refresh_token"),
-                ("refresh_token", stored.refresh_token.expose()),
-            ],
-        )
-        .await?;
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", stored.refresh_token.expose()),
+        ];
+        if cfg.provider == OAuth2Provider::Microsoft {
+            form.push(("scope", &scope));
+        }
+        let answer = token_request(&client, cfg, &form).await?;
         match answer {
             TokenAnswer::Granted(t) => {
                 if let Some(rotated) = t.refresh_token.filter(|r| !r.is_empty())

@@ -443,6 +443,14 @@ fn oauth2_config_mistakes_are_located() {
     assert!(out.contains(&format!("{f}:18: sources[1].imap.auth.oauth2.token_url: `http://idp.example.com/token` is not an https URL")), "{out}");
     assert!(out.contains("sources[1].imap.host: no host given (set host, or use auth.oauth2.provider google or microsoft)"), "{out}");
 
+    // a misspelt provider or key gets a did-you-mean
+    let typo = "sources:\n  - name: g\n    imap:\n      username: me@example.com\n      auth:\n        oauth2:\n          provider: gogle\n          clientid: abc\nchannels:\n  - name: out\n    email: { file: ./outbox, from: fd@example.com, to: [a@example.com] }\n";
+    std::fs::write(&file, typo).unwrap();
+    let (code, out, _) = frontdesk(&["check", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains(&format!("{f}:7: sources[0].imap.auth.oauth2.provider: unknown value `gogle` (did you mean `google`?)")), "{out}");
+    assert!(out.contains(&format!("{f}:8: sources[0].imap.auth.oauth2.clientid: unknown key `clientid` (did you mean `client_id`?)")), "{out}");
+
     // presets fill host, port and TLS
     let text = "sources:\n  - name: m365\n    imap:\n      username: me@corp.example\n      auth: {oauth2: {provider: microsoft, client_id: abc, tenant: corp.example}}\nchannels:\n  - name: out\n    email:\n      smtp:\n        username: me@corp.example\n        auth: {oauth2: {provider: microsoft, client_id: abc}}\n      from: me@corp.example\n      to: [a@example.com]\n";
     let c = config::load_str(&file, text)
