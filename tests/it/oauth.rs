@@ -492,3 +492,65 @@ fn oauth2_config_mistakes_are_located() {
     );
     assert!(o.token_url.contains("/organizations/"));
 }
+
+/// The running daemon: syncs over XOAUTH2 with IDLE; after the provider revokes the login and
+/// the server drops the session, the source turns unhealthy with the fix (visible in
+/// `frontdesk sources`); a new `auth login` heals it without a restart.
+#[test]
+fn daemon_reports_a_revoked_login_and_recovers_after_auth_login() {
+    use crate::support::TestDaemon;
+    let rig = Rig::start_oauth2("xoauth2");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = write_config(&rig, dir.path(), "alice", "bob@rig.test");
+    login_device(&rig, &cfg_path, &["--source", "mail"], "alice");
+    let yaml = std::fs::read_to_string(&cfg_path)
+        .unwrap()
+        .replace("listen: 127.0.0.1:0", "listen: 127.0.0.1:{port}");
+    rig.append("alice", "INBOX", &message(1));
+    let d = TestDaemon::start_with(&yaml, &[], dir);
+    let cfg = d.config.to_str().unwrap().to_string();
+    let wait_for = |what: &dyn Fn() -> bool, why: &str| {
+        let start = std::time::Instant::now();
+        while !what() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{why}:\n{}",
+                d.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let has = |id: &str| {
+        let (_, out, _) = frontdesk(&["messages", "--json", "--config", &cfg], &[]);
+        out.contains(id)
+    };
+    let source = || {
+        let (_, out, _) = frontdesk(&["sources", "--json", "--config", &cfg], &[]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.as_array().unwrap()[0].clone()
+    };
+    wait_for(
+        &|| has("oauth-1@example.org"),
+        "first message never arrived",
+    );
+
+    admin(&rig, "/admin/revoke");
+    rig.doveadm(&["kick", "alice"]);
+    let want = "refresh token revoked or expired: run `frontdesk auth login --source mail`";
+    wait_for(
+        &|| source()["healthy"] == false,
+        "the source never turned unhealthy",
+    );
+    assert_eq!(source()["last_error"], want);
+
+    login_device(&rig, &d.config, &["--source", "mail"], "alice");
+    rig.append("alice", "INBOX", &message(2));
+    wait_for(
+        &|| has("oauth-2@example.org"),
+        "no sync after the new login",
+    );
+    wait_for(
+        &|| source()["healthy"] == true,
+        "the source stayed unhealthy",
+    );
+}
