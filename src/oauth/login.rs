@@ -244,45 +244,71 @@ async fn wait_for_code(listener: &TcpListener, state: &str) -> Result<Secret, OA
         let Some(target) = read_request_target(&mut conn).await else {
             continue;
         };
-        let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
-        let mut code = None;
-        let mut got_state = None;
-        let mut error = None;
-        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-            match k.as_ref() {
-                "code" => code = Some(Secret::new(v.into_owned())),
-                "state" => got_state = Some(v.into_owned()),
-                "error" => error = Some(v.into_owned()),
-                _ => {}
+        match redirect_result(&target, state) {
+            Redirect::NotOurs => {
+                // a stray request (favicon, a scanner): keep waiting
+                respond(
+                    &mut conn,
+                    400,
+                    "This is not the sign-in frontdesk is waiting for.",
+                )
+                .await;
             }
+            Redirect::Error(e) => {
+                respond(&mut conn, 200, "Sign-in failed; see the terminal.").await;
+                return Err(OAuthError::Login(format!("the provider answered: {e}")));
+            }
+            Redirect::Code(code) => {
+                respond(
+                    &mut conn,
+                    200,
+                    "frontdesk is signed in. You can close this tab.",
+                )
+                .await;
+                return Ok(code);
+            }
+            Redirect::NoCode => respond(&mut conn, 400, "No code in this request.").await,
         }
-        if got_state.as_deref() != Some(state) {
-            // a stray request (favicon, a scanner): not ours
-            respond(
-                &mut conn,
-                400,
-                "This is not the sign-in frontdesk is waiting for.",
-            )
-            .await;
-            continue;
+    }
+}
+
+/// What a request to the loopback redirect listener carries.
+#[derive(Debug)]
+pub enum Redirect {
+    /// No or another `state`: not the answer to our authorization request.
+    NotOurs,
+    /// The provider's error (`error=access_denied`), made printable.
+    Error(String),
+    /// The authorization code.
+    Code(Secret),
+    /// Our state but neither code nor error.
+    NoCode,
+}
+
+/// Reads the redirect's request target (`/?code=..&state=..`) against the expected `state`.
+pub fn redirect_result(target: &str, state: &str) -> Redirect {
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let mut code = None;
+    let mut got_state = None;
+    let mut error = None;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match k.as_ref() {
+            "code" if !v.is_empty() => code = Some(Secret::new(v.into_owned())),
+            "state" => got_state = Some(v.into_owned()),
+            "error" => error = Some(one_line(&v)),
+            _ => {}
         }
-        if let Some(e) = error {
-            respond(&mut conn, 200, "Sign-in failed; see the terminal.").await;
-            return Err(OAuthError::Login(format!(
-                "the provider answered: {}",
-                one_line(&e)
-            )));
-        }
-        if let Some(code) = code {
-            respond(
-                &mut conn,
-                200,
-                "frontdesk is signed in. You can close this tab.",
-            )
-            .await;
-            return Ok(code);
-        }
-        respond(&mut conn, 400, "No code in this request.").await;
+    }
+    // constant-time: the state is the one secret of this exchange an attacker could probe
+    let ours = got_state.is_some_and(|g| {
+        use subtle::ConstantTimeEq;
+        bool::from(g.as_bytes().ct_eq(state.as_bytes()))
+    });
+    match (ours, error, code) {
+        (false, _, _) => Redirect::NotOurs,
+        (true, Some(e), _) => Redirect::Error(e),
+        (true, None, Some(c)) => Redirect::Code(c),
+        (true, None, None) => Redirect::NoCode,
     }
 }
 
@@ -330,6 +356,33 @@ fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redirect_needs_our_state() {
+        assert!(
+            matches!(redirect_result("/?code=c1&state=s1", "s1"), Redirect::Code(c) if c.expose() == "c1")
+        );
+        assert!(matches!(
+            redirect_result("/?code=c1&state=s2", "s1"),
+            Redirect::NotOurs
+        ));
+        assert!(matches!(
+            redirect_result("/?code=c1", "s1"),
+            Redirect::NotOurs
+        ));
+        assert!(matches!(
+            redirect_result("/favicon.ico", "s1"),
+            Redirect::NotOurs
+        ));
+        assert!(matches!(
+            redirect_result("/?state=s1", "s1"),
+            Redirect::NoCode
+        ));
+        assert!(matches!(
+            redirect_result("/?error=access_denied%0D%0Ax&state=s1", "s1"),
+            Redirect::Error(e) if e == "access_denied  x"
+        ));
+    }
 
     #[test]
     fn pkce_challenge_is_s256_of_verifier() {
