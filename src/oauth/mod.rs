@@ -75,10 +75,25 @@ impl OAuthError {
 #[derive(Deserialize)]
 pub(crate) struct TokenResponse {
     pub access_token: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "seconds")]
     pub expires_in: Option<u64>,
     #[serde(default)]
     pub refresh_token: Option<String>,
+}
+
+/// `expires_in` as a number, or as a string of digits as some providers send it.
+fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Seconds {
+        Number(u64),
+        Text(String),
+    }
+    Ok(match Option::<Seconds>::deserialize(d)? {
+        Some(Seconds::Number(n)) => Some(n),
+        Some(Seconds::Text(t)) => t.trim().parse().ok(),
+        None => None,
+    })
 }
 
 /// An error answer (RFC 6749 §5.2, RFC 8628 §3.5).
@@ -290,5 +305,42 @@ pub fn login_needed(cfg: &OAuth2) -> Option<String> {
     match token_store::load(cfg) {
         Ok(_) => None,
         Err(e) => Some(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_answers_parse_with_numeric_or_string_lifetimes() {
+        let t: TokenResponse =
+            serde_json::from_str(r#"{"access_token":"a","expires_in":3599,"token_type":"Bearer"}"#)
+                .unwrap();
+        assert_eq!(t.expires_in, Some(3599));
+        assert!(t.refresh_token.is_none());
+        let t: TokenResponse =
+            serde_json::from_str(r#"{"access_token":"a","expires_in":"3600","refresh_token":"r"}"#)
+                .unwrap();
+        assert_eq!(t.expires_in, Some(3600));
+        let t: TokenResponse = serde_json::from_str(r#"{"access_token":"a"}"#).unwrap();
+        assert_eq!(t.expires_in, None);
+    }
+
+    #[test]
+    fn errors_name_the_command_that_fixes_them() {
+        let t = LoginTarget::Channel("office".into());
+        assert_eq!(
+            OAuthError::Revoked(t.clone()).to_string(),
+            "refresh token revoked or expired: run `frontdesk auth login --channel office`"
+        );
+        assert!(OAuthError::Revoked(t).is_permanent());
+        assert!(
+            !OAuthError::Unavailable {
+                url: "u".into(),
+                reason: "r".into()
+            }
+            .is_permanent()
+        );
     }
 }
