@@ -491,6 +491,29 @@ fn oauth2_config_mistakes_are_located() {
         ["https://outlook.office.com/SMTP.Send", "offline_access"]
     );
     assert!(o.token_url.contains("/organizations/"));
+
+    // auth login names what it cannot log in
+    std::fs::write(&file, text).unwrap();
+    let cfg = file.to_str().unwrap();
+    let (code, _, err) = frontdesk(&["--config", cfg, "auth", "login", "--source", "nope"], &[]);
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("`nope` is not an IMAP source with auth.oauth2"),
+        "{err}"
+    );
+    let (code, _, err) = frontdesk(&["--config", cfg, "auth", "login"], &[]);
+    assert_eq!(code, 2, "clap wants --source or --channel: {err}");
+    // check lists both logins as still needed
+    let (code, out, _) = frontdesk(&["check", cfg], &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("login needed: --source m365: not logged in"),
+        "{out}"
+    );
+    assert!(
+        out.contains("login needed: --channel out: not logged in"),
+        "{out}"
+    );
 }
 
 /// The running daemon: syncs over XOAUTH2 with IDLE; after the provider revokes the login and
