@@ -6,11 +6,13 @@
 //! which the `config` crate's errors lack.
 
 mod lines;
+mod oauth2;
 mod raw;
 mod secret;
 mod units;
 mod unknown;
 
+pub use oauth2::{LoginTarget, OAuth2, OAuth2Provider, token_file};
 pub use raw::RawConfig;
 pub use secret::Secret;
 pub use units::{parse_duration, parse_size};
@@ -233,8 +235,8 @@ pub struct ImapSource {
     pub ca_file: Option<PathBuf>,
     /// Login name.
     pub username: String,
-    /// Login password.
-    pub password: Secret,
+    /// Password or OAuth2.
+    pub login: Login,
     /// Watched folders.
     pub folders: Vec<Folder>,
     /// Use IDLE when the server offers it.
@@ -247,6 +249,25 @@ pub struct ImapSource {
     pub timeout: Duration,
     /// Messages fetched (and committed) per batch.
     pub batch_size: u32,
+}
+
+/// How an IMAP source or SMTP channel proves who it is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Login {
+    /// A password (LOGIN / AUTH PLAIN).
+    Password(Secret),
+    /// An OAuth2 access token (SASL XOAUTH2 or OAUTHBEARER), renewed with a stored refresh token.
+    OAuth2(Box<OAuth2>),
+}
+
+impl Login {
+    /// The OAuth2 settings, when this login uses OAuth2.
+    pub fn oauth2(&self) -> Option<&OAuth2> {
+        match self {
+            Login::OAuth2(o) => Some(o),
+            Login::Password(_) => None,
+        }
+    }
 }
 
 /// Webhook payload presets.
@@ -503,8 +524,8 @@ pub struct SmtpSettings {
     pub ca_file: Option<PathBuf>,
     /// Login name, if the relay needs one.
     pub username: Option<String>,
-    /// Login password.
-    pub password: Option<Secret>,
+    /// Password or OAuth2, if the relay needs a login.
+    pub login: Option<Login>,
     /// Overall timeout for one send.
     pub timeout: Duration,
 }
@@ -770,7 +791,12 @@ fn validate(raw: RawConfig, ctx: &mut Ctx) -> Config {
     let server = validate_server(raw.server.unwrap_or_default(), ctx);
     let team = validate_team(raw.team, ctx);
     let team_names: BTreeSet<String> = team.iter().map(|m| m.name.clone()).collect();
-    let sources = validate_sources(raw.sources, server.max_body, ctx);
+    let Storage::Sqlite(db) = &storage;
+    let state_dir = match db.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let sources = validate_sources(raw.sources, server.max_body, &state_dir, ctx);
     let source_names: BTreeSet<String> = sources.iter().map(|s| s.name.clone()).collect();
     let clients: Vec<ClientRule> = raw
         .clients
@@ -781,7 +807,7 @@ fn validate(raw: RawConfig, ctx: &mut Ctx) -> Config {
     let responsibilities =
         validate_responsibilities(raw.responsibilities, &team_names, &source_names, ctx);
     let sla = validate_sla(raw.sla.unwrap_or_default(), timezone, &source_names, ctx);
-    let channels = validate_channels(raw.channels, ctx);
+    let channels = validate_channels(raw.channels, &state_dir, ctx);
     let channel_names: BTreeSet<String> = channels.iter().map(|c| c.name.clone()).collect();
     let digests = validate_digests(raw.digests, &channel_names, &team, ctx);
     let alerts = validate_alerts(raw.alerts, &channels, &sla, ctx);
@@ -974,7 +1000,12 @@ pub fn is_loopback_host(host: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn validate_sources(raw: Vec<RawSource>, default_body: u64, ctx: &mut Ctx) -> Vec<Source> {
+fn validate_sources(
+    raw: Vec<RawSource>,
+    default_body: u64,
+    state_dir: &Path,
+    ctx: &mut Ctx,
+) -> Vec<Source> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for (i, s) in raw.into_iter().enumerate() {
@@ -989,7 +1020,8 @@ fn validate_sources(raw: Vec<RawSource>, default_body: u64, ctx: &mut Ctx) -> Ve
         }
         let kind = match (s.imap, s.webhook) {
             (Some(imap), None) => {
-                validate_imap(imap, &format!("{path}.imap"), ctx).map(SourceKind::Imap)
+                validate_imap(imap, &s.name, state_dir, &format!("{path}.imap"), ctx)
+                    .map(SourceKind::Imap)
             }
             (None, Some(hook)) => {
                 validate_webhook(hook, &format!("{path}.webhook"), default_body, ctx)
@@ -1019,15 +1051,37 @@ fn validate_sources(raw: Vec<RawSource>, default_body: u64, ctx: &mut Ctx) -> Ve
     out
 }
 
-fn validate_imap(raw: RawImap, path: &str, ctx: &mut Ctx) -> Option<ImapSource> {
-    let tls = tls_mode(raw.tls);
-    if tls == TlsMode::None && !is_loopback_host(&raw.host) {
+fn validate_imap(
+    raw: RawImap,
+    name: &str,
+    state_dir: &Path,
+    path: &str,
+    ctx: &mut Ctx,
+) -> Option<ImapSource> {
+    let oauth = raw.auth.and_then(|a| a.oauth2);
+    let preset = oauth
+        .as_ref()
+        .and_then(|o| oauth2::preset_server(o.provider, oauth2::Service::Imap));
+    let tls = match (raw.tls, preset) {
+        (None, Some((_, tls))) => tls,
+        (t, _) => tls_mode(t),
+    };
+    let host = match (raw.host, preset) {
+        (Some(h), _) => h,
+        (None, Some((h, _))) => h.to_string(),
+        (None, None) => {
+            ctx.problem(
+                &format!("{path}.host"),
+                "no host given".into(),
+                Some("set host, or use auth.oauth2.provider google or microsoft".into()),
+            );
+            String::new()
+        }
+    };
+    if tls == TlsMode::None && !is_loopback_host(&host) {
         ctx.problem(
             &format!("{path}.tls"),
-            format!(
-                "`tls: none` would send the password in clear text to {}",
-                raw.host
-            ),
+            format!("`tls: none` would send the password in clear text to {host}"),
             Some(
                 "use `implicit` (port 993) or `starttls` (port 143); `none` is only for loopback"
                     .into(),
@@ -1038,16 +1092,33 @@ fn validate_imap(raw: RawImap, path: &str, ctx: &mut Ctx) -> Option<ImapSource> 
         TlsMode::Implicit => 993,
         _ => 143,
     });
-    let password = secret::resolve(
-        &secret::SecretFields {
-            inline: raw.password,
-            file: raw.password_file,
-            env: raw.password_env,
-            credential: raw.password_credential,
-        },
-        &format!("{path}.password"),
-        ctx,
-    );
+    let fields = secret::SecretFields {
+        inline: raw.password,
+        file: raw.password_file,
+        env: raw.password_env,
+        credential: raw.password_credential,
+    };
+    let login = match oauth {
+        Some(_) if fields.any() => {
+            ctx.problem(
+                &format!("{path}.auth"),
+                "both a password and auth.oauth2 are set".into(),
+                Some("keep one: OAuth2 for Google and Microsoft 365, a password elsewhere".into()),
+            );
+            None
+        }
+        Some(o) => oauth2::validate(
+            o,
+            oauth2::Service::Imap,
+            LoginTarget::Source(name.to_string()),
+            &raw.username,
+            state_dir,
+            &format!("{path}.auth.oauth2"),
+            ctx,
+        )
+        .map(|o| Login::OAuth2(Box::new(o))),
+        None => secret::resolve(&fields, &format!("{path}.password"), ctx).map(Login::Password),
+    };
     let mut folders = Vec::new();
     let mut seen = BTreeSet::new();
     for (j, f) in raw
@@ -1106,7 +1177,7 @@ fn validate_imap(raw: RawImap, path: &str, ctx: &mut Ctx) -> Option<ImapSource> 
             None,
         );
     }
-    if raw.host.trim().is_empty() {
+    if host.trim().is_empty() {
         ctx.problem(&format!("{path}.host"), "empty host".into(), None);
     }
     let poll_interval = duration_field(
@@ -1122,12 +1193,12 @@ fn validate_imap(raw: RawImap, path: &str, ctx: &mut Ctx) -> Option<ImapSource> 
         ctx,
     );
     Some(ImapSource {
-        host: raw.host,
+        host,
         port,
         tls,
         ca_file: raw.ca_file,
         username: raw.username,
-        password: password?,
+        login: login?,
         folders,
         idle: raw.idle.unwrap_or(true),
         poll_interval,
@@ -1587,7 +1658,7 @@ fn validate_sla(raw: RawSla, tz: Tz, sources: &BTreeSet<String>, ctx: &mut Ctx) 
     }
 }
 
-fn validate_channels(raw: Vec<RawChannel>, ctx: &mut Ctx) -> Vec<Channel> {
+fn validate_channels(raw: Vec<RawChannel>, state_dir: &Path, ctx: &mut Ctx) -> Vec<Channel> {
     if raw.is_empty() {
         ctx.problem(
             "channels",
@@ -1623,7 +1694,8 @@ fn validate_channels(raw: Vec<RawChannel>, ctx: &mut Ctx) -> Vec<Channel> {
         }
         let kind = match (c.email, c.webhook) {
             (Some(e), None) => {
-                validate_email_channel(e, &format!("{path}.email"), ctx).map(ChannelKind::Email)
+                validate_email_channel(e, &c.name, state_dir, &format!("{path}.email"), ctx)
+                    .map(ChannelKind::Email)
             }
             (None, Some(w)) => validate_webhook_channel(w, &format!("{path}.webhook"), ctx)
                 .map(ChannelKind::Webhook),
@@ -1651,15 +1723,41 @@ fn validate_channels(raw: Vec<RawChannel>, ctx: &mut Ctx) -> Vec<Channel> {
     out
 }
 
-fn validate_email_channel(raw: RawEmailChannel, path: &str, ctx: &mut Ctx) -> Option<EmailChannel> {
+fn validate_email_channel(
+    raw: RawEmailChannel,
+    name: &str,
+    state_dir: &Path,
+    path: &str,
+    ctx: &mut Ctx,
+) -> Option<EmailChannel> {
     let transport = match (raw.smtp, raw.file) {
         (Some(s), None) => {
             let spath = format!("{path}.smtp");
-            let tls = tls_mode(s.tls);
-            if tls == TlsMode::None && !is_loopback_host(&s.host) {
+            let oauth = s.auth.and_then(|a| a.oauth2);
+            let preset = oauth
+                .as_ref()
+                .and_then(|o| oauth2::preset_server(o.provider, oauth2::Service::Smtp));
+            let oauth_set = oauth.is_some();
+            let tls = match (s.tls, preset) {
+                (None, Some((_, tls))) => tls,
+                (t, _) => tls_mode(t),
+            };
+            let host = match (s.host, preset) {
+                (Some(h), _) => h,
+                (None, Some((h, _))) => h.to_string(),
+                (None, None) => {
+                    ctx.problem(
+                        &format!("{spath}.host"),
+                        "no host given".into(),
+                        Some("set host, or use auth.oauth2.provider google or microsoft".into()),
+                    );
+                    String::new()
+                }
+            };
+            if tls == TlsMode::None && !is_loopback_host(&host) {
                 ctx.problem(
                     &format!("{spath}.tls"),
-                    format!("`tls: none` would send mail in clear text to {}", s.host),
+                    format!("`tls: none` would send mail in clear text to {host}"),
                     Some("use `implicit` (port 465) or `starttls` (port 587); `none` is only for loopback".into()),
                 );
             }
@@ -1669,16 +1767,48 @@ fn validate_email_channel(raw: RawEmailChannel, path: &str, ctx: &mut Ctx) -> Op
                 env: s.password_env,
                 credential: s.password_credential,
             };
-            let password = if fields.any() {
-                secret::resolve(&fields, &format!("{spath}.password"), ctx)
-            } else {
-                None
+            let login = match oauth {
+                Some(_) if fields.any() => {
+                    ctx.problem(
+                        &format!("{spath}.auth"),
+                        "both a password and auth.oauth2 are set".into(),
+                        Some("keep one".into()),
+                    );
+                    None
+                }
+                Some(o) => match &s.username {
+                    Some(user) => oauth2::validate(
+                        o,
+                        oauth2::Service::Smtp,
+                        LoginTarget::Channel(name.to_string()),
+                        user,
+                        state_dir,
+                        &format!("{spath}.auth.oauth2"),
+                        ctx,
+                    )
+                    .map(|o| Login::OAuth2(Box::new(o))),
+                    None => {
+                        ctx.problem(
+                            &format!("{spath}.username"),
+                            "auth.oauth2 needs the mailbox to send as".into(),
+                            Some("set username to the account's address".into()),
+                        );
+                        None
+                    }
+                },
+                None if fields.any() => {
+                    secret::resolve(&fields, &format!("{spath}.password"), ctx).map(Login::Password)
+                }
+                None => None,
             };
-            if s.username.is_some() && password.is_none() && !fields.any() {
+            if s.username.is_some() && login.is_none() && !fields.any() && !oauth_set {
                 ctx.problem(
                     &format!("{spath}.password"),
                     "a username is set but no password".into(),
-                    Some("add password_file, password_env or password_credential".into()),
+                    Some(
+                        "add password_file, password_env or password_credential, or auth.oauth2"
+                            .into(),
+                    ),
                 );
             }
             EmailTransport::Smtp(SmtpSettings {
@@ -1687,11 +1817,11 @@ fn validate_email_channel(raw: RawEmailChannel, path: &str, ctx: &mut Ctx) -> Op
                     TlsMode::Starttls => 587,
                     TlsMode::None => 25,
                 }),
-                host: s.host,
+                host,
                 tls,
                 ca_file: s.ca_file,
                 username: s.username,
-                password,
+                login,
                 timeout: duration_field(
                     s.timeout.as_deref(),
                     Duration::from_secs(60),

@@ -12,6 +12,7 @@ pub mod http;
 pub mod ingest;
 pub mod message;
 pub mod notify;
+pub mod oauth;
 pub mod rules;
 pub mod sla;
 pub mod store;

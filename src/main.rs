@@ -138,6 +138,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// OAuth2 logins of IMAP sources and SMTP channels
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthCommand {
+    /// Sign in once and store the refresh token in the state directory (mode 0600)
+    Login {
+        /// The IMAP source to sign in
+        #[arg(long, conflicts_with = "channel", required_unless_present = "channel")]
+        source: Option<String>,
+        /// The SMTP channel to sign in
+        #[arg(long)]
+        channel: Option<String>,
+        /// Device code flow: open a URL on any device and type a code (default where the provider allows it)
+        #[arg(long, conflicts_with = "browser")]
+        device: bool,
+        /// Browser flow: open the printed URL; the browser returns to a listener on 127.0.0.1
+        #[arg(long)]
+        browser: bool,
+        /// Port of the browser flow's loopback listener (default: any free port)
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
 }
 
 /// How `digest --preview` prints.
@@ -187,8 +214,9 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("FRONTDESK_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,hyper=warn"));
     // async-imap traces every encoded command, LOGIN and AUTHENTICATE with their secrets
-    // included, and lettre traces the SMTP dialogue: cap both at debug, whatever the filter says.
-    let filter = ["async_imap=debug", "imap_proto=debug", "lettre=debug"]
+    // included: cap it at debug, whatever the filter says. lettre logs every line it writes at
+    // debug ("Wrote: AUTH XOAUTH2 <base64 token>", AUTH PLAIN likewise): cap it at info.
+    let filter = ["async_imap=debug", "imap_proto=debug", "lettre=info"]
         .iter()
         .filter_map(|d| d.parse().ok())
         .fold(filter, |f, d| f.add_directive(d));
@@ -275,6 +303,17 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                         c.channels.len(),
                         c.digests.len()
                     ));
+                    for o in oauth_logins(c) {
+                        match frontdesk::oauth::login_needed(o) {
+                            None => emit(&format!(
+                                "oauth2 {}: logged in as {} (token in {})\n",
+                                o.target,
+                                o.username,
+                                o.token_file.display()
+                            )),
+                            Some(why) => emit(&format!("login needed: {}: {why}\n", o.target)),
+                        }
+                    }
                     Ok(())
                 }
                 Err(e) => {
@@ -333,6 +372,60 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 serde_json::to_string_pretty(&schema).unwrap_or_default()
             ));
             Ok(())
+        }
+        Command::Auth {
+            command:
+                AuthCommand::Login {
+                    source,
+                    channel,
+                    device,
+                    browser,
+                    port,
+                },
+        } => {
+            let path = config::resolve_path(cli.config.as_deref());
+            let loaded = load_config(&path)?;
+            let target = match (source, channel) {
+                (Some(s), _) => config::LoginTarget::Source(s),
+                // clap requires one of the two
+                (None, c) => config::LoginTarget::Channel(c.unwrap_or_default()),
+            };
+            let Some(oauth) = oauth_logins(&loaded.config)
+                .into_iter()
+                .find(|o| o.target == target)
+                .cloned()
+            else {
+                let kind = match target {
+                    config::LoginTarget::Source(_) => "an IMAP source",
+                    config::LoginTarget::Channel(_) => "an SMTP channel",
+                };
+                return Err(Failure {
+                    code: 64,
+                    message: format!(
+                        "`{}` is not {kind} with auth.oauth2 in {}",
+                        target.name(),
+                        path.display()
+                    ),
+                });
+            };
+            let flow = if device {
+                frontdesk::oauth::login::Flow::Device
+            } else if browser {
+                frontdesk::oauth::login::Flow::Browser
+            } else {
+                frontdesk::oauth::login::default_flow(&oauth)
+            };
+            runtime()?.block_on(async move {
+                let mut say = |text: &str| emit(text);
+                let done = frontdesk::oauth::login::login(&oauth, flow, port, &mut say)
+                    .await
+                    .map_err(|e| Failure {
+                        code: 1,
+                        message: e.to_string(),
+                    })?;
+                emit(&format!("{done}\n"));
+                Ok::<(), Failure>(())
+            })
         }
         Command::Run => {
             let path = config::resolve_path(cli.config.as_deref());
@@ -726,4 +819,20 @@ fn emit(text: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+/// Every OAuth2 login in the config: IMAP sources, then SMTP channels.
+fn oauth_logins(c: &config::Config) -> Vec<&config::OAuth2> {
+    let sources = c.sources.iter().filter_map(|s| match &s.kind {
+        config::SourceKind::Imap(i) => i.login.oauth2(),
+        _ => None,
+    });
+    let channels = c.channels.iter().filter_map(|ch| match &ch.kind {
+        config::ChannelKind::Email(e) => match &e.transport {
+            config::EmailTransport::Smtp(s) => s.login.as_ref().and_then(|l| l.oauth2()),
+            config::EmailTransport::File(_) => None,
+        },
+        _ => None,
+    });
+    sources.chain(channels).collect()
 }

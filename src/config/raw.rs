@@ -181,8 +181,8 @@ pub enum RawFolder {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawImap {
-    /// Server host.
-    pub host: String,
+    /// Server host (default from `auth.oauth2.provider`: imap.gmail.com, outlook.office365.com).
+    pub host: Option<String>,
     /// Port (default 993 for implicit TLS, 143 otherwise).
     pub port: Option<u16>,
     /// implicit (default) | starttls | none (loopback only).
@@ -199,6 +199,8 @@ pub struct RawImap {
     pub password_env: Option<String>,
     /// systemd credential name (under $CREDENTIALS_DIRECTORY).
     pub password_credential: Option<String>,
+    /// OAuth2 login instead of a password (`auth: {oauth2: {...}}`).
+    pub auth: Option<RawLoginAuth>,
     /// Watched folders (default [INBOX]).
     pub folders: Option<Vec<RawFolder>>,
     /// Use IDLE when offered (default true).
@@ -211,6 +213,54 @@ pub struct RawImap {
     pub timeout: Option<String>,
     /// Messages per fetch batch and transaction (default 200).
     pub batch_size: Option<u32>,
+}
+
+/// How an IMAP source or SMTP channel logs in when it does not use a password.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawLoginAuth {
+    /// OAuth2 (SASL XOAUTH2 / OAUTHBEARER) with a refresh token from `frontdesk auth login`.
+    pub oauth2: Option<RawOAuth2>,
+}
+
+/// OAuth2 provider preset.
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RawOAuth2Provider {
+    /// Google Workspace / Gmail.
+    Google,
+    /// Microsoft 365 (Entra ID).
+    Microsoft,
+    /// Any other provider: give token_url and auth_url or device_url.
+    Custom,
+}
+
+/// OAuth2 client settings.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawOAuth2 {
+    /// google | microsoft | custom: fills in hosts, ports, endpoints and scopes.
+    pub provider: RawOAuth2Provider,
+    /// The application (client) id from the provider's app registration.
+    pub client_id: String,
+    /// Inline client secret (discouraged: warns).
+    pub client_secret: Option<String>,
+    /// File holding the client secret (mode 0600).
+    pub client_secret_file: Option<PathBuf>,
+    /// Environment variable holding the client secret.
+    pub client_secret_env: Option<String>,
+    /// systemd credential name holding the client secret.
+    pub client_secret_credential: Option<String>,
+    /// Microsoft tenant id or domain (default `organizations`).
+    pub tenant: Option<String>,
+    /// Token endpoint (preset for google and microsoft).
+    pub token_url: Option<String>,
+    /// Device authorization endpoint, RFC 8628 (preset for microsoft).
+    pub device_url: Option<String>,
+    /// Authorization endpoint for the browser flow (preset for google and microsoft).
+    pub auth_url: Option<String>,
+    /// Scopes to ask for (preset for google and microsoft).
+    pub scopes: Option<Vec<String>>,
 }
 
 /// Webhook payload preset.
@@ -499,8 +549,8 @@ pub struct RawSla {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawSmtp {
-    /// Relay host.
-    pub host: String,
+    /// Relay host (default from `auth.oauth2.provider`: smtp.gmail.com, smtp.office365.com).
+    pub host: Option<String>,
     /// Port (default 465 implicit, 587 starttls, 25 none).
     pub port: Option<u16>,
     /// implicit (default) | starttls | none (loopback only).
@@ -517,6 +567,8 @@ pub struct RawSmtp {
     pub password_env: Option<String>,
     /// systemd credential name.
     pub password_credential: Option<String>,
+    /// OAuth2 login instead of a password (`auth: {oauth2: {...}}`).
+    pub auth: Option<RawLoginAuth>,
     /// Overall timeout per send (default 60s).
     pub timeout: Option<String>,
 }
@@ -705,6 +757,20 @@ fn explain_serde(msg: &str) -> (String, Option<String>) {
             return (format!("unknown {noun} `{word}`"), Some(fix));
         }
     }
+    // the config crate's own wording for an unknown enum value names the Rust type, not the choices
+    if let Some((name, word)) = msg
+        .strip_prefix("enum ")
+        .and_then(|rest| rest.split_once(" does not have variant constructor "))
+    {
+        let word = word.split(" for key `").next().unwrap_or(word).trim();
+        let values = enum_values(name);
+        let fix = match suggest(word, values.iter().map(String::as_str)) {
+            Some(m) => format!("did you mean `{m}`?"),
+            None if values.is_empty() => "check the spelling".to_string(),
+            None => format!("expected one of: {}", values.join(", ")),
+        };
+        return (format!("unknown value `{word}`"), Some(fix));
+    }
     if let Some(rest) = msg.strip_prefix("missing field `") {
         let field = rest.split('`').next().unwrap_or("");
         return (
@@ -734,6 +800,23 @@ fn explain_serde(msg: &str) -> (String, Option<String>) {
         .replace("u32", "a whole number")
         .replace("usize", "a whole number");
     (cleaned, None)
+}
+
+/// The values a config enum accepts, read from the derived JSON Schema (`oneOf` of `const`s).
+fn enum_values(type_name: &str) -> Vec<String> {
+    let schema = super::json_schema();
+    schema
+        .get("$defs")
+        .and_then(|d| d.get(type_name))
+        .and_then(|e| e.get("oneOf"))
+        .and_then(|o| o.as_array())
+        .map(|variants| {
+            variants
+                .iter()
+                .filter_map(|v| v.get("const").and_then(|c| c.as_str()).map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Decodes each top-level section on its own, and each list element on its own.

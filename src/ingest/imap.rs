@@ -31,7 +31,7 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{Backfill, Config, Folder, FolderRole, ImapSource, SourceKind, TlsMode};
+use crate::config::{Backfill, Config, Folder, FolderRole, ImapSource, Login, SourceKind, TlsMode};
 use crate::ingest::email;
 use crate::message::{Automation, Direction, Message, Origin};
 use crate::store::{self, AccountedKind, AccountedUid, FolderLedger, ImapCursor, Store};
@@ -116,6 +116,9 @@ pub enum ImapError {
     /// The store refused a write; nothing was committed.
     #[error(transparent)]
     Store(#[from] store::Error),
+    /// No OAuth2 access token (revoked refresh token, never logged in, provider down).
+    #[error(transparent)]
+    OAuth(#[from] crate::oauth::OAuthError),
 }
 
 impl ImapError {
@@ -127,7 +130,7 @@ impl ImapError {
                 | ImapError::Tls { .. }
                 | ImapError::Ca { .. }
                 | ImapError::Plaintext(_)
-        )
+        ) || matches!(self, ImapError::OAuth(e) if e.is_permanent())
     }
 }
 
@@ -265,7 +268,7 @@ pub async fn connect(cfg: &ImapSource) -> Result<(Session, bool), ImapError> {
         })
     };
 
-    let mut client = match cfg.tls {
+    let client = match cfg.tls {
         TlsMode::Implicit => {
             let mut c = async_imap::Client::new(Either::Left(secure(timed).await?));
             read_greeting(&mut c, t).await?;
@@ -293,19 +296,31 @@ pub async fn connect(cfg: &ImapSource) -> Result<(Session, bool), ImapError> {
             async_imap::Client::new(Either::Left(secure(timed).await?))
         }
     };
-    let _ = &mut client;
-    let mut session = client
-        .login(&cfg.username, cfg.password.expose())
-        .await
-        .map_err(|(e, _)| match e {
-            async_imap::error::Error::No(reason) | async_imap::error::Error::Bad(reason) => {
-                ImapError::Auth {
-                    user: cfg.username.clone(),
-                    reason,
+    let refused = |reason| ImapError::Auth {
+        user: cfg.username.clone(),
+        reason,
+    };
+    let mut session = match &cfg.login {
+        Login::Password(password) => client
+            .login(&cfg.username, password.expose())
+            .await
+            .map_err(|(e, _)| match e {
+                async_imap::error::Error::No(reason) | async_imap::error::Error::Bad(reason) => {
+                    refused(reason)
                 }
-            }
-            other => protocol("login", t)(other),
-        })?;
+                other => protocol("login", t)(other),
+            })?,
+        Login::OAuth2(oauth) => {
+            use crate::oauth::sasl::{ImapLoginError, imap_login};
+            imap_login(client, oauth, &cfg.host, cfg.port)
+                .await
+                .map_err(|e| match e {
+                    ImapLoginError::Token(e) => ImapError::OAuth(e),
+                    ImapLoginError::Refused(reason) => refused(reason),
+                    ImapLoginError::Imap(e) => protocol("authenticate", t)(e),
+                })?
+        }
+    };
     // capabilities are read again after login (and after STARTTLS): the pre-TLS list is untrusted
     let caps = session
         .capabilities()

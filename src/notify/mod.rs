@@ -122,7 +122,18 @@ impl Channel {
                             },
                             ca_file: s.ca_file.clone(),
                             username: s.username.clone(),
-                            password: s.password.as_ref().map(|p| p.expose().to_string()),
+                            password: match &s.login {
+                                Some(crate::config::Login::Password(p)) => {
+                                    Some(p.expose().to_string())
+                                }
+                                _ => None,
+                            },
+                            oauth2: s
+                                .login
+                                .as_ref()
+                                .and_then(|l| l.oauth2())
+                                .cloned()
+                                .map(Box::new),
                             connect_timeout: s.timeout.min(Duration::from_secs(30)),
                         }),
                         s.timeout,

@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart};
-use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{Certificate, CertificateStore, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use super::{GENERATED_HEADER, OutboxItem, SendError, id_safe};
+use crate::config::OAuth2;
 use crate::digest::header_value;
 
 /// How the SMTP connection is secured.
@@ -40,6 +41,8 @@ pub struct SmtpSettings {
     pub username: Option<String>,
     /// Password (never logged; `Debug` prints it redacted).
     pub password: Option<String>,
+    /// OAuth2 login (SASL XOAUTH2) instead of the password.
+    pub oauth2: Option<Box<OAuth2>>,
     /// Connect timeout handed to lettre.
     pub connect_timeout: Duration,
 }
@@ -53,6 +56,10 @@ impl std::fmt::Debug for SmtpSettings {
             .field("ca_file", &self.ca_file)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .field(
+                "oauth2",
+                &self.oauth2.as_ref().map(|o| o.target.to_string()),
+            )
             .finish()
     }
 }
@@ -97,6 +104,8 @@ pub struct EmailChannel {
 
 enum Sink {
     Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    /// OAuth2: the transport is built for each send with the access token of the moment.
+    SmtpOAuth2(SmtpSettings, Box<OAuth2>),
     File(PathBuf),
 }
 
@@ -165,7 +174,14 @@ impl EmailChannel {
         let reply_to = settings.reply_to.as_deref().map(mailbox).transpose()?;
         let sink = match &settings.transport {
             EmailTransport::File(dir) => Sink::File(dir.clone()),
-            EmailTransport::Smtp(s) => Sink::Smtp(smtp_transport(s)?),
+            EmailTransport::Smtp(s) => match &s.oauth2 {
+                Some(oauth) => {
+                    // built once here so a bad setting shows at startup, not at the first send
+                    smtp_transport(s, None)?;
+                    Sink::SmtpOAuth2(s.clone(), oauth.clone())
+                }
+                None => Sink::Smtp(smtp_transport(s, password_credentials(s))?),
+            },
         };
         Ok(EmailChannel {
             name: settings.name.clone(),
@@ -229,8 +245,52 @@ impl EmailChannel {
                 .await
                 .map(|_| ())
                 .map_err(classify_smtp),
+            Sink::SmtpOAuth2(s, oauth) => send_oauth2(s, oauth, message).await,
             Sink::File(dir) => write_eml(dir, item.id, &message.formatted()).await,
         }
+    }
+}
+
+/// Sends with SASL XOAUTH2; when the server refuses the token (535), refreshes it once.
+async fn send_oauth2(s: &SmtpSettings, oauth: &OAuth2, message: Message) -> Result<(), SendError> {
+    let mut renew = false;
+    loop {
+        let token = crate::oauth::access_token(oauth, renew)
+            .await
+            .map_err(|e| {
+                if e.is_permanent() {
+                    SendError::Permanent(e.to_string())
+                } else {
+                    SendError::Temporary(e.to_string())
+                }
+            })?;
+        let credentials = Credentials::new(oauth.username.clone(), token.expose().to_string());
+        let transport = smtp_transport(s, Some((credentials, Mechanism::Xoauth2)))
+            .map_err(|e| SendError::Permanent(e.to_string()))?;
+        match transport.send(message.clone()).await {
+            Ok(_) => return Ok(()),
+            // Microsoft answers a refused token with 535; Gmail sends a 334 error challenge first,
+            // which lettre's XOAUTH2 reports as a client error about an unexpected challenge
+            Err(e)
+                if !renew
+                    && (e.status().is_some_and(|c| c.to_string() == "535")
+                        || e.to_string().contains("does not expect a challenge")) =>
+            {
+                tracing::info!(login = %oauth.target, "smtp server refused the access token; refreshing it");
+                renew = true;
+            }
+            Err(e) => return Err(classify_smtp(e)),
+        }
+    }
+}
+
+fn password_credentials(s: &SmtpSettings) -> Option<(Credentials, Mechanism)> {
+    match (&s.username, &s.password) {
+        (Some(user), Some(pass)) => Some((
+            Credentials::new(user.clone(), pass.clone()),
+            Mechanism::Plain,
+        )),
+        _ => None,
     }
 }
 
@@ -242,7 +302,10 @@ pub fn message_id(item: &OutboxItem, from: &Mailbox) -> String {
     format!("<outbox-{}.{}@{}>", item.id, slot, domain)
 }
 
-fn smtp_transport(s: &SmtpSettings) -> Result<AsyncSmtpTransport<Tokio1Executor>, SetupError> {
+fn smtp_transport(
+    s: &SmtpSettings,
+    login: Option<(Credentials, Mechanism)>,
+) -> Result<AsyncSmtpTransport<Tokio1Executor>, SetupError> {
     let smtp_err = |e: lettre::transport::smtp::Error| SetupError::Smtp(e.to_string());
     let tls_params = || -> Result<TlsParameters, SetupError> {
         let mut b = TlsParameters::builder(s.host.clone());
@@ -278,8 +341,15 @@ fn smtp_transport(s: &SmtpSettings) -> Result<AsyncSmtpTransport<Tokio1Executor>
         }
     };
     let mut builder = builder.timeout(Some(s.connect_timeout));
-    if let (Some(user), Some(pass)) = (&s.username, &s.password) {
-        builder = builder.credentials(Credentials::new(user.clone(), pass.clone()));
+    match login {
+        Some((credentials, Mechanism::Xoauth2)) => {
+            builder = builder
+                .credentials(credentials)
+                .authentication(vec![Mechanism::Xoauth2]);
+        }
+        // lettre's default order (PLAIN, then LOGIN) for passwords, as before
+        Some((credentials, _)) => builder = builder.credentials(credentials),
+        None => {}
     }
     Ok(builder.build())
 }
@@ -409,6 +479,7 @@ mod tests {
             ca_file: None,
             username: None,
             password: Some("sentinel-password".into()),
+            oauth2: None,
             connect_timeout: Duration::from_secs(1),
         };
         s.transport = EmailTransport::Smtp(smtp("smtp.example.com"));

@@ -8,6 +8,7 @@ mod deploy;
 mod digest;
 mod email_golden;
 mod imap;
+mod oauth;
 mod rig;
 mod rig_smoke;
 mod secrets;

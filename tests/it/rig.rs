@@ -47,6 +47,8 @@ pub struct Rig {
     pub dovecot_conf: PathBuf,
     /// `<mail_dir>/<user>/Maildir` holds each user's mail.
     pub mail_dir: PathBuf,
+    /// The test OAuth2 server's port (`start_oauth2` rigs only).
+    pub oauth2_port: Option<u16>,
     shared: bool,
 }
 
@@ -67,21 +69,29 @@ fn parse_env(out: &str) -> HashMap<String, String> {
 impl Rig {
     /// Starts a private rig for one test; it stops when dropped (or when this process exits).
     pub fn start() -> Rig {
-        Self::start_inner(false)
+        Self::start_inner(false, &[])
+    }
+
+    /// A private rig whose Dovecot also accepts OAuth2 tokens (oauth2 passdb, introspection at
+    /// the test OAuth2 server) with the SASL mechanisms `mechs` (e.g. "xoauth2 oauthbearer"),
+    /// and whose SMTP server accepts mail only after AUTH XOAUTH2 with an active token.
+    pub fn start_oauth2(mechs: &str) -> Rig {
+        Self::start_inner(false, &["--oauth2", "--oauth2-mechs", mechs])
     }
 
     /// The process-wide rig, shared by tests that each use their own mailbox (`new_mailbox`).
     /// It stops when the test process exits (the script watches our pid).
     pub fn shared() -> &'static Rig {
         static SHARED: OnceLock<Rig> = OnceLock::new();
-        SHARED.get_or_init(|| Self::start_inner(true))
+        SHARED.get_or_init(|| Self::start_inner(true, &[]))
     }
 
-    fn start_inner(shared: bool) -> Rig {
+    fn start_inner(shared: bool, extra: &[&str]) -> Rig {
         let out = Command::new(script())
             .arg("start")
             .arg("--owner")
             .arg(std::process::id().to_string())
+            .args(extra)
             .output()
             .expect("run tests/servers/rig.sh");
         assert!(
@@ -107,6 +117,7 @@ impl Rig {
             other_ca: get("RIG_OTHER_CA").into(),
             dovecot_conf: get("RIG_DOVECOT_CONF").into(),
             mail_dir: get("RIG_MAIL_DIR").into(),
+            oauth2_port: env.get("RIG_OAUTH2_PORT").and_then(|p| p.parse().ok()),
             shared,
         }
     }

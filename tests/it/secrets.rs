@@ -220,3 +220,149 @@ fn no_secret_reaches_logs_output_or_the_database() {
     }
     assert!(hits.is_empty(), "secrets leaked: {hits:?}");
 }
+
+/// The sweep for OAuth2 (issue 10): every access and refresh token the test provider issued, the
+/// client secret and the XOAUTH2 strings built from them must not appear in the daemon's trace
+/// log, any CLI output (auth login included), the database, the config, the process's command
+/// line or environment, or any state file but the token store, which holds refresh tokens only,
+/// in 0600 files in a 0700 directory.
+#[test]
+fn no_oauth2_token_reaches_logs_output_or_the_database() {
+    use crate::oauth::{CLIENT_SECRET, admin, login_device, server_state, write_config};
+    use std::os::unix::fs::PermissionsExt;
+
+    let rig = Rig::start_oauth2("xoauth2");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = write_config(&rig, dir.path(), "alice", "bob@rig.test");
+    let yaml = std::fs::read_to_string(&cfg_path)
+        .unwrap()
+        .replace("listen: 127.0.0.1:0", "listen: 127.0.0.1:{port}");
+    let mut outputs = String::new();
+    outputs += &login_device(&rig, &cfg_path, &["--source", "mail"], "alice");
+    outputs += &login_device(&rig, &cfg_path, &["--channel", "office"], "alice");
+    rig.append("alice", "INBOX", b"From: Client <client@example.org>\r\nTo: alice@rig.test\r\nSubject: hello\r\nMessage-ID: <oauth-sweep-1@example.org>\r\n\r\nplease call me\r\n");
+
+    let env = [("FRONTDESK_LOG", "trace")];
+    let mut d = TestDaemon::start_with(&yaml, &env, dir);
+    let cfg = d.config.to_str().unwrap().to_string();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", d.pid())).unwrap();
+    let environ = std::fs::read(format!("/proc/{}/environ", d.pid())).unwrap();
+    let start = Instant::now();
+    loop {
+        let (_, out, _) = frontdesk(&["messages", "--json", "--config", &cfg], &env);
+        if out.contains("oauth-sweep-1@example.org") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "imap never delivered:\n{}",
+            d.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // refreshes after a refused token, and a revoked one, in separate processes at trace level
+    admin(&rig, "/admin/expire");
+    for args in [
+        vec!["digest", "--send", "--config", &cfg],
+        vec!["sync", "--config", &cfg],
+        vec!["check", &cfg],
+        vec!["sources", "--json", "--config", &cfg],
+    ] {
+        let (_, out, err) = frontdesk(&args, &env);
+        outputs.push_str(&out);
+        outputs.push_str(&err);
+    }
+    admin(&rig, "/admin/revoke");
+    let (_, out, err) = frontdesk(&["sync", "--config", &cfg], &env);
+    assert!(
+        err.contains("refresh token revoked or expired"),
+        "{out}{err}"
+    );
+    outputs.push_str(&out);
+    outputs.push_str(&err);
+    let (status, _) = d.signal_and_wait(15, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0));
+    let log = d.log.lock().unwrap().clone();
+    assert!(log.contains("TRACE") || log.contains("DEBUG"));
+
+    // the token store: 0600 files in a 0700 directory, refresh tokens only
+    let store_dir = d.dir.path().join("oauth2");
+    assert_eq!(
+        std::fs::metadata(&store_dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    let mut store_text = String::new();
+    for entry in std::fs::read_dir(&store_dir).unwrap() {
+        let p = entry.unwrap().path();
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{}",
+            p.display()
+        );
+        store_text += &std::fs::read_to_string(&p).unwrap();
+    }
+    // every other file of the state directory (database, WAL, config, outbox)
+    let mut state = Vec::new();
+    let mut stack = vec![d.dir.path().to_path_buf()];
+    while let Some(p) = stack.pop() {
+        // the token store is checked above; client-secret is the configured secret file itself
+        if p == store_dir || p.file_name().is_some_and(|n| n == "client-secret") {
+            continue;
+        }
+        if p.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            state.extend(std::fs::read(&p).unwrap());
+        }
+    }
+
+    let issued: Vec<String> = server_state(&rig)["issued"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    assert!(issued.len() >= 8, "{issued:?}");
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(s)
+    };
+    let mut secrets: Vec<String> = vec![CLIENT_SECRET.to_string()];
+    for t in &issued {
+        secrets.push(t.clone());
+        secrets.push(b64(&format!("user=alice\x01auth=Bearer {t}\x01\x01")));
+        if t.starts_with("at-") {
+            assert!(
+                !store_text.contains(t.as_str()),
+                "an access token was stored"
+            );
+        }
+    }
+    let haystacks: [(&str, &[u8]); 5] = [
+        ("daemon log", log.as_bytes()),
+        ("cli output", outputs.as_bytes()),
+        ("state directory", &state),
+        ("cmdline", &cmdline),
+        ("environ", &environ),
+    ];
+    let mut hits = Vec::new();
+    for secret in &secrets {
+        for (name, hay) in &haystacks {
+            if hay.windows(secret.len()).any(|w| w == secret.as_bytes()) {
+                let text = String::from_utf8_lossy(hay);
+                let line = text
+                    .lines()
+                    .find(|l| l.contains(secret.as_str()))
+                    .unwrap_or("");
+                let shown: String = line
+                    .replace(secret.as_str(), "<SECRET>")
+                    .chars()
+                    .take(300)
+                    .collect();
+                hits.push(format!("{secret} in {name}: {shown}"));
+            }
+        }
+    }
+    assert!(hits.is_empty(), "secrets leaked: {hits:?}");
+}
