@@ -77,7 +77,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let (store, shutdown) = (store.clone(), shutdown.clone());
         async move {
             store
-                .run_checkpointer(Duration::from_millis(250), shutdown)
+                .run_checkpointer(
+                    Duration::from_millis(250),
+                    crate::store::WAL_RESTART_FRAMES,
+                    shutdown,
+                )
                 .await
         }
     });

@@ -60,6 +60,9 @@ pub struct Store {
     options: SqliteConnectOptions,
 }
 
+/// WAL frames (4 KiB pages) past which the daemon's checkpointer resets the WAL: 64 MiB.
+pub const WAL_RESTART_FRAMES: i64 = 16_384;
+
 /// The embedded schema migrations (`migrations/`), applied at every open.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -184,7 +187,14 @@ impl Store {
     /// commit then copies pages into the database file and fsyncs it, and every acknowledgement
     /// waiting on the single writer waits for it too. A PASSIVE checkpoint never blocks the writer;
     /// the WAL restarts from its beginning at the next write after a checkpoint caught up.
-    pub async fn run_checkpointer(&self, every: Duration, shutdown: CancellationToken) {
+    ///
+    /// `max_frames` bounds the WAL (see [`WAL_RESTART_FRAMES`], the daemon's choice).
+    pub async fn run_checkpointer(
+        &self,
+        every: Duration,
+        max_frames: i64,
+        shutdown: CancellationToken,
+    ) {
         use sqlx::{ConnectOptions, Connection};
         let mut conn = match self.options.clone().connect().await {
             Ok(c) => c,
@@ -210,8 +220,25 @@ impl Store {
             let done: Result<(i64, i64, i64), _> = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
                 .fetch_one(&mut conn)
                 .await;
-            if let Err(e) = done {
-                tracing::debug!(error = %e, "WAL checkpoint failed; retrying");
+            match done {
+                // Under a steady stream of commits a passive checkpoint never catches the last
+                // frame, so the WAL would never start over and would grow without bound (410 MiB
+                // in a 10 s webhook flood). Past WAL_RESTART_FRAMES, one TRUNCATE checkpoint
+                // waits for the writer, copies the few frames the passive ones left and resets
+                // the file: a short stall, once per 64 MiB written.
+                Ok((_, frames, _)) if frames > max_frames => {
+                    // Through the writer pool: from another connection the reset would poll for
+                    // the write lock between back-to-back commits and starve.
+                    let reset: Result<(i64, i64, i64), _> =
+                        sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+                            .fetch_one(&self.writer)
+                            .await;
+                    if let Err(e) = reset {
+                        tracing::debug!(error = %e, "WAL reset failed; retrying");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "WAL checkpoint failed; retrying"),
             }
         }
         let _ = sqlx::query("PRAGMA wal_autocheckpoint = 1000")
