@@ -1447,3 +1447,282 @@ async fn power_loss_keeps_every_acknowledged_webhook() {
     );
     assert!(acked.len() > CYCLES, "the floods got acknowledgements");
 }
+
+/// One request of the soak: when it was scheduled (seconds since the start), how long its answer
+/// took from that moment (so a stalled server cannot hide latency), and the status (0: no answer).
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: f64,
+    latency: Duration,
+    status: u16,
+}
+
+/// Offers `rate` signed requests per second for `secs`, open loop (a slow answer does not slow
+/// the sender down), each on its own connection as providers do.
+async fn open_loop(
+    port: u16,
+    rate: f64,
+    secs: f64,
+    pad: usize,
+    tag: &str,
+    origin: Instant,
+    out: Arc<std::sync::Mutex<Vec<Sample>>>,
+) {
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let mut next = tokio::time::Instant::now();
+    let end = next + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    let mut n = 0u64;
+    while next < end {
+        tokio::time::sleep_until(next).await;
+        let scheduled = next;
+        let (out, id) = (out.clone(), format!("{tag}_{n}"));
+        tasks.push(tokio::spawn(async move {
+            let body = format!(
+                r#"{{"type":"t","data":{{"id":"{id}","pad":"{}"}}}}"#,
+                "s".repeat(pad)
+            );
+            let h = sw_headers(SW_SECRET, &id, now_secs(), body.as_bytes());
+            let r = tokio::time::timeout(
+                Duration::from_secs(10),
+                try_request(port, "/hooks/sw", &h, body.as_bytes()),
+            )
+            .await;
+            let status = match r {
+                Ok(Ok(r)) => r.status,
+                _ => 0,
+            };
+            out.lock().unwrap().push(Sample {
+                at: (scheduled.into_std() - origin).as_secs_f64(),
+                latency: scheduled.elapsed(),
+                status,
+            });
+        }));
+        next += period;
+        n += 1;
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// Body size of the overload phase: large enough that a client on the same machine can offer
+/// twice what the daemon can commit (with 1 KB bodies the client runs out of CPU first).
+const HEAVY: usize = 256 * 1024;
+
+/// `clients` clients each sending signed requests back to back for `secs`.
+async fn closed_loop(
+    port: u16,
+    clients: usize,
+    secs: f64,
+    pad: usize,
+    tag: &str,
+    origin: Instant,
+) -> Vec<Sample> {
+    let out = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (out, tag) = (out.clone(), tag.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0;
+            while Instant::now() < end {
+                n += 1;
+                let id = format!("{tag}_{c}_{n}");
+                let body = format!(
+                    r#"{{"type":"t","data":{{"id":"{id}","pad":"{}"}}}}"#,
+                    "c".repeat(pad)
+                );
+                let h = sw_headers(SW_SECRET, &id, now_secs(), body.as_bytes());
+                let t = Instant::now();
+                let r = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    try_request(port, "/hooks/sw", &h, body.as_bytes()),
+                )
+                .await;
+                let status = match r {
+                    Ok(Ok(r)) => r.status,
+                    _ => 0,
+                };
+                out.lock().unwrap().push(Sample {
+                    at: (t - origin).as_secs_f64(),
+                    latency: t.elapsed(),
+                    status,
+                });
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    out.lock().unwrap().clone()
+}
+
+fn percentile(samples: &[Sample], p: f64) -> Duration {
+    let mut l: Vec<Duration> = samples.iter().map(|s| s.latency).collect();
+    l.sort();
+    l.get(((l.len() as f64 * p).ceil() as usize).saturating_sub(1))
+        .copied()
+        .unwrap_or_default()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// L1 soak: 300 signed req/s for 60 s with IMAP mail arriving (5/s) -> p99 < 250 ms, 0 non-2xx,
+/// RSS stable; then twice the measured capacity (256 KB bodies) for 10 s -> every answer within
+/// 3 s, refusals are 503/429 answered within 1 s; then 300 req/s again -> p99 back under 250 ms
+/// within 10 s.
+/// Long only (about 2 min of both cores).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "load soak: run by scripts/reliability"]
+async fn soak_at_300_per_second_then_twice_the_capacity() {
+    let rig = crate::rig::Rig::shared();
+    let user = rig.new_mailbox("l1soak");
+    let tmp = tempfile::tempdir().unwrap();
+    write_secret(tmp.path(), "sw", SW_SECRET);
+    let sources = format!(
+        "  - name: sw\n    webhook:\n      preset: standard-webhooks\n      auth: {{ scheme: standard-webhooks, secret_file: {}/sw }}\n  - name: mail\n    imap:\n      host: localhost\n      port: {}\n      tls: implicit\n      ca_file: {}\n      username: {user}\n      password: secret\n      backfill: all\n",
+        tmp.path().display(),
+        rig.imaps_port,
+        rig.ca.display(),
+    );
+    let d = Daemon::start(&sources, None, "");
+    let pid = d.child.as_ref().unwrap().id();
+    let origin = Instant::now();
+    let mail = {
+        let user = user.clone();
+        tokio::spawn(async move {
+            let mut i = 0;
+            while origin.elapsed() < Duration::from_secs(60) {
+                let raw = crate::reliability::client_mail(i, "l1");
+                let u = user.clone();
+                tokio::task::spawn_blocking(move || rig.append(&u, "INBOX", &raw))
+                    .await
+                    .unwrap();
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            i
+        })
+    };
+    let rss = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sampler = {
+        let rss = rss.clone();
+        tokio::spawn(async move {
+            loop {
+                rss.lock().unwrap().push(rss_kib(pid));
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        })
+    };
+    // 1. steady: 300 req/s for 60 s.
+    let steady = Arc::new(std::sync::Mutex::new(Vec::new()));
+    open_loop(d.port, 300.0, 60.0, 1_000, "steady", origin, steady.clone()).await;
+    let mails = mail.await.unwrap();
+    let steady = steady.lock().unwrap().clone();
+    let rss_steady = rss.lock().unwrap().clone();
+    let p99 = percentile(&steady, 0.99);
+    let non2xx = steady.iter().filter(|s| s.status != 200).count();
+
+    // 2. capacity with 256 KB bodies: 64 clients back to back for 5 s.
+    let capacity = closed_loop(d.port, 64, 5.0, HEAVY, "cap", origin).await;
+    let capacity = capacity.iter().filter(|s| s.status == 200).count() as f64 / 5.0;
+
+    // 3. overload: twice that rate, open loop, for 10 s.
+    let over = Arc::new(std::sync::Mutex::new(Vec::new()));
+    open_loop(
+        d.port,
+        2.0 * capacity,
+        10.0,
+        HEAVY,
+        "over",
+        origin,
+        over.clone(),
+    )
+    .await;
+    let over = over.lock().unwrap().clone();
+    let slowest = over.iter().map(|s| s.latency).max().unwrap_or_default();
+    let refused: Vec<&Sample> = over.iter().filter(|s| s.status != 200).collect();
+    let refused_ok = refused
+        .iter()
+        .filter(|s| s.status == 503 || s.status == 429)
+        .count();
+    let slowest_refusal = refused.iter().map(|s| s.latency).max().unwrap_or_default();
+    let over_rate = over.iter().filter(|s| s.status == 200).count() as f64 / 10.0;
+
+    // 4. recovery: 300 req/s for 20 s; the p99 of what was sent 10 s after the burst.
+    let after = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let burst_end = origin.elapsed().as_secs_f64();
+    open_loop(d.port, 300.0, 20.0, 1_000, "after", origin, after.clone()).await;
+    let after = after.lock().unwrap().clone();
+    let settled: Vec<Sample> = after
+        .iter()
+        .filter(|s| s.at >= burst_end + 10.0)
+        .copied()
+        .collect();
+    let p99_after = percentile(&settled, 0.99);
+    sampler.abort();
+    let rss_all = rss.lock().unwrap().clone();
+    let rss_growth = match (rss_steady.get(1), rss_steady.last()) {
+        (Some(a), Some(b)) if *a > 0 => *b as f64 / *a as f64,
+        _ => 0.0,
+    };
+    crate::support::figure(
+        "L1",
+        &format!("300 signed req/s x 60 s (1 KB, new connection each) + {mails} IMAP deliveries"),
+        &format!(
+            "{} sent, p50 {:.1} ms, p99 {:.1} ms, {non2xx} non-2xx, RSS {} -> {} KiB (x{rss_growth:.2})",
+            steady.len(),
+            percentile(&steady, 0.5).as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3,
+            rss_steady.first().copied().unwrap_or(0),
+            rss_steady.last().copied().unwrap_or(0),
+        ),
+    );
+    crate::support::figure(
+        "L1",
+        &format!(
+            "overload: 256 KB bodies at 2 x capacity = {:.0} req/s x 10 s, open loop (capacity {capacity:.0} req/s with 64 clients)",
+            2.0 * capacity
+        ),
+        &format!(
+            "{} sent, {over_rate:.0} acked/s, {} refused ({refused_ok} as 503/429, slowest refusal {:.2} s), slowest answer {:.2} s; after: p99 {:.1} ms 10 s later, peak RSS {} KiB",
+            over.len(),
+            refused.len(),
+            slowest_refusal.as_secs_f64(),
+            slowest.as_secs_f64(),
+            p99_after.as_secs_f64() * 1e3,
+            rss_all.iter().max().copied().unwrap_or(0),
+        ),
+    );
+    assert!(p99 < Duration::from_millis(250), "steady p99 {p99:?}");
+    assert_eq!(non2xx, 0, "non-2xx at 300 req/s");
+    assert!(
+        rss_growth < 1.5,
+        "RSS grew x{rss_growth:.2} during the steady phase"
+    );
+    assert!(
+        !refused.is_empty(),
+        "the overload phase never overloaded the daemon"
+    );
+    assert_eq!(refused_ok, refused.len(), "refusals other than 503/429");
+    assert!(
+        slowest_refusal < Duration::from_secs(1),
+        "refusal took {slowest_refusal:?}"
+    );
+    assert!(
+        slowest < Duration::from_secs(3),
+        "an answer took {slowest:?}"
+    );
+    assert!(
+        p99_after < Duration::from_millis(250),
+        "p99 after the burst {p99_after:?}"
+    );
+}
