@@ -4,8 +4,8 @@
 //! what a network shows (latency, thin bandwidth, 1-byte segments, a cut after N bytes or after
 //! some time, a blackhole, a reset), and the server behind is real.
 //!
-//! The tests below put frontdesk's IMAP source and its SMTP sender behind the proxy and check
-//! that it reconnects and retries with nothing lost and nothing duplicated beyond D9's documented
+//! N1 below puts frontdesk's IMAP source behind the proxy, N2 (in digest.rs) its SMTP sender;
+//! both check that it reconnects and retries with nothing lost and nothing duplicated beyond D9's documented
 //! case (a reply lost after the final `.` of DATA -> the retry may deliver a second copy with the
 //! same Message-ID).
 

@@ -1107,6 +1107,16 @@ async fn disk_full_answers_503_then_recovers_without_restart() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    crate::support::figure(
+        "D7",
+        "8 MiB tmpfs with 6 MiB ballast, 20 KB deliveries until ENOSPC, then ballast removed",
+        &format!(
+            "{} answers after the first failed commit: {} 2xx, every one within 1 s; 2xx again {:.2} s after freeing space (no restart)",
+            after_fail.len(),
+            after_fail.iter().filter(|s| **s == 200).count(),
+            freed.elapsed().as_secs_f64()
+        ),
+    );
     assert!(
         recovered,
         "no 2xx within 5 s of freeing space; log:\n{}",
@@ -1192,6 +1202,13 @@ async fn every_ack_follows_an_fsync_since_the_previous_ack() {
             synced = false;
         }
     }
+    crate::support::figure(
+        "D2",
+        "200 sequential signed deliveries under strace -f -yy",
+        &format!(
+            "{acks} 2xx in the trace, {unsynced} without an fsync of the DB/WAL since the previous one"
+        ),
+    );
     assert_eq!(acks, 200, "acks seen in the trace");
     assert_eq!(
         unsynced, 0,
