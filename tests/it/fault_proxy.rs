@@ -5,9 +5,9 @@
 //! some time, a blackhole, a reset), and the server behind is real.
 //!
 //! N1 below puts frontdesk's IMAP source behind the proxy, N2 (in digest.rs) its SMTP sender;
-//! both check that it reconnects and retries with nothing lost and nothing duplicated beyond D9's documented
-//! case (a reply lost after the final `.` of DATA -> the retry may deliver a second copy with the
-//! same Message-ID).
+//! both check that it reconnects and retries with nothing lost and nothing duplicated beyond
+//! D9's documented case (a reply lost after the final `.` of DATA -> the retry may deliver a
+//! second copy with the same Message-ID).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -9,12 +9,9 @@ file fsync'd. SIGUSR1 drops every unsynced write (a power cut: the page cache is
 only what was synced. Reads, sizes and truncates see the unsynced writes while mounted, as a page
 cache would.
 
-Simplifications (documented in docs/reliability.md): create, unlink, rename, mkdir and truncate go
-to the backing dir at once, as if every directory operation were synchronous (ext4 with
-dirsync); unsynced writes to a file are dropped but its metadata is not. A real power cut can
-also lose a recently created file; SQLite fsyncs the WAL's directory once when it creates the WAL
-(SQLITE_FCNTL / dirsync), so the simplification hides no bug class of ours except a missing
-directory fsync.
+Simplification (documented in docs/reliability.md): create, unlink, rename, mkdir and truncate
+reach the backing dir at once, as if every directory operation were synchronous; only unsynced
+data writes are lost. So a missing directory fsync is not caught here.
 
 No real server does this on demand, hence a test-written filesystem.
 """
