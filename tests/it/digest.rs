@@ -1037,3 +1037,165 @@ async fn quiet_hours_defer_alerts_into_the_next_digest() {
         assert!(raw.contains("X-Frontdesk-Generated: digest"));
     }
 }
+
+/// The Message-ID header of a spooled or fetched message, if any.
+fn message_id_of(raw: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(raw)
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .find_map(|l| {
+            l.strip_prefix("Message-ID:")
+                .or_else(|| l.strip_prefix("Message-Id:"))
+                .map(|v| v.trim().to_string())
+        })
+}
+
+/// D9: the server takes the message, then the connection drops before the reply to the final
+/// `.` (RFC 1047) -> the send is retried, and the mailbox gets at most one duplicate, with the
+/// same Message-ID; after the retry succeeds nothing more is sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_dropped_after_the_final_dot_duplicates_at_most_once() {
+    let rig = Rig::shared();
+    let user = fresh_mailbox(rig, "dd9");
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = FaultSmtp::start(
+        "drop-once",
+        support::free_port(),
+        rig,
+        &dir.path().join("spool"),
+        false,
+    );
+    let yaml = config_yaml(dir.path(), smtp.port, "none", None, &user, "5s");
+    let (sender, store, _) = sender_for(&yaml, dir.path()).await;
+    let t0 = Utc::now();
+    sender
+        .enqueue_digest_now(None, Some("Maria"), t0)
+        .await
+        .unwrap();
+    let r = sender.send_due(t0).await.unwrap();
+    assert_eq!((r.sent, r.retried, r.failed), (0, 1, 0), "{r:?}");
+    let r = sender.send_due(t0 + TimeDelta::hours(2)).await.unwrap();
+    assert_eq!(r.sent, 1, "{r:?}");
+    for k in 3..6 {
+        let r = sender.send_due(t0 + TimeDelta::hours(k)).await.unwrap();
+        assert_eq!(r, Default::default());
+    }
+    let row = &store.outbox_list(10).await.unwrap()[0];
+    assert_eq!((row.state.as_str(), row.item.attempts), ("sent", 2));
+    let spooled: Vec<Vec<u8>> = smtp
+        .spooled()
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    let got = wait_inbox(rig, &user, 2).await;
+    let ids: Vec<_> = got.iter().map(|m| message_id_of(m)).collect();
+    support::figure(
+        "D9",
+        "SMTP connection aborted after the final dot, then relayed",
+        &format!(
+            "{} attempts, {} copies accepted by the server, {} in the mailbox, same Message-ID: {}",
+            row.item.attempts,
+            spooled.len(),
+            got.len(),
+            ids.windows(2).all(|w| w[0] == w[1]),
+        ),
+    );
+    assert_eq!(spooled.len(), 2, "the dropped copy and the retry");
+    assert_eq!(got.len(), 2, "at most one duplicate");
+    assert!(ids[0].is_some(), "{ids:?}");
+    assert_eq!(ids[0], ids[1], "the duplicate carries the same Message-ID");
+    assert!(
+        ids[0]
+            .as_deref()
+            .unwrap()
+            .starts_with(&format!("<outbox-{}.", row.item.id)),
+        "{ids:?}"
+    );
+}
+
+/// N2: digests sent through the seeded fault proxy (latency, 1-byte segments, cuts, blackholes,
+/// resets) to a relaying SMTP server -> every item is eventually sent; a second copy exists only
+/// for an item that needed a retry (D9's documented case), always with the same Message-ID.
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_through_network_faults_delivers_each_digest() {
+    use crate::fault_proxy::{FaultProxy, Plan, seed};
+    let items = if support::long_run() { 60 } else { 12 };
+    let rig = Rig::shared();
+    let user = fresh_mailbox(rig, "dn2");
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = FaultSmtp::start(
+        "relay",
+        support::free_port(),
+        rig,
+        &dir.path().join("spool"),
+        false,
+    );
+    let seed = seed();
+    println!("fault proxy seed {seed} (FRONTDESK_FAULT_SEED replays it)");
+    let plan = Plan {
+        weights: [2, 2, 1, 1, 2, 1, 1, 2],
+        bytes: 20..6_000,
+        millis: 50..1_500,
+        life: 2_000..10_000,
+    };
+    let proxy = FaultProxy::start(smtp.port, plan, seed).await;
+    let yaml = config_yaml(dir.path(), proxy.port, "none", None, &user, "2s");
+    let (sender, store, _) = sender_for(&yaml, dir.path()).await;
+    let t0 = Utc::now();
+    for i in 0..items {
+        sender
+            .enqueue_digest_now(None, Some("Maria"), t0 + TimeDelta::milliseconds(i))
+            .await
+            .unwrap();
+    }
+    let mut now = t0;
+    let mut rounds = 0;
+    loop {
+        let rows = store.outbox_list(1000).await.unwrap();
+        if rows.iter().all(|r| r.state != "pending") || rounds >= 40 {
+            break;
+        }
+        rounds += 1;
+        now += TimeDelta::hours(6);
+        sender.send_due(now).await.unwrap();
+    }
+    let rows = store.outbox_list(1000).await.unwrap();
+    let mut copies: std::collections::HashMap<String, usize> = Default::default();
+    for p in smtp.spooled() {
+        let raw = std::fs::read(&p).unwrap();
+        *copies.entry(message_id_of(&raw).unwrap()).or_default() += 1;
+    }
+    let (mut sent, mut dup_after_retry, mut bad) = (0, 0, vec![]);
+    for r in &rows {
+        let prefix = format!("<outbox-{}.", r.item.id);
+        let n = copies
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, n)| *n)
+            .sum::<usize>();
+        if r.state == "sent" {
+            sent += 1;
+        }
+        if n > 1 {
+            dup_after_retry += 1;
+        }
+        // Sent -> at least one copy; more copies than attempts never; a copy without a retry
+        // would be a duplicate D9 does not allow.
+        if (r.state == "sent" && n == 0) || n > r.item.attempts as usize {
+            bad.push((r.item.id, r.state.clone(), r.item.attempts, n));
+        }
+    }
+    let connections = proxy.faults.lock().unwrap().len();
+    support::figure(
+        "N2",
+        &format!("{items} digests via fault proxy to SMTP, seed {seed}, timeout 2 s"),
+        &format!(
+            "{sent} of {items} sent in {rounds} rounds, {dup_after_retry} with a second copy after a retry, {} bad, {connections} connections ({})",
+            bad.len(),
+            proxy.summary()
+        ),
+    );
+    assert!(bad.is_empty(), "seed {seed}: {bad:?}");
+    assert_eq!(sent, items as usize, "seed {seed}: {rows:?}");
+    assert!(proxy.fatal_count() > 0, "seed {seed}: no fault fired");
+}

@@ -215,3 +215,13 @@ pub fn write_file(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
     p
 }
+
+/// True when `scripts/reliability` runs the long versions (`FRONTDESK_RELIABILITY=long`).
+pub fn long_run() -> bool {
+    std::env::var("FRONTDESK_RELIABILITY").is_ok_and(|v| v == "long")
+}
+
+/// Prints one result row for `scripts/reliability` (it collects the `FIGURE` lines).
+pub fn figure(suite: &str, params: &str, result: &str) {
+    println!("FIGURE\t{suite}\t{params}\t{result}");
+}

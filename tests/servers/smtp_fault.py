@@ -8,6 +8,8 @@ relay   accept; deliver through Dovecot LMTP (--lmtp) if given; save each DATA t
 550     answer 550 to DATA (permanent)
 451     answer 451 to DATA (temporary)
 hang    greet and take the message, then never answer the final dot
+drop-once  the first DATA is spooled and delivered, then the connection is aborted before the
+        reply to the final dot (the RFC 1047 ambiguity); later ones are relayed
 silent  accept TCP and never send a greeting
 
 Every DATA is counted in --spool/N.eml (the bytes as received, after dot-unstuffing), so a test can
@@ -44,6 +46,7 @@ class Handler:
         if args.mode == "hang":
             await asyncio.sleep(3600)
         spool(envelope)
+        drop = args.mode == "drop-once" and not os.path.exists(os.path.join(args.spool, "dropped"))
         if args.lmtp:
             def deliver():
                 with smtplib.LMTP("127.0.0.1", args.lmtp) as lmtp:
@@ -57,6 +60,10 @@ class Handler:
                 await asyncio.get_running_loop().run_in_executor(None, deliver)
             except (smtplib.SMTPException, OSError) as e:
                 return "451 4.3.0 LMTP delivery failed: %s" % e
+        if drop:
+            open(os.path.join(args.spool, "dropped"), "w").close()
+            # abort(): no buffered bytes are flushed, so the 250 below never reaches the client.
+            server.transport.abort()
         return "250 2.0.0 accepted"
 
 stop = threading.Event()
