@@ -1,9 +1,10 @@
 //! Webhook ingestion: authenticate the raw request, map it to a `Message`, commit, then acknowledge.
 //!
 //! `POST /hooks/{source}` in this order (reliability.md §2.2):
-//! 1. shutting down or too many requests in flight -> 503 with Retry-After;
-//! 2. size: `Content-Length` over the route's limit, or more bytes than the limit read -> 413
-//!    (the body is never buffered beyond the limit); a body slower than the body timeout -> 408;
+//! 1. shutting down -> 503 with Retry-After; a `Content-Length` over the route's limit -> 413;
+//!    no request slot or no share of the 32 MiB body budget free within 250 ms (overload) -> 503;
+//! 2. size: more bytes than the limit read -> 413 (the body is never buffered beyond the limit);
+//!    a body slower than the body timeout -> 408;
 //! 3. authentication over the exact bytes ([`auth`]) -> 401 on any failure (never 403/406/410);
 //! 4. mapping ([`preset`]): a missing required field -> 422 naming field and pointer; an unreadable
 //!    body is stored as `degraded`; a Slack challenge is answered; pings are acknowledged unstored;
@@ -39,8 +40,17 @@ use preset::{DirectionRule, Mapping, Outcome, Preset};
 /// How long a request may take to send its body once the headers are in.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long a request waits for a free slot before 503.
-const SLOT_WAIT: Duration = Duration::from_secs(1);
+/// How long a request waits for a free slot (and its share of the byte budget) before 503. Short,
+/// so an overloaded server refuses within well under a second (reliability.md L1).
+const SLOT_WAIT: Duration = Duration::from_millis(250);
+
+/// Bytes of request bodies in flight at once, counted in [`BUDGET_UNIT`]s: requests, their
+/// parsed copies and their wait for the commit are bounded by bytes, not only by count (512
+/// requests of 256 KB held about 1 GB and queued for seconds behind the writer).
+const BODY_BUDGET: usize = 32 << 20;
+
+/// The budget's granularity; every request weighs at least one unit (headers, state).
+const BUDGET_UNIT: usize = 16 << 10;
 
 /// Seconds a provider is asked to wait after a 503.
 const RETRY_AFTER_SECS: &str = "5";
@@ -142,6 +152,8 @@ struct Hooks {
     built: Arc<std::sync::Mutex<Built>>,
     writer: WebhookWriter,
     slots: Arc<Semaphore>,
+    /// The body budget, in `BUDGET_UNIT`s.
+    bytes: Arc<Semaphore>,
     accepting: Arc<AtomicBool>,
 }
 
@@ -191,6 +203,7 @@ pub fn routes(state: &AppState) -> Router {
         })),
         writer: state.store.spawn_webhook_writer(state.wake_core.clone()),
         slots: Arc::new(Semaphore::new(current.server.max_concurrency)),
+        bytes: Arc::new(Semaphore::new(BODY_BUDGET / BUDGET_UNIT)),
         accepting: state.accepting.clone(),
     };
     Router::new()
@@ -259,10 +272,6 @@ async fn receive(
         Ok(ep) => ep,
         Err(_) => return unavailable("webhook source misconfigured"),
     };
-    let Ok(Ok(_slot)) = tokio::time::timeout(SLOT_WAIT, h.slots.clone().acquire_owned()).await
-    else {
-        return unavailable("too many requests in flight");
-    };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -271,6 +280,24 @@ async fn receive(
         h.writer.count(&source, "rejected:too_large");
         return error(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
     }
+    // A body of unknown length may grow to the route's limit: it is weighed at that.
+    let weight = declared
+        .map_or(ep.max_body, |n| usize::try_from(n).unwrap_or(usize::MAX))
+        .div_ceil(BUDGET_UNIT)
+        .clamp(1, BODY_BUDGET / BUDGET_UNIT);
+    let admitted = tokio::time::timeout(SLOT_WAIT, async {
+        let slot = h.slots.clone().acquire_owned().await?;
+        let share = h
+            .bytes
+            .clone()
+            .acquire_many_owned(u32::try_from(weight).unwrap_or(u32::MAX))
+            .await?;
+        Ok::<_, tokio::sync::AcquireError>((slot, share))
+    })
+    .await;
+    let Ok(Ok(_admitted)) = admitted else {
+        return unavailable("too many requests in flight");
+    };
     let bytes = match tokio::time::timeout(BODY_TIMEOUT, read_limited(body, ep.max_body)).await {
         Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "body not received in time"),
         Ok(Err(BodyError::TooLarge)) => {
