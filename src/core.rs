@@ -361,7 +361,9 @@ impl Core {
     pub async fn run_once(&self, now: DateTime<Utc>) -> Result<Progress, store::Error> {
         let mut progress = Progress::default();
         loop {
-            let mut tx = self.store.begin_core().await?;
+            // Reads and threading happen on a reader snapshot; the single writer connection,
+            // which webhook acknowledgements wait for, is held only for the step's writes.
+            let mut tx = self.store.begin_core_read().await?;
             let batch = tx.pending(BATCH).await?;
             if batch.is_empty() {
                 tx.rollback().await?;
@@ -397,6 +399,16 @@ impl Core {
                         .collect();
                     self.replay(&mut work, id, log);
                 }
+            }
+            tx.rollback().await?;
+            let mut tx = self.store.begin_core().await?;
+            // The step numbered its new conversations after what it read; another writer (a
+            // second daemon on this file) would make those ids collide: retry on fresh data.
+            if tx.max_conversation_id().await? != work.base_id() {
+                tx.rollback().await?;
+                return Err(store::Error::Conflict(
+                    "conversations were created meanwhile".into(),
+                ));
             }
             progress.alerts += tx.write_step(&work.finish(), now).await?;
             tx.commit().await?;

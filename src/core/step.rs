@@ -40,6 +40,8 @@ pub(super) struct Step {
     convs: HashMap<i64, ConversationRow>,
     /// Ids of conversations to write back.
     touched: BTreeSet<i64>,
+    /// The highest conversation id when the step read its snapshot.
+    base_id: i64,
     /// The id the next new conversation gets.
     next_id: i64,
     /// Message-ID -> conversation of the (earliest) processed message carrying it.
@@ -66,8 +68,10 @@ impl Step {
         batch: &[Lookup<'_>],
         since: DateTime<Utc>,
     ) -> Result<Step, Error> {
+        let base_id = tx.max_conversation_id().await?;
         let mut step = Step {
-            next_id: tx.max_conversation_id().await? + 1,
+            base_id,
+            next_id: base_id + 1,
             ..Step::default()
         };
         let mut mids: Vec<&str> = batch
@@ -130,6 +134,11 @@ impl Step {
             convs: convs.into_iter().map(|c| (c.id, c)).collect(),
             ..Step::default()
         }
+    }
+
+    /// The highest conversation id the step saw: new ones are numbered after it.
+    pub fn base_id(&self) -> i64 {
+        self.base_id
     }
 
     /// The ids of the loaded conversations, ascending.

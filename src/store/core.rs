@@ -182,6 +182,15 @@ impl Store {
         })
     }
 
+    /// Starts a read-only core transaction on a reader connection: one consistent snapshot for
+    /// a step's lookups, taken without holding the single writer (only the core writes what it
+    /// reads there, so nothing it read can change before its write transaction).
+    pub async fn begin_core_read(&self) -> Result<CoreTx, Error> {
+        Ok(CoreTx {
+            tx: self.reader().begin().await?,
+        })
+    }
+
     /// Stores many messages in one transaction (bulk loads and benchmarks); duplicates are skipped.
     pub async fn ingest_many(
         &self,
@@ -482,8 +491,9 @@ async fn insert_rows<'a, T>(
     Ok(())
 }
 
-/// Removes handled messages from the core's queue, in chunks.
-async fn delete_queued(tx: &mut Transaction<'static, Sqlite>, ids: &[i64]) -> Result<(), Error> {
+/// Removes handled messages from the core's queue, in chunks; returns how many were queued.
+async fn delete_queued(tx: &mut Transaction<'static, Sqlite>, ids: &[i64]) -> Result<u64, Error> {
+    let mut removed = 0;
     let mut rest = ids;
     while !rest.is_empty() {
         let (chunk, after) = rest.split_at(chunk_len(rest.len()));
@@ -495,9 +505,9 @@ async fn delete_queued(tx: &mut Transaction<'static, Sqlite>, ids: &[i64]) -> Re
             list.push_bind(*id);
         }
         qb.push(")");
-        qb.build().execute(&mut **tx).await?;
+        removed += qb.build().execute(&mut **tx).await?.rows_affected();
     }
-    Ok(())
+    Ok(removed)
 }
 
 fn to_json<T: serde::Serialize>(table: &'static str, value: &T) -> Result<String, Error> {
@@ -847,7 +857,14 @@ impl CoreTx {
         )
         .await?;
         let handled: Vec<i64> = w.processed.iter().map(|(m, _)| *m).collect();
-        delete_queued(&mut self.tx, &handled).await?;
+        let dequeued = delete_queued(&mut self.tx, &handled).await?;
+        if dequeued != handled.len() as u64 {
+            return Err(Error::Conflict(format!(
+                "{} of {} messages were handled meanwhile",
+                handled.len() as u64 - dequeued,
+                handled.len()
+            )));
+        }
         let mut new_alerts = 0;
         for (key, event, at) in &w.alerts {
             if super::outbox::insert_alert_event(&mut self.tx, key, event, *at).await? {

@@ -49,6 +49,10 @@ pub enum Error {
         /// What could not be decoded.
         reason: String,
     },
+    /// Another writer changed what a step read (a second daemon on the same database); nothing
+    /// was committed and the step is retried on fresh data.
+    #[error("concurrent change: {0}")]
+    Conflict(String),
 }
 
 /// A handle to the durable queue; cheap to clone.

@@ -332,3 +332,28 @@ async fn the_checkpointer_keeps_the_wal_bounded_under_steady_writes() {
     assert_eq!(store.integrity_check().await.unwrap(), "ok");
     assert_eq!(store.message_count().await.unwrap(), 1200);
 }
+
+/// A step that handles a message another core already handled is refused, not applied twice
+/// (its snapshot is stale: its other writes would overwrite newer state).
+#[tokio::test]
+async fn a_step_handling_an_already_handled_message_is_a_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("c.db")).await.unwrap();
+    let id = store
+        .ingest(&msg("s", "once", "body"), Utc::now())
+        .await
+        .unwrap()
+        .id;
+    let step = super::core::StepWrites {
+        processed: vec![(id, None)],
+        ..Default::default()
+    };
+    let mut tx = store.begin_core().await.unwrap();
+    tx.write_step(&step, Utc::now()).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = store.begin_core().await.unwrap();
+    let again = tx.write_step(&step, Utc::now()).await;
+    assert!(matches!(again, Err(Error::Conflict(_))), "{again:?}");
+    drop(tx);
+    assert_eq!(store.pending_count().await.unwrap(), 0);
+}
