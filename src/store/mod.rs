@@ -150,8 +150,42 @@ impl Store {
         Ok(rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("; "))
     }
 
-    /// A small durable write that proves the database accepts commits (for health and watchdog).
+    /// Whether 1 MiB can be written and fsync'd next to the database: a full disk is reported
+    /// even while small commits still fit into WAL space already allocated.
+    pub(crate) async fn space_available(&self) -> bool {
+        let dir = self
+            .path()
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let probe = dir.join(".frontdesk-space-probe");
+            let ok = std::fs::File::create(&probe)
+                .and_then(|mut f| {
+                    f.write_all(&vec![0u8; 1 << 20])?;
+                    f.sync_all()
+                })
+                .is_ok();
+            let _ = std::fs::remove_file(&probe);
+            ok
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// A small durable write that proves the database accepts commits, and room for 1 MiB more
+    /// (for health and the watchdog).
     pub async fn write_probe(&self, now: DateTime<Utc>) -> Result<(), Error> {
+        // The WAL is reused from its start after each checkpoint, so a small commit can succeed
+        // on a full disk: the space check is what notices it.
+        if !self.space_available().await {
+            return Err(Error::Unavailable(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "less than 1 MiB free next to the database",
+            ))));
+        }
         sqlx::query("CREATE TABLE IF NOT EXISTS health_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL)")
             .execute(&self.writer)
             .await?;

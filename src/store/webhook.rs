@@ -198,7 +198,7 @@ async fn run_writer(
             continue;
         }
         if let Some(checked) = disk_full {
-            if checked.elapsed() >= Duration::from_millis(500) && space_available(&store).await {
+            if checked.elapsed() >= Duration::from_millis(500) && store.space_available().await {
                 tracing::info!("disk space is back; webhook commits resume");
                 disk_full = None;
             } else {
@@ -235,7 +235,7 @@ async fn run_writer(
             Err(e) => {
                 tracing::warn!(error = %e, deliveries = batch.len(), "webhook batch not stored");
                 // SQLITE_FULL, or an I/O error (ENOSPC surfaces as either) with no room left.
-                if is_disk_full(&e) || !space_available(&store).await {
+                if is_disk_full(&e) || !store.space_available().await {
                     disk_full = Some(std::time::Instant::now());
                 }
                 restore_pending(&pending, counts);
@@ -259,30 +259,6 @@ fn is_disk_full(e: &Error) -> bool {
         Error::Unavailable(sqlx::Error::Database(db)) => db.code().as_deref() == Some("13"),
         _ => false,
     }
-}
-
-/// Whether 1 MiB can be written and synced beside the database (checked off the async threads).
-async fn space_available(store: &Store) -> bool {
-    let dir = store
-        .path()
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."))
-        .to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        let probe = dir.join(".frontdesk-space-probe");
-        let ok = std::fs::File::create(&probe)
-            .and_then(|mut f| {
-                f.write_all(&vec![0u8; 1 << 20])?;
-                f.sync_all()
-            })
-            .is_ok();
-        let _ = std::fs::remove_file(&probe);
-        ok
-    })
-    .await
-    .unwrap_or(false)
 }
 
 fn take_pending(pending: &Pending) -> HashMap<(String, String), i64> {
