@@ -165,6 +165,7 @@ impl From<anyhow::Error> for Failure {
 }
 
 fn main() -> ExitCode {
+    tune_allocator();
     // One crypto provider for rustls, installed before any TLS client is built (stack.md §5.1).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
@@ -179,6 +180,30 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Keeps glibc's allocator from holding on to freed message buffers.
+///
+/// An IMAP sync moves every message through three threads (fetched on one, normalized on a
+/// runtime worker, written by sqlx's SQLite thread). By default glibc gives each thread its own
+/// arena, and after the first large buffer is freed it raises its mmap threshold (up to 32 MiB),
+/// so later message-sized buffers are carved from those arenas and their freed space stays in the
+/// process: peak RSS then grows with the number of arenas and with how the scheduler happened to
+/// spread the work, not with what is alive (81 MB measured on an idle machine for 13 MB of live
+/// heap). Two arenas and a fixed 128 KiB mmap threshold (which also fixes the trim threshold)
+/// hand large buffers back to the kernel as soon as they are freed. This has to be a call made
+/// before the first thread starts: `MALLOC_ARENA_MAX` and friends are read by glibc only at
+/// process start, so setting them from inside the process would have no effect.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    // SAFETY: mallopt only changes allocator parameters; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
 
 fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;

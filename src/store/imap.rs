@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::Row;
 
-use super::messages::insert_message;
+use super::messages::insert_messages;
 use super::{Error, Store, from_ms, to_ms};
 
 /// The stored health of `source` inside `tx` (`None`: it never reported).
@@ -176,13 +176,30 @@ impl Store {
         cursor: &ImapCursor,
         now: DateTime<Utc>,
     ) -> Result<BatchOutcome, Error> {
+        // A few multi-row INSERTs per batch instead of one per message (each statement is a round
+        // trip to sqlx's SQLite thread), each cut at ROWS or BYTES of raw mail: sqlx and SQLite
+        // both copy a statement's arguments, so its size is memory held twice.
+        const ROWS: usize = 64;
+        const BYTES: usize = 256 * 1024;
         let mut tx = self.begin_write().await?;
         let mut out = BatchOutcome::default();
-        for m in messages {
-            if insert_message(&mut tx, m, now).await?.duplicate {
-                out.duplicates += 1;
-            } else {
-                out.inserted += 1;
+        let mut rest: &[Message] = messages;
+        while !rest.is_empty() {
+            let mut n = 0;
+            let mut bytes = 0;
+            while n < rest.len() && n < ROWS && (n == 0 || bytes + rest[n].raw.len() <= BYTES) {
+                bytes += rest[n].raw.len();
+                n += 1;
+            }
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
+            let chunk: Vec<&Message> = chunk.iter().collect();
+            for ingested in insert_messages(&mut tx, &chunk, now).await? {
+                if ingested.duplicate {
+                    out.duplicates += 1;
+                } else {
+                    out.inserted += 1;
+                }
             }
         }
         for a in accounted {
