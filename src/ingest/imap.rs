@@ -9,7 +9,9 @@
 //! (Message-ID, else SHA-256 of the bytes), never wiped or skipped.
 //!
 //! async-imap has no timeouts of its own (stack.md §5.2): the socket is wrapped in a
-//! `TimeoutStream` (every read and write), and connect and TLS in `tokio::time::timeout`.
+//! `TimeoutStream` (every read and write), and connect and TLS in `tokio::time::timeout`. Above
+//! TLS, `imap_guard` refuses literals over `max_message_size` before async-imap buffers them and
+//! times out a server that drips data too slowly for the per-read timeout to notice.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
@@ -545,8 +547,8 @@ impl SourceCtx {
                 done,
                 total,
             });
-            // fetching batch N+1 overlaps with normalizing and committing batch N (commits stay
-            // in order: at most one is in flight, and each carries its own cursor)
+            // fetching and normalizing batch N+1 overlaps committing batch N (commits stay in
+            // order: at most one is in flight, and each carries its own cursor)
             let mut inflight: Option<tokio::task::JoinHandle<Result<BatchCounts, ImapError>>> =
                 None;
             let mut add = |report: &mut FolderReport, c: BatchCounts| {
@@ -587,7 +589,7 @@ impl SourceCtx {
                     add(&mut report, c?);
                 }
                 let mut fetched = fetched?;
-                fetched.messages = batch.len() as u64;
+                fetched.messages_listed = batch.len() as u64;
                 cursor = fetched.next;
                 let me = self.clone();
                 let f = folder.clone();
@@ -810,7 +812,7 @@ impl SourceCtx {
         } else {
             vec![wanted.clone()]
         };
-        let mut raws = Vec::with_capacity(wanted.len());
+        let mut messages = Vec::with_capacity(wanted.len());
         for group in groups {
             // each response's body is copied out as it streams in and the response dropped:
             // async-imap keeps a buffer per response
@@ -823,7 +825,14 @@ impl SourceCtx {
                     .await?;
                 let mut stream = std::pin::pin!(stream);
                 while let Some(f) = stream.try_next().await? {
-                    take_fetch(&group, &f, &mut raws, &mut accounted);
+                    // normalized as it arrives: the parsing overlaps waiting for the next bytes,
+                    // and the commit stage is left with the store's work only
+                    if let Some(raw) = take_fetch(&group, &f, &mut accounted) {
+                        drop(f);
+                        if let Some(m) = self.normalize(folder, uid_validity, raw, &mut accounted) {
+                            messages.push(m);
+                        }
+                    }
                 }
                 Ok::<(), async_imap::error::Error>(())
             }
@@ -846,49 +855,54 @@ impl SourceCtx {
             ..*cursor
         };
         Ok(Fetched {
-            raws,
+            messages,
             accounted,
             next,
-            messages: 0,
+            messages_listed: 0,
         })
     }
 
-    /// Normalizes a fetched batch and commits it with its cursor in one transaction.
+    /// Normalizes one fetched message; frontdesk's own mail is accounted for instead.
+    fn normalize(
+        &self,
+        folder: &Folder,
+        uid_validity: u32,
+        raw: RawFetched,
+        accounted: &mut Vec<AccountedUid>,
+    ) -> Option<Message> {
+        let origin = Origin::Imap {
+            folder: folder.name.clone(),
+            uid_validity,
+            uid: raw.uid,
+        };
+        let mut m = email::normalize(&self.name, origin, raw.bytes, raw.received_at);
+        if m.automation == Automation::Frontdesk {
+            // the loop guard: our own digests and alerts are never client messages
+            accounted.push(AccountedUid {
+                uid: raw.uid,
+                kind: AccountedKind::Own,
+                detail: m.message_id.clone().unwrap_or_default(),
+                raw: None,
+            });
+            return None;
+        }
+        m.direction = self.direction(folder, &m);
+        Some(m)
+    }
+
+    /// Commits a fetched batch with its cursor in one transaction.
     async fn commit_fetched(
         &self,
         folder: &Folder,
         fetched: Fetched,
     ) -> Result<BatchCounts, ImapError> {
         let Fetched {
-            raws,
-            mut accounted,
+            messages,
+            accounted,
             next,
-            messages: count,
+            messages_listed: count,
         } = fetched;
-        let uid_validity = next.uid_validity;
         let started = std::time::Instant::now();
-        let mut messages = Vec::with_capacity(raws.len());
-        for raw in raws {
-            let origin = Origin::Imap {
-                folder: folder.name.clone(),
-                uid_validity,
-                uid: raw.uid,
-            };
-            let mut m = email::normalize(&self.name, origin, raw.bytes, raw.received_at);
-            if m.automation == Automation::Frontdesk {
-                // the loop guard: our own digests and alerts are never client messages
-                accounted.push(AccountedUid {
-                    uid: raw.uid,
-                    kind: AccountedKind::Own,
-                    detail: m.message_id.clone().unwrap_or_default(),
-                    raw: None,
-                });
-                continue;
-            }
-            m.direction = self.direction(folder, &m);
-            messages.push(m);
-        }
-        let normalize_ms = started.elapsed().as_millis() as u64;
         let out = self
             .store
             .commit_imap_batch(
@@ -903,8 +917,7 @@ impl SourceCtx {
         debug!(
             folder = %folder.name,
             messages = messages.len(),
-            normalize_ms,
-            store_ms = started.elapsed().as_millis() as u64 - normalize_ms,
+            store_ms = started.elapsed().as_millis() as u64,
             "batch committed"
         );
         for a in accounted
@@ -985,14 +998,14 @@ struct RawFetched {
     bytes: Vec<u8>,
 }
 
-/// A fetched batch on its way to the store.
+/// A fetched and normalized batch on its way to the store.
 #[derive(Debug)]
 struct Fetched {
-    raws: Vec<RawFetched>,
+    messages: Vec<Message>,
     accounted: Vec<AccountedUid>,
     next: ImapCursor,
     /// How many listed UIDs the batch covers (progress).
-    messages: u64,
+    messages_listed: u64,
 }
 
 /// What one committed batch did.
@@ -1018,15 +1031,10 @@ async fn join_commit(
 }
 
 /// Keeps the body of one FETCH response (or accounts for a UID without one).
-fn take_fetch(
-    group: &[u32],
-    f: &Fetch,
-    raws: &mut Vec<RawFetched>,
-    accounted: &mut Vec<AccountedUid>,
-) {
-    let Some(uid) = f.uid else { return };
+fn take_fetch(group: &[u32], f: &Fetch, accounted: &mut Vec<AccountedUid>) -> Option<RawFetched> {
+    let uid = f.uid?;
     if !group.contains(&uid) {
-        return; // an unsolicited FETCH (flag change by another client)
+        return None; // an unsolicited FETCH (flag change by another client)
     }
     let Some(body) = f.body() else {
         accounted.push(AccountedUid {
@@ -1035,16 +1043,16 @@ fn take_fetch(
             detail: "server returned no body".into(),
             raw: None,
         });
-        return;
+        return None;
     };
-    raws.push(RawFetched {
+    Some(RawFetched {
         uid,
         received_at: f
             .internal_date()
             .map(|d| d.with_timezone(&Utc))
             .unwrap_or_else(Utc::now),
         bytes: body.to_vec(),
-    });
+    })
 }
 
 /// Splits listed messages into batches of at most `max` messages and about `MAX_BATCH_BYTES`.
