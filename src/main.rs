@@ -183,15 +183,15 @@ fn main() -> ExitCode {
 
 /// Keeps glibc's allocator from holding on to freed message buffers.
 ///
-/// An IMAP sync moves every message through three threads (fetched on one, normalized on a
-/// runtime worker, written by sqlx's SQLite thread). By default glibc gives each thread its own
-/// arena, and after the first large buffer is freed it raises its mmap threshold (up to 32 MiB),
-/// so later message-sized buffers are carved from those arenas and their freed space stays in the
-/// process: peak RSS then grows with the number of arenas and with how the scheduler happened to
-/// spread the work, not with what is alive (81 MB measured on an idle machine for 13 MB of live
-/// heap). Two arenas and a fixed 128 KiB mmap threshold (which also fixes the trim threshold)
-/// hand large buffers back to the kernel as soon as they are freed. This has to be a call made
-/// before the first thread starts: `MALLOC_ARENA_MAX` and friends are read by glibc only at
+/// An IMAP sync hands every message between threads (fetched and normalized on one, its batch
+/// committed from a runtime worker, its rows copied to sqlx's SQLite thread). By default glibc
+/// gives each thread its own arena, and after the first large buffer is freed it raises its mmap
+/// threshold (up to 32 MiB), so later message-sized buffers are carved from those arenas and
+/// their freed space stays in the process: peak RSS then follows how the scheduler spread the
+/// work rather than what is alive (81 MB was measured on an idle machine, where heaptrack counts
+/// 13 MB live at the peak). Two arenas and a fixed 128 KiB mmap threshold (which also fixes the
+/// trim threshold) hand large buffers back to the kernel when they are freed. It has to be a call
+/// made before the first thread starts: glibc reads `MALLOC_ARENA_MAX` and friends only at
 /// process start, so setting them from inside the process would have no effect.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn tune_allocator() {
