@@ -171,30 +171,35 @@ impl Store {
         &self,
         source: &str,
         folder: &str,
-        messages: &[Message],
+        messages: Vec<Message>,
         accounted: &[AccountedUid],
         cursor: &ImapCursor,
         now: DateTime<Utc>,
     ) -> Result<BatchOutcome, Error> {
         // A few multi-row INSERTs per batch instead of one per message (each statement is a round
         // trip to sqlx's SQLite thread), each cut at ROWS or BYTES of raw mail: sqlx and SQLite
-        // both copy a statement's arguments, so its size is memory held twice.
+        // both copy a statement's arguments, so its size is memory held twice. Each chunk is
+        // dropped once inserted: the batch's memory is given back while the COMMIT's fsync runs
+        // and the next batch is being fetched.
         const ROWS: usize = 64;
         const BYTES: usize = 256 * 1024;
         let mut tx = self.begin_write().await?;
         let mut out = BatchOutcome::default();
-        let mut rest: &[Message] = messages;
-        while !rest.is_empty() {
-            let mut n = 0;
+        let mut rest = messages.into_iter().peekable();
+        while rest.peek().is_some() {
+            let mut chunk = Vec::new();
             let mut bytes = 0;
-            while n < rest.len() && n < ROWS && (n == 0 || bytes + rest[n].raw.len() <= BYTES) {
-                bytes += rest[n].raw.len();
-                n += 1;
+            while let Some(m) = rest.next_if(|m| {
+                chunk.is_empty() || (chunk.len() < ROWS && bytes + m.raw.len() <= BYTES)
+            }) {
+                bytes += m.raw.len();
+                chunk.push(m);
             }
-            let (chunk, tail) = rest.split_at(n);
-            rest = tail;
-            let chunk: Vec<&Message> = chunk.iter().collect();
-            for ingested in insert_messages(&mut tx, &chunk, now).await? {
+            let refs: Vec<&Message> = chunk.iter().collect();
+            let inserted = insert_messages(&mut tx, &refs, now).await?;
+            drop(refs);
+            drop(chunk);
+            for ingested in inserted {
                 if ingested.duplicate {
                     out.duplicates += 1;
                 } else {
