@@ -140,6 +140,7 @@ measure() { # measure PHASE PEER EXPECTED_TOTAL MSGS
 }
 
 PEERS=(frontdesk mbsync-fsync mbsync-nofsync)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 for p in "${PEERS[@]}"; do measure initial "$p" "$N" "$N"; done
 total=$N
 for r in $(seq 1 "$RUNS"); do
@@ -149,6 +150,8 @@ for r in $(seq 1 "$RUNS"); do
     for p in "${PEERS[@]}"; do measure noop "$p" "$total" 0; done
 done
 
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "load average (1, 5, 15 min): $LOAD_START at the start, $LOAD_END at the end"
 "$PY" - "$RESULTS" "$N" <<'PYEOF'
 import statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]

@@ -249,6 +249,8 @@ pub struct ImapSource {
     pub timeout: Duration,
     /// Messages fetched (and committed) per batch.
     pub batch_size: u32,
+    /// Messages larger than this (announced size or literal) are quarantined without their body.
+    pub max_message_size: u64,
 }
 
 /// How an IMAP source or SMTP channel proves who it is.
@@ -1180,6 +1182,26 @@ fn validate_imap(
     if host.trim().is_empty() {
         ctx.problem(&format!("{path}.host"), "empty host".into(), None);
     }
+    let max_message_size = match raw.max_message_size.as_deref().map(parse_size) {
+        None => 32 << 20,
+        Some(Ok(n)) if n > 0 => n,
+        Some(Ok(_)) => {
+            ctx.problem(
+                &format!("{path}.max_message_size"),
+                "must be more than 0".into(),
+                None,
+            );
+            32 << 20
+        }
+        Some(Err(e)) => {
+            ctx.problem(
+                &format!("{path}.max_message_size"),
+                e,
+                Some("use a size such as 32MiB".into()),
+            );
+            32 << 20
+        }
+    };
     let poll_interval = duration_field(
         raw.poll_interval.as_deref(),
         Duration::from_secs(60),
@@ -1205,6 +1227,7 @@ fn validate_imap(
         backfill,
         timeout,
         batch_size: batch_size.max(1),
+        max_message_size,
     })
 }
 

@@ -192,6 +192,7 @@ impl From<anyhow::Error> for Failure {
 }
 
 fn main() -> ExitCode {
+    tune_allocator();
     // One crypto provider for rustls, installed before any TLS client is built (stack.md §5.1).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
@@ -206,6 +207,30 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Keeps glibc's allocator from holding on to freed message buffers.
+///
+/// An IMAP sync hands every message between threads (fetched and normalized on one, its batch
+/// committed from a runtime worker, its rows copied to sqlx's SQLite thread). By default glibc
+/// gives each thread its own arena, and after the first large buffer is freed it raises its mmap
+/// threshold (up to 32 MiB), so later message-sized buffers are carved from those arenas and
+/// their freed space stays in the process: peak RSS then follows how the scheduler spread the
+/// work rather than what is alive (81 MB was measured on an idle machine, where heaptrack counts
+/// 13 MB live at the peak). Two arenas and a fixed 128 KiB mmap threshold (which also fixes the
+/// trim threshold) hand large buffers back to the kernel when they are freed. It has to be a call
+/// made before the first thread starts: glibc reads `MALLOC_ARENA_MAX` and friends only at
+/// process start, so setting them from inside the process would have no effect.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    // SAFETY: mallopt only changes allocator parameters; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
 
 fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;

@@ -213,6 +213,8 @@ pub struct RawImap {
     pub timeout: Option<String>,
     /// Messages per fetch batch and transaction (default 200).
     pub batch_size: Option<u32>,
+    /// Larger messages are quarantined without their body (default 32MiB).
+    pub max_message_size: Option<String>,
 }
 
 /// How an IMAP source or SMTP channel logs in when it does not use a password.

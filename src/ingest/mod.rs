@@ -2,4 +2,5 @@
 
 pub mod email;
 pub mod imap;
+pub mod imap_guard;
 pub mod webhook;

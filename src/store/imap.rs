@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::Row;
 
-use super::messages::insert_message;
+use super::messages::insert_messages;
 use super::{Error, Store, from_ms, to_ms};
 
 /// The stored health of `source` inside `tx` (`None`: it never reported).
@@ -171,18 +171,40 @@ impl Store {
         &self,
         source: &str,
         folder: &str,
-        messages: &[Message],
+        messages: Vec<Message>,
         accounted: &[AccountedUid],
         cursor: &ImapCursor,
         now: DateTime<Utc>,
     ) -> Result<BatchOutcome, Error> {
+        // A few multi-row INSERTs per batch instead of one per message (each statement is a round
+        // trip to sqlx's SQLite thread), each cut at ROWS or BYTES of raw mail: sqlx and SQLite
+        // both copy a statement's arguments, so its size is memory held twice. Each chunk is
+        // dropped once inserted: the batch's memory is given back while the COMMIT's fsync runs
+        // and the next batch is being fetched.
+        const ROWS: usize = 64;
+        const BYTES: usize = 256 * 1024;
         let mut tx = self.begin_write().await?;
         let mut out = BatchOutcome::default();
-        for m in messages {
-            if insert_message(&mut tx, m, now).await?.duplicate {
-                out.duplicates += 1;
-            } else {
-                out.inserted += 1;
+        let mut rest = messages.into_iter().peekable();
+        while rest.peek().is_some() {
+            let mut chunk = Vec::new();
+            let mut bytes = 0;
+            while let Some(m) = rest.next_if(|m| {
+                chunk.is_empty() || (chunk.len() < ROWS && bytes + m.raw.len() <= BYTES)
+            }) {
+                bytes += m.raw.len();
+                chunk.push(m);
+            }
+            let refs: Vec<&Message> = chunk.iter().collect();
+            let inserted = insert_messages(&mut tx, &refs, now).await?;
+            drop(refs);
+            drop(chunk);
+            for ingested in inserted {
+                if ingested.duplicate {
+                    out.duplicates += 1;
+                } else {
+                    out.inserted += 1;
+                }
             }
         }
         for a in accounted {
