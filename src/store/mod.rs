@@ -150,29 +150,19 @@ impl Store {
         Ok(rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("; "))
     }
 
-    /// Whether 1 MiB can be written and fsync'd next to the database: a full disk is reported
+    /// Whether at least 1 MiB is free on the database's filesystem: a full disk is reported
     /// even while small commits still fit into WAL space already allocated.
+    ///
+    /// A `statvfs` call, not a trial write: `/readyz` and every watchdog ping ask, and writing
+    /// and fsyncing a megabyte for each would be an I/O load anyone reaching `/readyz` could
+    /// cause.
     pub(crate) async fn space_available(&self) -> bool {
         let dir = self
             .path()
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_path_buf();
-        tokio::task::spawn_blocking(move || {
-            use std::io::Write;
-            let probe = dir.join(".frontdesk-space-probe");
-            let ok = std::fs::File::create(&probe)
-                .and_then(|mut f| {
-                    f.write_all(&vec![0u8; 1 << 20])?;
-                    f.sync_all()
-                })
-                .is_ok();
-            let _ = std::fs::remove_file(&probe);
-            ok
-        })
-        .await
-        .unwrap_or(false)
+            .unwrap_or(Path::new("."));
+        free_bytes(dir).is_some_and(|n| n >= 1 << 20)
     }
 
     /// A small durable write that proves the database accepts commits, and room for 1 MiB more
@@ -290,6 +280,23 @@ impl Store {
         self.reader.close().await;
         self.writer.close().await;
     }
+}
+
+/// Bytes available to this (unprivileged) user on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and `st` is valid for statvfs to write a whole struct.
+    if unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // The field types differ between platforms (u32 or u64): widen both.
+    #[allow(clippy::unnecessary_cast)]
+    let (blocks, size) = (st.f_bavail as u64, st.f_frsize as u64);
+    Some(blocks.saturating_mul(size))
 }
 
 /// Turns sqlx's open errors into a sentence that names the usual cause.

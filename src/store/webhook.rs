@@ -392,31 +392,8 @@ fn record(
 
 #[cfg(test)]
 mod tests {
+    use super::tests_support::message;
     use super::*;
-    use crate::message::{Automation, Direction, Origin, ParseStatus};
-
-    fn message(source: &str, id: &str) -> Message {
-        Message {
-            source: source.into(),
-            origin: Origin::Webhook {
-                delivery_id: id.into(),
-            },
-            direction: Direction::Inbound,
-            received_at: Utc::now(),
-            sent_at: None,
-            from: None,
-            to: vec![],
-            subject: None,
-            text: Some("hello".into()),
-            message_id: None,
-            in_reply_to: vec![],
-            references: vec![],
-            thread_key: None,
-            automation: Automation::Human,
-            parse: ParseStatus::Ok,
-            raw: id.as_bytes().to_vec(),
-        }
-    }
 
     #[tokio::test]
     async fn concurrent_same_id_is_one_row_and_counters_add_up() {
