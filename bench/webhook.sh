@@ -159,3 +159,5 @@ print(f"ratio frontdesk/nginx acked req/s: {float(f[2]) / float(n[2]):.1%}")
 if f[8] != "-" and int(f[8]) < int(f[1]) - int(f[5]):
     print("WARNING: fewer rows stored than 2xx answers")
 EOF
+# The group-commit writer's own view: deliveries per batch and commit time (summaries).
+curl -s "http://127.0.0.1:$FD_PORT/metrics" | grep -E '^frontdesk_webhook_(batch_deliveries|commit_seconds)(\{quantile="0\.(5|99)"\}|_sum|_count)' | sed 's/^/# /' || true

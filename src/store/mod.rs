@@ -11,6 +11,7 @@ mod imap;
 mod messages;
 pub mod metrics;
 mod outbox;
+mod wal_sync;
 pub mod webhook;
 
 pub use digest::SourceRef;

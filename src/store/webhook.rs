@@ -2,10 +2,13 @@
 //!
 //! One writer task owns the write path. Each request sends its message over an mpsc channel with a
 //! oneshot for the answer. The task takes whatever has queued up (no added wait: requests that
-//! arrive during a commit form the next batch), inserts them all in one `BEGIN IMMEDIATE`
-//! transaction, commits (WAL + `synchronous=FULL`, so the commit returns after the fsync), and only
-//! then answers each waiter. If anything in the batch fails, the transaction rolls back and every
-//! waiter gets `Unavailable` (503): nobody is told "stored" unless their own row is synced.
+//! arrive during a commit form the next batch) and inserts them all in one `BEGIN IMMEDIATE`
+//! transaction. The commit writes the WAL frames without fsyncing them (`synchronous=NORMAL` for
+//! this transaction only); a syncer task then fsyncs the WAL ([`super::wal_sync`]) and only after
+//! that answers each waiter, while the writer already commits the next batch. If anything in the
+//! batch fails, the transaction rolls back and every waiter gets `Unavailable` (503): nobody is
+//! told "stored" unless their own row is on disk. A failed fsync is fatal: the page cache can no
+//! longer be trusted, so the process exits for systemd to restart it from what is on disk.
 //!
 //! Counters live in the same transaction as the rows they count. Rejections (401) have no row:
 //! they are tallied in memory and written with the next batch, or by a 1 s tick when idle.
@@ -20,6 +23,7 @@ use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
 use super::messages::{insert_message, insert_messages};
+use super::wal_sync::WalFile;
 use super::{Error, Ingested, Store, from_ms, to_ms};
 use crate::message::Message;
 
@@ -117,7 +121,10 @@ impl Store {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let pending: Pending = Arc::default();
         let store = self.clone();
-        tokio::spawn(run_writer(store, rx, pending.clone(), wake_core));
+        let (synced_tx, synced_rx) = mpsc::unbounded_channel();
+        let wal = Arc::new(WalFile::beside(self.path()));
+        tokio::spawn(run_syncer(wal, synced_rx, wake_core));
+        tokio::spawn(run_writer(store, rx, pending.clone(), synced_tx));
         WebhookWriter { jobs: tx, pending }
     }
 
@@ -166,11 +173,71 @@ impl Store {
     }
 }
 
+/// A batch committed but not yet fsync'd: whom to answer, and with what, once it is on disk.
+struct Committed {
+    replies: Vec<Reply>,
+}
+
+/// One waiter of a committed batch.
+struct Reply {
+    to: oneshot::Sender<Result<Ingested, IngestError>>,
+    result: Result<Ingested, IngestError>,
+    source: String,
+    received_at: DateTime<Utc>,
+}
+
+/// Fsyncs the WAL for every batch committed since the last fsync, then answers their waiters.
+async fn run_syncer(
+    wal: Arc<WalFile>,
+    mut rx: mpsc::UnboundedReceiver<Committed>,
+    wake_core: Arc<tokio::sync::Notify>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut group = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            group.push(more);
+        }
+        let file = wal.clone();
+        let synced = tokio::task::spawn_blocking(move || file.sync()).await;
+        let failure = match synced {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        let now = Utc::now();
+        let mut stored = false;
+        for reply in group.into_iter().flat_map(|c| c.replies) {
+            if failure.is_some() {
+                let _ = reply
+                    .to
+                    .send(Err(IngestError::Unavailable("fsync failed".into())));
+                continue;
+            }
+            let latency = (now - reply.received_at).num_microseconds().unwrap_or(0);
+            metrics::histogram!("frontdesk_ingest_latency_seconds", "source" => reply.source)
+                .record(latency as f64 / 1e6);
+            stored |= reply.result.is_ok();
+            let _ = reply.to.send(reply.result);
+        }
+        if let Some(e) = failure {
+            // After a failed fsync the kernel may have dropped the dirty pages and a later fsync
+            // can succeed without them (PostgreSQL's "fsyncgate"): never retry and claim success.
+            // Exit so systemd restarts the daemon from what is really on disk; the waiters above
+            // got 503 and their providers retry.
+            tracing::error!(error = %e, "fsync of the database WAL failed; exiting to recover from disk");
+            std::process::exit(1);
+        }
+        if stored {
+            wake_core.notify_one();
+        }
+    }
+}
+
 async fn run_writer(
     store: Store,
     mut rx: mpsc::Receiver<Job>,
     pending: Pending,
-    wake_core: Arc<tokio::sync::Notify>,
+    synced: mpsc::UnboundedSender<Committed>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -215,21 +282,31 @@ async fn run_writer(
             }
         }
         let now = Utc::now();
-        match commit_batch(&store, &batch, &counts, now).await {
+        let started = std::time::Instant::now();
+        let outcome = commit_batch(&store, &batch, &counts, now).await;
+        // Batch size and commit time tell an operator whether acknowledgements wait on the disk
+        // (long commits) or on the HTTP side (small batches).
+        metrics::histogram!("frontdesk_webhook_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("frontdesk_webhook_batch_deliveries").record(batch.len() as f64);
+        match outcome {
             Ok(results) => {
-                let any = !batch.is_empty();
-                let committed = Utc::now();
-                for (job, result) in batch.into_iter().zip(results) {
-                    let msg = &job.delivery.message;
-                    let latency = (committed - msg.received_at)
-                        .num_microseconds()
-                        .unwrap_or(0);
-                    metrics::histogram!("frontdesk_ingest_latency_seconds", "source" => msg.source.clone())
-                        .record(latency as f64 / 1e6);
-                    let _ = job.reply.send(result);
-                }
-                if any {
-                    wake_core.notify_one();
+                let replies = batch
+                    .into_iter()
+                    .zip(results)
+                    .map(|(job, result)| Reply {
+                        to: job.reply,
+                        result,
+                        source: job.delivery.message.source,
+                        received_at: job.delivery.message.received_at,
+                    })
+                    .collect();
+                if let Err(mpsc::error::SendError(c)) = synced.send(Committed { replies }) {
+                    for reply in c.replies {
+                        let _ = reply
+                            .to
+                            .send(Err(IngestError::Unavailable("syncer stopped".into())));
+                    }
                 }
             }
             Err(e) => {
@@ -276,17 +353,48 @@ fn restore_pending(pending: &Pending, counts: HashMap<(String, String), i64>) {
     }
 }
 
-/// Inserts a batch in one transaction; the per-delivery results are valid only if this returns Ok.
+/// Inserts a batch in one transaction, committed but not fsync'd (the syncer does that); the
+/// per-delivery results are valid only if this returns Ok.
 ///
-/// `begin_write` replaces a writer connection left unusable by an earlier failed COMMIT (disk
-/// full, I/O error), so the store recovers by itself once space is back.
+/// A connection whose transaction failed (disk full, I/O error) is closed rather than reused, so
+/// the store recovers by itself once space is back.
 async fn commit_batch(
     store: &Store,
     batch: &[Job],
     counts: &HashMap<(String, String), i64>,
     now: DateTime<Utc>,
 ) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
-    let mut tx = store.begin_write().await?;
+    let mut conn = store.writer.acquire().await?;
+    // NORMAL for this transaction only: the syncer fsyncs the WAL before anyone is answered.
+    if let Err(e) = sqlx::query("PRAGMA synchronous = NORMAL")
+        .execute(&mut *conn)
+        .await
+    {
+        conn.close_on_drop();
+        return Err(e.into());
+    }
+    let outcome = insert_batch(&mut conn, batch, counts, now).await;
+    // Every other writer on this connection relies on FULL. A connection that cannot be put back
+    // (or whose COMMIT failed, which leaves sqlx's transaction state wrong) is closed, and the pool
+    // opens a fresh one with the options' FULL.
+    let restored = sqlx::query("PRAGMA synchronous = FULL")
+        .execute(&mut *conn)
+        .await;
+    if outcome.is_err() || restored.is_err() {
+        conn.close_on_drop();
+    }
+    outcome
+}
+
+/// The batch's transaction: tokens, the multi-row insert, counters, activity, commit.
+async fn insert_batch(
+    conn: &mut sqlx::SqliteConnection,
+    batch: &[Job],
+    counts: &HashMap<(String, String), i64>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
+    use sqlx::Connection;
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
     let mut results = Vec::with_capacity(batch.len());
     let mut tally: HashMap<(String, String), i64> = counts.clone();
     let mut touched: HashMap<String, ()> = HashMap::new();
