@@ -33,6 +33,11 @@ const QUEUE_DEPTH: usize = 4096;
 /// The most deliveries one transaction takes.
 const MAX_BATCH: usize = 512;
 
+/// While an earlier batch is being fsync'd, the writer keeps gathering until it has this many
+/// deliveries (or the fsync ends) before committing: a commit has a fixed cost in pages and
+/// round trips that a handful of rows would not amortize.
+const GATHER: usize = 32;
+
 /// How long replay tokens are kept (longer than any configured tolerance window).
 const TOKEN_RETENTION: chrono::Duration = chrono::Duration::days(2);
 
@@ -123,8 +128,26 @@ impl Store {
         let store = self.clone();
         let (synced_tx, synced_rx) = mpsc::unbounded_channel();
         let wal = Arc::new(WalFile::beside(self.path()));
-        tokio::spawn(run_syncer(wal, synced_rx, wake_core));
-        tokio::spawn(run_writer(store, rx, pending.clone(), synced_tx));
+        let syncing = Arc::new(Syncing::default());
+        let writer = run_writer(store, rx, pending.clone(), synced_tx, syncing.clone());
+        let syncer = run_syncer(wal, synced_rx, syncing, wake_core);
+        // The writer and syncer get a thread and a runtime of their own. On the shared runtime each
+        // of a batch's statement round trips (a wake-up from sqlx's SQLite thread) waited in the
+        // run queue behind every request task, so under load a commit took milliseconds of
+        // queueing and batches shrank; here a wake-up is served at once.
+        let spawned = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .and_then(|rt| {
+                std::thread::Builder::new()
+                    .name("webhook-writer".into())
+                    .spawn(move || rt.block_on(async { tokio::join!(writer, syncer) }))
+            });
+        if let Err(e) = spawned {
+            // Without the writer every delivery is answered 503 ("writer stopped"): nothing is
+            // acknowledged that is not stored.
+            tracing::error!(error = %e, "cannot start the webhook writer thread");
+        }
         WebhookWriter { jobs: tx, pending }
     }
 
@@ -173,6 +196,13 @@ impl Store {
     }
 }
 
+/// Batches handed to the syncer and not yet answered, and a signal at the end of each fsync.
+#[derive(Default)]
+struct Syncing {
+    outstanding: std::sync::atomic::AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
 /// A batch committed but not yet fsync'd: whom to answer, and with what, once it is on disk.
 struct Committed {
     replies: Vec<Reply>,
@@ -190,6 +220,7 @@ struct Reply {
 async fn run_syncer(
     wal: Arc<WalFile>,
     mut rx: mpsc::UnboundedReceiver<Committed>,
+    syncing: Arc<Syncing>,
     wake_core: Arc<tokio::sync::Notify>,
 ) {
     while let Some(first) = rx.recv().await {
@@ -197,6 +228,7 @@ async fn run_syncer(
         while let Ok(more) = rx.try_recv() {
             group.push(more);
         }
+        let batches = group.len();
         let file = wal.clone();
         let synced = tokio::task::spawn_blocking(move || file.sync()).await;
         let failure = match synced {
@@ -219,6 +251,10 @@ async fn run_syncer(
             stored |= reply.result.is_ok();
             let _ = reply.to.send(reply.result);
         }
+        syncing
+            .outstanding
+            .fetch_sub(batches, std::sync::atomic::Ordering::SeqCst);
+        syncing.done.notify_waiters();
         if let Some(e) = failure {
             // After a failed fsync the kernel may have dropped the dirty pages and a later fsync
             // can succeed without them (PostgreSQL's "fsyncgate"): never retry and claim success.
@@ -238,6 +274,7 @@ async fn run_writer(
     mut rx: mpsc::Receiver<Job>,
     pending: Pending,
     synced: mpsc::UnboundedSender<Committed>,
+    syncing: Arc<Syncing>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -258,6 +295,27 @@ async fn run_writer(
             match rx.try_recv() {
                 Ok(j) => batch.push(j),
                 Err(_) => break,
+            }
+        }
+        // Nobody waits on this commit while the syncer is still busy with an earlier batch: gather
+        // more first. Registered before the check, so the end of a sync is never missed.
+        while !batch.is_empty() && batch.len() < GATHER {
+            let done = syncing.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if syncing
+                .outstanding
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 0
+            {
+                break;
+            }
+            tokio::select! {
+                job = rx.recv() => match job {
+                    Some(j) => batch.push(j),
+                    None => break,
+                },
+                _ = &mut done => break,
             }
         }
         let counts = take_pending(&pending);
@@ -301,7 +359,13 @@ async fn run_writer(
                         received_at: job.delivery.message.received_at,
                     })
                     .collect();
+                syncing
+                    .outstanding
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 if let Err(mpsc::error::SendError(c)) = synced.send(Committed { replies }) {
+                    syncing
+                        .outstanding
+                        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     for reply in c.replies {
                         let _ = reply
                             .to
