@@ -329,9 +329,14 @@ channels:
     .unwrap();
     assert_eq!(code, 200, "{text}");
 
+    // The core threads the messages in one transaction and ticks deadlines in the next, so wait
+    // for the tick (Ann's overdue target breached), not only for the three conversations.
     let rows = wait_for(Duration::from_secs(20), || {
         let rows = conversations(&d);
-        (rows.len() == 3).then_some(rows)
+        let ticked = rows
+            .iter()
+            .any(|r| r["client"] == "ann@mail.example" && r["state"] == "breached");
+        (rows.len() == 3 && ticked).then_some(rows)
     });
     let by_client = |c: &str| {
         rows.iter()
