@@ -10,6 +10,9 @@
 //! told "stored" unless their own row is on disk. A failed fsync is fatal: the page cache can no
 //! longer be trusted, so the process exits for systemd to restart it from what is on disk.
 //!
+//! On PostgreSQL the commit itself returns after the server flushed its WAL
+//! (`synchronous_commit` is checked at start), so the syncer only answers.
+//!
 //! Counters live in the same transaction as the rows they count. Rejections (401) have no row:
 //! they are tallied in memory and written with the next batch, or by a 1 s tick when idle.
 
@@ -22,7 +25,7 @@ use serde::Serialize;
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
-use super::messages::{insert_message, insert_messages};
+use super::backend::{Driver, PgDb, SqliteDb};
 use super::wal_sync::WalFile;
 use super::{Error, Ingested, Store, from_ms, to_ms};
 use crate::message::Message;
@@ -127,7 +130,8 @@ impl Store {
         let pending: Pending = Arc::default();
         let store = self.clone();
         let (synced_tx, synced_rx) = mpsc::unbounded_channel();
-        let wal = Arc::new(WalFile::beside(self.path()));
+        // PostgreSQL's commit already waited for its WAL flush: nothing for the syncer to sync.
+        let wal = self.path().map(|db| Arc::new(WalFile::beside(db)));
         let syncing = Arc::new(Syncing::default());
         let writer = run_writer(store, rx, pending.clone(), synced_tx, syncing.clone());
         let syncer = run_syncer(wal, synced_rx, syncing, wake_core);
@@ -153,46 +157,48 @@ impl Store {
 
     /// Webhook counters for every source that has any.
     pub async fn webhook_counters(&self) -> Result<Vec<WebhookCounters>, Error> {
-        let mut by_source: HashMap<String, WebhookCounters> = HashMap::new();
-        let rows = sqlx::query("SELECT source, name, value FROM webhook_counters")
-            .fetch_all(self.reader())
-            .await?;
-        for r in rows {
-            let source: String = r.try_get("source")?;
-            let name: String = r.try_get("name")?;
-            let value: i64 = r.try_get("value")?;
-            let c = by_source
-                .entry(source.clone())
-                .or_insert_with(|| WebhookCounters {
-                    source,
-                    ..WebhookCounters::default()
-                });
-            match name.as_str() {
-                "accepted" => c.accepted = value,
-                "duplicates" => c.duplicates = value,
-                _ => c.other.push((name, value)),
+        on_backend!(self, |db| {
+            let mut by_source: HashMap<String, WebhookCounters> = HashMap::new();
+            let rows = sqlx::query(db.sql("SELECT source, name, value FROM webhook_counters"))
+                .fetch_all(db.reader())
+                .await?;
+            for r in rows {
+                let source: String = r.try_get("source")?;
+                let name: String = r.try_get("name")?;
+                let value: i64 = r.try_get("value")?;
+                let c = by_source
+                    .entry(source.clone())
+                    .or_insert_with(|| WebhookCounters {
+                        source,
+                        ..WebhookCounters::default()
+                    });
+                match name.as_str() {
+                    "accepted" => c.accepted = value,
+                    "duplicates" => c.duplicates = value,
+                    _ => c.other.push((name, value)),
+                }
             }
-        }
-        let rows = sqlx::query("SELECT source, last_delivery_at FROM webhook_activity")
-            .fetch_all(self.reader())
-            .await?;
-        for r in rows {
-            let source: String = r.try_get("source")?;
-            let at: i64 = r.try_get("last_delivery_at")?;
-            by_source
-                .entry(source.clone())
-                .or_insert_with(|| WebhookCounters {
-                    source,
-                    ..WebhookCounters::default()
-                })
-                .last_delivery_at = Some(from_ms(at));
-        }
-        let mut out: Vec<_> = by_source.into_values().collect();
-        out.sort_by(|a, b| a.source.cmp(&b.source));
-        for c in &mut out {
-            c.other.sort();
-        }
-        Ok(out)
+            let rows = sqlx::query(db.sql("SELECT source, last_delivery_at FROM webhook_activity"))
+                .fetch_all(db.reader())
+                .await?;
+            for r in rows {
+                let source: String = r.try_get("source")?;
+                let at: i64 = r.try_get("last_delivery_at")?;
+                by_source
+                    .entry(source.clone())
+                    .or_insert_with(|| WebhookCounters {
+                        source,
+                        ..WebhookCounters::default()
+                    })
+                    .last_delivery_at = Some(from_ms(at));
+            }
+            let mut out: Vec<_> = by_source.into_values().collect();
+            out.sort_by(|a, b| a.source.cmp(&b.source));
+            for c in &mut out {
+                c.other.sort();
+            }
+            Ok(out)
+        })
     }
 }
 
@@ -218,7 +224,7 @@ struct Reply {
 
 /// Fsyncs the WAL for every batch committed since the last fsync, then answers their waiters.
 async fn run_syncer(
-    wal: Arc<WalFile>,
+    wal: Option<Arc<WalFile>>,
     mut rx: mpsc::UnboundedReceiver<Committed>,
     syncing: Arc<Syncing>,
     wake_core: Arc<tokio::sync::Notify>,
@@ -229,12 +235,13 @@ async fn run_syncer(
             group.push(more);
         }
         let batches = group.len();
-        let file = wal.clone();
-        let synced = tokio::task::spawn_blocking(move || file.sync()).await;
-        let failure = match synced {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(e) => Some(e.to_string()),
+        let failure = match wal.clone() {
+            None => None,
+            Some(file) => match tokio::task::spawn_blocking(move || file.sync()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            },
         };
         let now = Utc::now();
         let mut stored = false;
@@ -341,7 +348,7 @@ async fn run_writer(
         }
         let now = Utc::now();
         let started = std::time::Instant::now();
-        let outcome = commit_batch(&store, &batch, &counts, now).await;
+        let outcome = on_backend!(store, |db| db.commit_batch(&batch, &counts, now).await);
         // Batch size and commit time tell an operator whether acknowledgements wait on the disk
         // (long commits) or on the HTTP side (small batches).
         metrics::histogram!("frontdesk_webhook_commit_seconds")
@@ -390,7 +397,7 @@ async fn run_writer(
     // Flush the last rejection counts on the way out; losing them on error is acceptable.
     let counts = take_pending(&pending);
     if !counts.is_empty() {
-        let _ = commit_batch(&store, &[], &counts, Utc::now()).await;
+        let _ = on_backend!(store, |db| db.commit_batch(&[], &counts, Utc::now()).await);
     }
 }
 
@@ -417,48 +424,75 @@ fn restore_pending(pending: &Pending, counts: HashMap<(String, String), i64>) {
     }
 }
 
-/// Inserts a batch in one transaction, committed but not fsync'd (the syncer does that); the
-/// per-delivery results are valid only if this returns Ok.
-///
-/// A connection whose transaction failed (disk full, I/O error) is closed rather than reused, so
-/// the store recovers by itself once space is back.
-async fn commit_batch(
-    store: &Store,
-    batch: &[Job],
-    counts: &HashMap<(String, String), i64>,
-    now: DateTime<Utc>,
-) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
-    let mut conn = store.writer.acquire().await?;
-    // NORMAL for this transaction only: the syncer fsyncs the WAL before anyone is answered.
-    if let Err(e) = sqlx::query("PRAGMA synchronous = NORMAL")
-        .execute(&mut *conn)
-        .await
-    {
-        conn.close_on_drop();
-        return Err(e.into());
-    }
-    let outcome = insert_batch(&mut conn, batch, counts, now).await;
-    // Every other writer on this connection relies on FULL. A connection that cannot be put back
-    // (or whose COMMIT failed, which leaves sqlx's transaction state wrong) is closed, and the pool
-    // opens a fresh one with the options' FULL.
-    let restored = sqlx::query("PRAGMA synchronous = FULL")
-        .execute(&mut *conn)
+impl SqliteDb {
+    /// Inserts a batch in one transaction, committed but not fsync'd (the syncer does that); the
+    /// per-delivery results are valid only if this returns Ok.
+    ///
+    /// A connection whose transaction failed (disk full, I/O error) is closed rather than reused,
+    /// so the store recovers by itself once space is back.
+    async fn commit_batch(
+        &self,
+        batch: &[Job],
+        counts: &HashMap<(String, String), i64>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
+        use sqlx::Connection;
+        let mut conn = self.writer.acquire().await?;
+        // NORMAL for this transaction only (SQLite refuses the change inside a transaction): the
+        // syncer fsyncs the WAL before anyone is answered.
+        if let Err(e) = sqlx::query("PRAGMA synchronous = NORMAL")
+            .execute(&mut *conn)
+            .await
+        {
+            conn.close_on_drop();
+            return Err(e.into());
+        }
+        let outcome = async {
+            let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+            let results = self.insert_batch(&mut tx, batch, counts, now).await?;
+            tx.commit().await?;
+            Ok(results)
+        }
         .await;
-    if outcome.is_err() || restored.is_err() {
-        conn.close_on_drop();
+        // Every other writer on this connection relies on FULL. A connection that cannot be put
+        // back (or whose COMMIT failed, which leaves sqlx's transaction state wrong) is closed,
+        // and the pool opens a fresh one with the options' FULL.
+        let restored = sqlx::query("PRAGMA synchronous = FULL")
+            .execute(&mut *conn)
+            .await;
+        if outcome.is_err() || restored.is_err() {
+            conn.close_on_drop();
+        }
+        outcome
     }
-    outcome
 }
 
-/// The batch's transaction: tokens, the multi-row insert, counters, activity, commit.
+impl PgDb {
+    /// Inserts a batch in one transaction; the commit returns after PostgreSQL flushed its WAL
+    /// (`synchronous_commit` is checked at start), so the syncer has nothing left to do.
+    async fn commit_batch(
+        &self,
+        batch: &[Job],
+        counts: &HashMap<(String, String), i64>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
+        let mut tx = self.begin_write().await?;
+        let results = self.insert_batch(&mut tx, batch, counts, now).await?;
+        tx.commit().await?;
+        Ok(results)
+    }
+}
+
+twin_impl! {
+/// The batch's statements inside `tx`: one-time tokens, the multi-row insert, counters and
+/// activity; the per-delivery results are valid only once `tx` commits.
 async fn insert_batch(
-    conn: &mut sqlx::SqliteConnection,
+    &self,
+    tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
     batch: &[Job],
     counts: &HashMap<(String, String), i64>,
     now: DateTime<Utc>,
 ) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
-    use sqlx::Connection;
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
     let mut results = Vec::with_capacity(batch.len());
     let mut tally: HashMap<(String, String), i64> = counts.clone();
     let mut touched: HashMap<String, ()> = HashMap::new();
@@ -474,11 +508,11 @@ async fn insert_batch(
         };
         let key = msg.origin.key();
         let seen: Option<(String,)> = sqlx::query_as(
-            "SELECT origin_key FROM webhook_replay_tokens WHERE source = ? AND token = ?",
+            self.sql("SELECT origin_key FROM webhook_replay_tokens WHERE source = ? AND token = ?"),
         )
         .bind(&msg.source)
         .bind(token)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await?;
         match seen {
             Some((k,)) if k != key => {
@@ -491,57 +525,57 @@ async fn insert_batch(
             Some(_) => {}
             None => {
                 sqlx::query(
-                    "INSERT INTO webhook_replay_tokens (source, token, origin_key, seen_at) \
-                     VALUES (?, ?, ?, ?)",
+                    self.sql("INSERT INTO webhook_replay_tokens (source, token, origin_key, seen_at) \
+                     VALUES (?, ?, ?, ?)"),
                 )
                 .bind(&msg.source)
                 .bind(token)
                 .bind(&key)
                 .bind(to_ms(now))
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
             }
         }
-        let out = insert_message(&mut tx, msg, now).await?;
+        let out = self.insert_message(tx, msg, now).await?;
         record(&mut tally, &mut touched, msg, out);
         results[i] = Ok(out);
     }
     let msgs: Vec<&Message> = plain.iter().map(|&i| &batch[i].delivery.message).collect();
-    let outs = insert_messages(&mut tx, &msgs, now).await?;
+    let outs = self.insert_messages(tx, &msgs, now).await?;
     for (&i, out) in plain.iter().zip(outs) {
         record(&mut tally, &mut touched, &batch[i].delivery.message, out);
         results[i] = Ok(out);
     }
     for ((source, name), n) in &tally {
         sqlx::query(
-            "INSERT INTO webhook_counters (source, name, value) VALUES (?, ?, ?) \
-             ON CONFLICT (source, name) DO UPDATE SET value = value + excluded.value",
+            self.sql("INSERT INTO webhook_counters (source, name, value) VALUES (?, ?, ?) \
+             ON CONFLICT (source, name) DO UPDATE SET value = webhook_counters.value + excluded.value"),
         )
         .bind(source)
         .bind(name)
         .bind(n)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
     }
     for source in touched.keys() {
         let source = source.as_str();
         sqlx::query(
-            "INSERT INTO webhook_activity (source, last_delivery_at) VALUES (?, ?) \
-             ON CONFLICT (source) DO UPDATE SET last_delivery_at = excluded.last_delivery_at",
+            self.sql("INSERT INTO webhook_activity (source, last_delivery_at) VALUES (?, ?) \
+             ON CONFLICT (source) DO UPDATE SET last_delivery_at = excluded.last_delivery_at"),
         )
         .bind(source)
         .bind(to_ms(now))
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
     }
     if batch.iter().any(|j| j.delivery.replay_token.is_some()) {
-        sqlx::query("DELETE FROM webhook_replay_tokens WHERE seen_at < ?")
+        sqlx::query(self.sql("DELETE FROM webhook_replay_tokens WHERE seen_at < ?"))
             .bind(to_ms(now - TOKEN_RETENTION))
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
     }
-    tx.commit().await?;
     Ok(results)
+}
 }
 
 /// Counts one stored delivery as accepted or duplicate and marks its source as active.
@@ -567,10 +601,8 @@ mod tests {
     use super::tests_support::message;
     use super::*;
 
-    #[tokio::test]
-    async fn concurrent_same_id_is_one_row_and_counters_add_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("q.db")).await.unwrap();
+    store_tests! {
+    async fn concurrent_same_id_is_one_row_and_counters_add_up(store: Store) {
         let writer = store.spawn_webhook_writer(Default::default());
         let mut tasks = Vec::new();
         for i in 0..50 {
@@ -605,11 +637,10 @@ mod tests {
         assert_eq!(c[0].other, vec![("rejected:bad_signature".into(), 1)]);
         assert!(c[0].last_delivery_at.is_some());
     }
+    }
 
-    #[tokio::test]
-    async fn replay_token_with_another_delivery_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("q.db")).await.unwrap();
+    store_tests! {
+    async fn replay_token_with_another_delivery_is_refused(store: Store) {
         let writer = store.spawn_webhook_writer(Default::default());
         let first = writer
             .ingest(WebhookDelivery {
@@ -636,28 +667,30 @@ mod tests {
         assert_eq!(replay, Err(IngestError::TokenReused));
         assert_eq!(store.message_count().await.unwrap(), 1);
     }
+    }
 }
 
 #[cfg(test)]
 mod batch_tests {
     use super::tests_support::message;
     use crate::store::Store;
-    use crate::store::messages::insert_messages;
     use chrono::Utc;
 
-    #[tokio::test]
-    async fn multi_row_insert_matches_single_row_semantics() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("q.db")).await.unwrap();
-        let mut tx = store.begin_write().await.unwrap();
+    store_tests! {
+    async fn multi_row_insert_matches_single_row_semantics(store: Store) {
         let a = message("s", "a");
-        let first = insert_messages(&mut tx, &[&a], Utc::now()).await.unwrap();
         let b = message("s", "b");
         let other_source = message("t", "a");
-        let got = insert_messages(&mut tx, &[&b, &a, &b, &other_source], Utc::now())
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        let (first, got) = on_backend!(store, |db| {
+            let mut tx = db.begin_write().await.unwrap();
+            let first = db.insert_messages(&mut tx, &[&a], Utc::now()).await.unwrap();
+            let got = db
+                .insert_messages(&mut tx, &[&b, &a, &b, &other_source], Utc::now())
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            (first, got)
+        });
         assert!(!got[0].duplicate);
         assert_eq!((got[1].id, got[1].duplicate), (first[0].id, true));
         assert_eq!((got[2].id, got[2].duplicate), (got[0].id, true));
@@ -667,11 +700,15 @@ mod batch_tests {
         // A batch larger than one statement chunk.
         let many: Vec<_> = (0..1000).map(|i| message("m", &format!("k{i}"))).collect();
         let refs: Vec<_> = many.iter().collect();
-        let mut tx = store.begin_write().await.unwrap();
-        let got = insert_messages(&mut tx, &refs, Utc::now()).await.unwrap();
-        tx.commit().await.unwrap();
+        let got = on_backend!(store, |db| {
+            let mut tx = db.begin_write().await.unwrap();
+            let got = db.insert_messages(&mut tx, &refs, Utc::now()).await.unwrap();
+            tx.commit().await.unwrap();
+            got
+        });
         assert!(got.iter().all(|g| !g.duplicate));
         assert_eq!(store.message_count().await.unwrap(), 1003);
+    }
     }
 }
 
