@@ -27,8 +27,11 @@ use crate::message::Origin;
 use crate::notify::smtp::{EmailChannel, EmailSettings};
 use crate::notify::{OutboxItem, OutboxKind};
 
+/// A fuzz target: panics when an invariant breaks.
+pub type Target = fn(&[u8]);
+
 /// Every target by its cargo-fuzz name.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("email_normalize", email_normalize),
     ("oauth_redirect", oauth_redirect),
     ("webhook_body", webhook_body),
@@ -526,7 +529,7 @@ impl Draw<'_> {
     }
 
     fn row(&mut self, id: i64) -> ConversationRow {
-        let policy = self.byte() % 2 == 0;
+        let policy = self.byte().is_multiple_of(2);
         let waiting_since = self.time();
         ConversationRow {
             id,
@@ -606,7 +609,7 @@ pub fn digest_render(data: &[u8]) {
         });
     }
     for _ in 0..draw.byte() % 3 {
-        let healthy = draw.byte() % 2 == 0;
+        let healthy = draw.byte().is_multiple_of(2);
         input.sources.push(SourceHealthRow {
             name: draw.string(),
             kind: if healthy {
