@@ -516,12 +516,25 @@ pub fn signature_headers(data: &[u8]) {
     }
 }
 
-/// Configuration loading never panics: any text gives a config or a list of located problems.
+/// Configuration loading (`frontdesk config check`) never panics: any text gives a config or a
+/// list of located problems; an accepted config also builds its SLA routing and webhook
+/// endpoints (what `frontdesk run` does next) without a panic.
 pub fn config_load(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     match crate::config::load_str(Path::new("fuzz.yaml"), &text) {
-        Ok(_) => {}
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                let _ = w.to_string();
+            }
+            let _ = crate::core::Routing::from_config(&loaded.config);
+            for s in &loaded.config.sources {
+                if let crate::config::SourceKind::Webhook(hook) = &s.kind {
+                    let _ = crate::ingest::webhook::Endpoint::from_config(&s.name, hook);
+                }
+            }
+        }
         Err(e) => {
+            let _ = e.to_string();
             assert!(!e.problems.is_empty(), "an error without a problem");
             // YAML also ends a line at a lone CR; one more for a problem at the end of the text
             let lines = text
