@@ -7,6 +7,8 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod digest;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod http;
 pub mod ingest;

@@ -17,4 +17,5 @@ mod rig_smoke;
 mod secrets;
 mod support;
 mod systemd;
+mod w1;
 mod webhook;

@@ -358,12 +358,15 @@ impl Verifier {
         let mut ts_text = None;
         let mut given = Vec::new();
         for item in value.split(',').take(32) {
-            let (k, v) = item
-                .trim()
-                .split_once('=')
-                .ok_or(Rejection::MalformedSignature)?;
+            // As Stripe's own verifier (stripe 16.1.0): items without `=` (an empty one after a
+            // trailing comma) are skipped, and the first `t` counts.
+            let Some((k, v)) = item.trim().split_once('=') else {
+                continue;
+            };
             match k {
-                "t" => ts_text = Some(v),
+                "t" => {
+                    ts_text.get_or_insert(v);
+                }
                 "v1" => {
                     // A non-hex v1 cannot match; others in the list may.
                     if let Ok(sig) = hex::decode(v) {
@@ -1153,6 +1156,21 @@ mod tests {
             stripe_check("v1=abcd", ST_BODY, 1700000000),
             Err(Rejection::MalformedSignature)
         );
+    }
+
+    #[test]
+    fn stripe_list_tolerates_what_stripes_verifier_does() {
+        // found by the signature_headers fuzzer: a trailing comma refused a genuine header that
+        // stripe.WebhookSignature.verify_header accepts
+        let trailing = format!("t=1700000000,v1={ST_V1},");
+        assert!(stripe_check(&trailing, ST_BODY, 1700000000).is_ok());
+        let junk = format!("t=1700000000,,junk,v1={ST_V1}");
+        assert!(stripe_check(&junk, ST_BODY, 1700000000).is_ok());
+        // the first t is the signed one, as in the SDK; a later t cannot replace it
+        let later_t = format!("t=1700000000,v1={ST_V1},t=1700009999");
+        assert!(stripe_check(&later_t, ST_BODY, 1700000000).is_ok());
+        let earlier_t = format!("t=1700009999,t=1700000000,v1={ST_V1}");
+        assert!(stripe_check(&earlier_t, ST_BODY, 1700009999).is_err());
     }
 
     // --- Mailgun (mailgun 1.10.0 SecurityGuard) ---
