@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::Row;
 
-use super::messages::insert_messages;
+use super::messages::insert_owned_messages;
 use super::{Error, Store, from_ms, to_ms};
 
 /// The stored health of `source` inside `tx` (`None`: it never reported).
@@ -177,8 +177,8 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<BatchOutcome, Error> {
         // A few multi-row INSERTs per batch instead of one per message (each statement is a round
-        // trip to sqlx's SQLite thread), each cut at ROWS or BYTES of raw mail: sqlx and SQLite
-        // both copy a statement's arguments, so its size is memory held twice. Each chunk is
+        // trip to sqlx's SQLite thread), each cut at ROWS or BYTES of raw mail: SQLite copies a
+        // statement's arguments, so its size is memory held twice. Each chunk is
         // dropped once inserted: the batch's memory is given back while the COMMIT's fsync runs
         // and the next batch is being fetched.
         const ROWS: usize = 64;
@@ -195,17 +195,11 @@ impl Store {
                 bytes += m.raw.len();
                 chunk.push(m);
             }
-            let refs: Vec<&Message> = chunk.iter().collect();
-            let inserted = insert_messages(&mut tx, &refs, now).await?;
-            drop(refs);
-            drop(chunk);
-            for ingested in inserted {
-                if ingested.duplicate {
-                    out.duplicates += 1;
-                } else {
-                    out.inserted += 1;
-                }
-            }
+            // moved, not copied: the raw bytes go into the statement's arguments as they are
+            let rows = chunk.len() as u64;
+            let new = insert_owned_messages(&mut tx, chunk, now).await?;
+            out.inserted += new;
+            out.duplicates += rows.saturating_sub(new);
         }
         for a in accounted {
             sqlx::query(
