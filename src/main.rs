@@ -702,6 +702,24 @@ async fn sync(config: &config::Config, only: Option<&str>) -> Result<(), Failure
             },
         });
     }
+    // Checkpoints run beside the sync, as in the daemon: otherwise every commit that crosses
+    // SQLite's 1,000-page mark copies the WAL into the database and fsyncs it while the next
+    // batch waits, which writes every raw byte twice on the commit path. Each batch's commit
+    // is still fsync'd before its cursor counts; the WAL left when the checkpointer stops is
+    // folded in when the store closes.
+    let checkpoints = tokio_util::sync::CancellationToken::new();
+    let checkpointer = tokio::spawn({
+        let (store, stop) = (store.clone(), checkpoints.clone());
+        async move {
+            store
+                .run_checkpointer(
+                    std::time::Duration::from_millis(100),
+                    frontdesk::store::WAL_RESTART_FRAMES,
+                    stop,
+                )
+                .await
+        }
+    });
     let tty = std::io::stderr().is_terminal();
     let mut failed = Vec::new();
     for ctx in &sources {
@@ -754,6 +772,8 @@ async fn sync(config: &config::Config, only: Option<&str>) -> Result<(), Failure
             Err(e) => failed.push(format!("source {}: {e}", ctx.name)),
         }
     }
+    checkpoints.cancel();
+    let _ = checkpointer.await;
     if failed.is_empty() {
         Ok(())
     } else {

@@ -6,9 +6,10 @@
 //! flagged `Degraded` with a reason when something could not be understood.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
-use mail_parser::{HeaderValue, MessageParser, MimeHeaders, PartType};
+use mail_parser::{HeaderName, HeaderValue, MessageParser, MimeHeaders, PartType};
 use sha2::{Digest, Sha256};
 
 use crate::message::{Address, Automation, Direction, Message, Origin, ParseStatus};
@@ -60,6 +61,30 @@ pub fn normalize(
     }
 }
 
+/// The full parse: only the headers `extract` reads are parsed into values; every other header
+/// (Received chains, DKIM signatures, List-*) is kept as raw text, which costs a scan instead of a
+/// tokenizer run. `raw_header` reads from the raw bytes, so it is unaffected.
+static FULL_PARSER: LazyLock<MessageParser> = LazyLock::new(|| {
+    MessageParser::new()
+        .with_mime_headers()
+        .header_date(HeaderName::Date)
+        .header_text(HeaderName::Subject)
+        .header_address(HeaderName::From)
+        .header_address(HeaderName::To)
+        .header_address(HeaderName::Cc)
+        .header_id(HeaderName::MessageId)
+        .header_id(HeaderName::InReplyTo)
+        .header_id(HeaderName::References)
+        .default_header_raw()
+});
+
+/// The Message-ID parse: every other header is skipped unparsed.
+static ID_PARSER: LazyLock<MessageParser> = LazyLock::new(|| {
+    MessageParser::new()
+        .header_id(HeaderName::MessageId)
+        .default_header_ignore()
+});
+
 /// `sha256-<hex of the raw bytes>@frontdesk.invalid`: stable, so a re-fetch of the same bytes
 /// gets the same id (the UIDVALIDITY fingerprint relies on that).
 pub fn synthesized_message_id(raw: &[u8]) -> String {
@@ -78,7 +103,7 @@ pub fn fingerprint(raw: &[u8]) -> String {
 /// The Message-ID in a message's header (or a header-only fetch), without angle brackets.
 pub fn message_id_of(raw: &[u8]) -> Option<String> {
     catch_unwind(AssertUnwindSafe(|| {
-        MessageParser::default()
+        ID_PARSER
             .parse_headers(raw)
             .and_then(|m| m.message_id().and_then(clean_id))
     }))
@@ -102,7 +127,7 @@ struct Fields {
 
 fn extract(raw: &[u8]) -> Fields {
     let mut f = Fields::default();
-    let Some(msg) = MessageParser::default().parse(raw) else {
+    let Some(msg) = FULL_PARSER.parse(raw) else {
         f.reasons.push("no header found".to_string());
         return f;
     };
@@ -166,12 +191,37 @@ fn extract(raw: &[u8]) -> Fields {
 
 /// Plain text with LF line ends, without control characters other than tab and newline.
 fn clean_text(t: &str) -> String {
-    let t = t.replace("\r\n", "\n");
-    let t: String = t
-        .chars()
-        .filter(|&c| c == '\n' || c == '\t' || !c.is_control())
-        .collect();
-    t.trim().to_string()
+    // Byte runs between control characters are copied whole (this runs over every text part).
+    // Control characters are C0, DEL and C1 (U+0080-U+009F, encoded as C2 80-9F); dropping
+    // them all also turns CRLF into LF.
+    let bytes = t.as_bytes();
+    let mut out = String::with_capacity(t.len());
+    let mut run = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let skip = if (b < 0x20 && b != b'\n' && b != b'\t') || b == 0x7f {
+            1
+        } else if b == 0xc2 && bytes.get(i + 1).is_some_and(|n| (0x80..=0x9f).contains(n)) {
+            2
+        } else {
+            0
+        };
+        if skip > 0 {
+            out.push_str(&t[run..i]);
+            i += skip;
+            run = i;
+        } else {
+            i += 1;
+        }
+    }
+    out.push_str(&t[run..]);
+    let trimmed = out.trim();
+    if trimmed.len() == out.len() {
+        out
+    } else {
+        trimmed.to_string()
+    }
 }
 
 /// Readable text from HTML: tags dropped, block elements on their own lines, list items
@@ -508,5 +558,18 @@ Message-ID: <id1@x.test>\r\nIn-Reply-To: <id0@x.test>\r\nReferences: <a@x> <id0@
         let m = norm(b"From: a@x\r\nSubject: =?utf-8?q?a=0D=0ABcc:_evil@x=00?=\r\n\r\nx");
         let s = m.subject.unwrap();
         assert!(!s.contains(['\r', '\n', '\0']), "{s:?}");
+    }
+
+    proptest::proptest! {
+        /// The byte-run `clean_text` keeps exactly what the char filter it replaced kept.
+        #[test]
+        fn clean_text_matches_the_char_filter(s in "(\\PC|\\r|\\n|\\t|\\x00|\\x7f|\\u{85}|\\u{9f}|\\u{a0}| )*") {
+            let reference: String = s
+                .replace("\r\n", "\n")
+                .chars()
+                .filter(|&c| c == '\n' || c == '\t' || !c.is_control())
+                .collect();
+            proptest::prop_assert_eq!(clean_text(&s), reference.trim());
+        }
     }
 }

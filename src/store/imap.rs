@@ -183,8 +183,8 @@ impl Store {
     ) -> Result<BatchOutcome, Error> {
         on_backend!(self, |db| {
             // A few multi-row INSERTs per batch instead of one per message (each statement is a round
-            // trip to sqlx's SQLite thread), each cut at ROWS or BYTES of raw mail: sqlx and SQLite
-            // both copy a statement's arguments, so its size is memory held twice. Each chunk is
+            // trip to sqlx's SQLite thread), each cut at ROWS or BYTES of raw mail: SQLite copies a
+            // statement's arguments, so its size is memory held twice. Each chunk is
             // dropped once inserted: the batch's memory is given back while the COMMIT's fsync runs
             // and the next batch is being fetched.
             const ROWS: usize = 64;
@@ -201,17 +201,11 @@ impl Store {
                     bytes += m.raw.len();
                     chunk.push(m);
                 }
-                let refs: Vec<&Message> = chunk.iter().collect();
-                let inserted = db.insert_messages(&mut tx, &refs, now).await?;
-                drop(refs);
-                drop(chunk);
-                for ingested in inserted {
-                    if ingested.duplicate {
-                        out.duplicates += 1;
-                    } else {
-                        out.inserted += 1;
-                    }
-                }
+                // moved, not copied: the raw bytes go into the statement's arguments as they are
+                let rows = chunk.len() as u64;
+                let new = db.insert_owned_messages(&mut tx, chunk, now).await?;
+                out.inserted += new;
+                out.duplicates += rows.saturating_sub(new);
             }
             for a in accounted {
                 sqlx::query(

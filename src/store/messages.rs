@@ -1,5 +1,7 @@
 //! The messages table: inserting normalized messages exactly once, and listing them.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -59,6 +61,17 @@ pub(crate) fn automation_str(a: Automation) -> &'static str {
         Automation::Frontdesk => "frontdesk",
     }
 }
+
+/// What `insert_message_rows` reports.
+enum Inserted {
+    /// Per message, in order.
+    Rows(Vec<Ingested>),
+    /// Only the number of new rows.
+    New(u64),
+}
+
+/// The raw bytes and text of one message on their way into a statement.
+type Body<'m> = (Cow<'m, [u8]>, Option<Cow<'m, str>>);
 
 twin_impl! {
 /// Inserts one message inside `tx` unless its origin exists; returns the row id either way.
@@ -139,10 +152,56 @@ pub(crate) async fn insert_messages(
     msgs: &[&Message],
     now: DateTime<Utc>,
 ) -> Result<Vec<Ingested>, Error> {
+    match self
+        .insert_message_rows(
+            tx,
+            msgs.iter().map(|m| Cow::Borrowed(*m)).collect(),
+            now,
+            true,
+        )
+        .await?
+    {
+        Inserted::Rows(rows) => Ok(rows),
+        Inserted::New(_) => Err(Error::Corrupt {
+            table: "messages",
+            reason: "insert returned no ids".into(),
+        }),
+    }
+}
+
+/// `insert_messages` for messages the caller gives up, when only the number of new rows matters:
+/// their raw bytes and text are moved into the statement instead of copied (an IMAP sync writes
+/// every byte of the mailbox through here), and no row ids come back (sqlx hands each returned
+/// row to the caller's task on its own, a thread wake-up per message). Returns how many rows were
+/// new; the rest were duplicates.
+pub(crate) async fn insert_owned_messages(
+    &self,
+    tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
+    msgs: Vec<Message>,
+    now: DateTime<Utc>,
+) -> Result<u64, Error> {
+    match self
+        .insert_message_rows(tx, msgs.into_iter().map(Cow::Owned).collect(), now, false)
+        .await?
+    {
+        Inserted::Rows(rows) => Ok(rows.iter().filter(|r| !r.duplicate).count() as u64),
+        Inserted::New(n) => Ok(n),
+    }
+}
+
+/// The insert behind `insert_messages` and `insert_owned_messages`.
+async fn insert_message_rows<'m>(
+    &self,
+    tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
+    mut msgs: Vec<Cow<'m, Message>>,
+    now: DateTime<Utc>,
+    with_ids: bool,
+) -> Result<Inserted, Error> {
     /// Rows per statement: 21 binds each stays far below SQLite's 32,766-variable limit.
     const CHUNK: usize = 400;
     struct Prepared<'m> {
         msg: &'m Message,
+        body: usize,
         key: String,
         origin_json: String,
         to_json: String,
@@ -150,11 +209,35 @@ pub(crate) async fn insert_messages(
         refs_json: String,
         sha: String,
     }
+    // the hash is taken before an owned body is moved out of its message
+    let shas: Vec<String> = msgs
+        .iter()
+        .map(|m| hex::encode(Sha256::digest(&m.raw)))
+        .collect();
+    let mut bodies: Vec<Option<Body<'m>>> = msgs
+        .iter_mut()
+        .map(|m| {
+            Some(match m {
+                Cow::Borrowed(b) => {
+                    let b: &'m Message = *b;
+                    (
+                        Cow::Borrowed(b.raw.as_slice()),
+                        b.text.as_deref().map(Cow::Borrowed),
+                    )
+                }
+                Cow::Owned(o) => (
+                    Cow::Owned(std::mem::take(&mut o.raw)),
+                    o.text.take().map(Cow::Owned),
+                ),
+            })
+        })
+        .collect();
     let mut first_of: std::collections::HashMap<(&str, String), usize> =
         std::collections::HashMap::new();
     let mut slot = Vec::with_capacity(msgs.len());
     let mut unique: Vec<Prepared<'_>> = Vec::new();
-    for msg in msgs {
+    for (i, (msg, sha)) in msgs.iter().zip(shas).enumerate() {
+        let msg: &Message = msg;
         let key = msg.origin.key();
         match first_of.get(&(msg.source.as_str(), key.clone())) {
             Some(&u) => slot.push((u, true)),
@@ -168,6 +251,7 @@ pub(crate) async fn insert_messages(
                 slot.push((unique.len(), false));
                 unique.push(Prepared {
                     msg,
+                    body: i,
                     key,
                     origin_json,
                     to_json: serde_json::to_string(&msg.to).unwrap_or_else(|_| "[]".into()),
@@ -175,7 +259,7 @@ pub(crate) async fn insert_messages(
                         .unwrap_or_else(|_| "[]".into()),
                     refs_json: serde_json::to_string(&msg.references)
                         .unwrap_or_else(|_| "[]".into()),
-                    sha: hex::encode(Sha256::digest(&msg.raw)),
+                    sha,
                 });
             }
         }
@@ -183,6 +267,7 @@ pub(crate) async fn insert_messages(
     let mut ids: std::collections::HashMap<(String, String), i64> =
         std::collections::HashMap::new();
     let stored_at = to_ms(now);
+    let mut new_rows = 0u64;
     // Two replicas inserting overlapping keys in different orders would deadlock on
     // PostgreSQL's unique index; one global order (source, key) cannot.
     let mut order: Vec<&Prepared<'_>> = unique.iter().collect();
@@ -195,7 +280,10 @@ pub(crate) async fn insert_messages(
              from_addr, from_name, to_addrs, subject, body_text, message_id, in_reply_to, refs, \
              thread_key, automation, parse, parse_reason, raw, raw_sha256, stored_at) ",
         );
-        qb.push_values(chunk, |mut b, p| {
+        let rows = chunk
+            .iter()
+            .map(|p| (*p, bodies[p.body].take().unwrap_or_default()));
+        qb.push_values(rows, |mut b, (p, (raw, text))| {
             let m = p.msg;
             let parse_reason = match &m.parse {
                 crate::message::ParseStatus::Ok => None,
@@ -211,7 +299,7 @@ pub(crate) async fn insert_messages(
                 .push_bind(m.from.as_ref().and_then(|a| a.name.as_deref()))
                 .push_bind(p.to_json.as_str())
                 .push_bind(m.subject.as_deref())
-                .push_bind(m.text.as_deref())
+                .push_bind(text)
                 .push_bind(m.message_id.as_deref())
                 .push_bind(p.irt_json.as_str())
                 .push_bind(p.refs_json.as_str())
@@ -219,16 +307,24 @@ pub(crate) async fn insert_messages(
                 .push_bind(automation_str(m.automation))
                 .push_bind(m.parse.as_str())
                 .push_bind(parse_reason)
-                .push_bind(m.raw.as_slice())
+                .push_bind(raw)
                 .push_bind(p.sha.as_str())
                 .push_bind(stored_at);
         });
+        if !with_ids {
+            qb.push(" ON CONFLICT (source, origin_key) DO NOTHING");
+            new_rows += qb.build().execute(&mut **tx).await?.rows_affected();
+            continue;
+        }
         // RETURNING order is unspecified in SQLite, so rows are matched by their key.
         qb.push(" ON CONFLICT (source, origin_key) DO NOTHING RETURNING id, source, origin_key");
         let rows: Vec<(i64, String, String)> = qb.build_query_as().fetch_all(&mut **tx).await?;
         for (id, source, key) in rows {
             ids.insert((source, key), id);
         }
+    }
+    if !with_ids {
+        return Ok(Inserted::New(new_rows));
     }
     let mut by_unique = Vec::with_capacity(unique.len());
     for p in &unique {
@@ -251,13 +347,14 @@ pub(crate) async fn insert_messages(
             }
         }
     }
-    Ok(slot
-        .into_iter()
-        .map(|(u, repeated)| Ingested {
-            id: by_unique[u].id,
-            duplicate: repeated || by_unique[u].duplicate,
-        })
-        .collect())
+    Ok(Inserted::Rows(
+        slot.into_iter()
+            .map(|(u, repeated)| Ingested {
+                id: by_unique[u].id,
+                duplicate: repeated || by_unique[u].duplicate,
+            })
+            .collect(),
+    ))
 }
 }
 
