@@ -219,7 +219,7 @@ async fn insert_message_rows<'m>(
         .map(|m| {
             Some(match m {
                 Cow::Borrowed(b) => {
-                    let b: &'m Message = *b;
+                    let b: &'m Message = b;
                     (
                         Cow::Borrowed(b.raw.as_slice()),
                         b.text.as_deref().map(Cow::Borrowed),
