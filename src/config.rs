@@ -149,6 +149,9 @@ pub struct Server {
     pub max_concurrency: usize,
     /// How long shutdown waits for in-flight work.
     pub drain_timeout: Duration,
+    /// This replica's name where several share one PostgreSQL database (`server.replica`,
+    /// default HOST-PID).
+    pub replica: String,
 }
 
 /// A person on the team.
@@ -906,7 +909,29 @@ fn validate_server(raw: RawServer, ctx: &mut Ctx) -> Server {
             "server.drain_timeout",
             ctx,
         ),
+        replica: replica_name(raw.replica, ctx),
     }
+}
+
+/// `server.replica`: printable and short, since it appears in tables, logs and metric labels.
+fn replica_name(raw: Option<String>, ctx: &mut Ctx) -> String {
+    let Some(name) = raw else {
+        return crate::store::lease::default_replica_name();
+    };
+    let fine = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+    if !fine {
+        ctx.problem(
+            "server.replica",
+            format!("`{name}` is not a usable replica name"),
+            Some("use 1 to 64 letters, digits, `-`, `_`, `.` or `:`, e.g. the host name".into()),
+        );
+        return crate::store::lease::default_replica_name();
+    }
+    name
 }
 
 fn check_name(name: &str, path: &str, ctx: &mut Ctx) {

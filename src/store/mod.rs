@@ -8,6 +8,7 @@
 pub mod core;
 mod digest;
 mod imap;
+pub mod lease;
 mod messages;
 pub mod metrics;
 mod outbox;
