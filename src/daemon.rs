@@ -16,6 +16,7 @@ use crate::config::{self, ChannelKind, Config, SourceKind, Storage};
 use crate::health::Health;
 use crate::http::{self, AppState};
 use crate::store::Store;
+use crate::store::lease::{LeaseName, Leases, Role};
 
 /// What the daemon's long-running tasks share.
 #[derive(Clone)]
@@ -32,10 +33,15 @@ pub struct Shared {
     pub wake_sender: Arc<Notify>,
     /// Cancelled when the daemon stops.
     pub shutdown: CancellationToken,
+    /// This replica's leases (always held on SQLite).
+    pub leases: Leases,
 }
 
 /// How often the main loop probes health when systemd asks for no watchdog.
 const PROBE_EVERY: Duration = Duration::from_secs(10);
+/// How often a leader proves its lease alive, and a follower tries to take it: a dead leader's
+/// role moves within about this long once PostgreSQL has noticed its session is gone.
+const LEADER_CHECK: Duration = Duration::from_secs(1);
 
 /// Runs the daemon until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -62,6 +68,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         wake_core: Arc::new(Notify::new()),
         wake_sender: Arc::new(Notify::new()),
         shutdown: shutdown.clone(),
+        leases: store.leases(&config_rx.borrow().server.replica),
     };
     let state = AppState {
         store: store.clone(),
@@ -89,12 +96,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Build the channels once up front so a broken channel fails the start, not the first send.
     crate::notify::Sender::new(store.clone(), config_rx.borrow().clone())
         .context("cannot set up the output channels")?;
-    tracker.spawn(sender_task(shared.clone()));
+    tracker.spawn(lead(shared.clone(), Role::Sender, sender_task));
 
     // The core loop: the only writer of conversations and SLA targets. Its rules are checked
     // here so that a config the core cannot use fails the start.
     crate::core::Routing::from_config(&config_rx.borrow()).context("cannot build the sla rules")?;
-    tracker.spawn(core_task(shared.clone()));
+    tracker.spawn(lead(shared.clone(), Role::Core, core_task));
 
     let app = http::router(state);
     let server_shutdown = shutdown.clone();
@@ -219,6 +226,75 @@ async fn imap_supervisor(shared: Shared) {
     for (_, (_, token, handle)) in running {
         token.cancel();
         let _ = handle.await;
+    }
+}
+
+/// Runs `task` only while this replica holds the lease of `role` (always, on SQLite).
+///
+/// A follower tries the lease every [`LEADER_CHECK`]; the leader proves it alive as often, and
+/// when the proof fails it aborts the task at once: another replica may already hold the role.
+/// Aborting between or inside transactions is safe, since every step commits atomically. With
+/// shared leases the leader also wakes its loop every check, because messages committed by
+/// other replicas do not reach this process's wake-up signal.
+async fn lead<F, Fut>(shared: Shared, role: Role, task: F)
+where
+    F: Fn(Shared) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut lease = shared.leases.lease(LeaseName::Role(role));
+    let wake = match role {
+        Role::Core => shared.wake_core.clone(),
+        Role::Sender => shared.wake_sender.clone(),
+    };
+    loop {
+        match lease.try_take().await {
+            Ok(true) => {}
+            Ok(false) => {}
+            Err(e) => tracing::debug!(role = role.as_str(), error = %e, "leader lease not taken"),
+        }
+        if !lease.is_held() {
+            tokio::select! {
+                _ = tokio::time::sleep(LEADER_CHECK) => continue,
+                _ = shared.shutdown.cancelled() => return,
+            }
+        }
+        if shared.leases.shared() {
+            tracing::info!(
+                role = role.as_str(),
+                replica = shared.leases.replica(),
+                "leading"
+            );
+        }
+        let generation = shared.shutdown.child_token();
+        let mut handle = tokio::spawn(task(Shared {
+            shutdown: generation.clone(),
+            ..shared.clone()
+        }));
+        let mut check = tokio::time::interval(LEADER_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        check.tick().await;
+        loop {
+            tokio::select! {
+                _ = &mut handle => {
+                    lease.release().await;
+                    return;
+                }
+                _ = check.tick() => {
+                    if !shared.leases.shared() {
+                        continue;
+                    }
+                    if lease.check().await.is_err() {
+                        generation.cancel();
+                        handle.abort();
+                        let _ = handle.await;
+                        shared.health.remove(role.as_str());
+                        tracing::warn!(role = role.as_str(), "leadership lost; stopped");
+                        break;
+                    }
+                    wake.notify_one();
+                }
+            }
+        }
     }
 }
 

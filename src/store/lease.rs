@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+
+use super::metrics::Sample;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool};
 use sqlx::{Connection, Row};
 
@@ -182,6 +184,52 @@ impl Leases {
             held: None,
         }
     }
+}
+
+impl super::Store {
+    /// Leases on this store for the replica `replica`: advisory locks on PostgreSQL, always held
+    /// on SQLite.
+    pub fn leases(&self, replica: &str) -> Leases {
+        Leases::single(replica)
+    }
+
+    /// Who holds each lease now; `None` on SQLite, where the one process holds them all.
+    pub async fn lease_holders(&self) -> Result<Option<Vec<LeaseHolder>>, super::Error> {
+        Ok(None)
+    }
+}
+
+/// `/metrics` lines for leases: `frontdesk_lease_holder` per held lease (the database's view,
+/// the same on every replica) and `frontdesk_replica_leader` per role (1 when `replica` leads).
+pub fn lease_samples(holders: Option<&[LeaseHolder]>, replica: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for role in [Role::Core, Role::Sender] {
+        let leads = holders.is_none_or(|hs| {
+            hs.iter()
+                .any(|h| h.kind == role.as_str() && h.holder == replica)
+        });
+        out.push(Sample {
+            name: "frontdesk_replica_leader",
+            labels: vec![
+                ("role", role.as_str().to_string()),
+                ("replica", replica.to_string()),
+            ],
+            value: if leads { 1.0 } else { 0.0 },
+        });
+    }
+    for h in holders.unwrap_or_default() {
+        out.push(Sample {
+            name: "frontdesk_lease_holder",
+            labels: vec![
+                ("kind", h.kind.clone()),
+                ("source", h.source.clone().unwrap_or_default()),
+                ("folder", h.folder.clone().unwrap_or_default()),
+                ("replica", h.holder.clone()),
+            ],
+            value: 1.0,
+        });
+    }
+    out
 }
 
 /// One lease: taken with [`Lease::try_take`], kept with [`Lease::check`], given back with
