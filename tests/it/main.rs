@@ -12,6 +12,7 @@ mod fault_proxy;
 mod imap;
 mod oauth;
 mod reliability;
+mod replicas;
 mod rig;
 mod rig_smoke;
 mod secrets;

@@ -39,7 +39,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn write_secret(dir: &Path, name: &str, value: &str) -> PathBuf {
+pub(crate) fn write_secret(dir: &Path, name: &str, value: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let p = dir.join(name);
     std::fs::write(&p, value).unwrap();
@@ -170,8 +170,8 @@ impl Drop for Daemon {
 // ---------- a tiny HTTP/1.1 client (full control over bytes and timing) ----------
 
 #[derive(Debug)]
-struct Reply {
-    status: u16,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
     headers: String,
     body: String,
 }
@@ -182,7 +182,7 @@ async fn request(port: u16, path: &str, headers: &[(&str, String)], body: &[u8])
         .expect("request failed")
 }
 
-async fn try_request(
+pub(crate) async fn try_request(
     port: u16,
     path: &str,
     headers: &[(&str, String)],
@@ -223,7 +223,7 @@ async fn read_reply(s: &mut TcpStream) -> std::io::Result<Reply> {
     })
 }
 
-fn reply_id(r: &Reply) -> i64 {
+pub(crate) fn reply_id(r: &Reply) -> i64 {
     let v: serde_json::Value = serde_json::from_str(&r.body).expect("json reply");
     v["id"].as_i64().expect("id in reply")
 }
@@ -257,7 +257,7 @@ fn hmac256(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
     m.finalize().into_bytes().to_vec()
 }
 
-fn now_secs() -> i64 {
+pub(crate) fn now_secs() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
@@ -267,7 +267,12 @@ fn sw_sign(secret: &str, id: &str, ts: i64, body: &[u8]) -> String {
     format!("v1,{}", B64.encode(sig))
 }
 
-fn sw_headers(secret: &str, id: &str, ts: i64, body: &[u8]) -> Vec<(&'static str, String)> {
+pub(crate) fn sw_headers(
+    secret: &str,
+    id: &str,
+    ts: i64,
+    body: &[u8],
+) -> Vec<(&'static str, String)> {
     vec![
         ("content-type", "application/json".into()),
         ("webhook-id", id.into()),
@@ -283,7 +288,7 @@ fn flip(body: &[u8], i: usize) -> Vec<u8> {
     b
 }
 
-const SW_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub(crate) const SW_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const SW_OTHER: &str = "whsec_dGVzdC1zZWNyZXQtdGhhdC1pcy1sb25nLWVub3VnaA==";
 const SLACK_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
 const SLACK_BODY: &str = "token=xyzz0WbapA4vBCDEFasx0q6G&team_id=T1DC2JH3J&team_domain=testteamnow&channel_id=G8PSS9T3V&channel_name=foobar&user_id=U2CERLKJA&user_name=roadrunner&command=%2Fwebhook-collect&text=&response_url=https%3A%2F%2Fhooks.slack.com%2Fcommands%2FT1DC2JH3J%2F397700885554%2F96rGlfmibIGlgcZRskXaIFfN&trigger_id=398738663015.47445629121.803a0bc887a14d10d2c447fce8b6703c";
