@@ -279,7 +279,23 @@ impl Lease {
         let t = self.leases.timeout;
         let mut conn = match self.conn.take() {
             Some(c) => c,
-            None => within(t, PgConnection::connect_with(options)).await?,
+            None => {
+                let mut c = within(t, PgConnection::connect_with(options)).await?;
+                // A replica whose machine dies without closing its socket keeps its session,
+                // and so its locks, until the server notices: by default after two hours of
+                // TCP keepalive. These make it about 12 s (5 s idle, then 3 probes 2 s apart;
+                // unacknowledged data also gives up after 12 s).
+                within(
+                    t,
+                    sqlx::raw_sql(
+                        "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
+                         SET tcp_keepalives_count = 3; SET tcp_user_timeout = 12000",
+                    )
+                    .execute(&mut c),
+                )
+                .await?;
+                c
+            }
         };
         let got: bool = within(
             t,
