@@ -277,7 +277,13 @@ where
             tokio::select! {
                 _ = &mut handle => {
                     lease.release().await;
-                    return;
+                    if shared.shutdown.is_cancelled() {
+                        return;
+                    }
+                    // Ended on its own (a panic): give the role up so any replica, this one
+                    // included, can take it again.
+                    tracing::error!(role = role.as_str(), "leader task ended; leading again");
+                    break;
                 }
                 _ = check.tick() => {
                     if !shared.leases.shared() {
