@@ -283,6 +283,7 @@ where
                     // Ended on its own (a panic): give the role up so any replica, this one
                     // included, can take it again.
                     tracing::error!(role = role.as_str(), "leader task ended; leading again");
+                    tokio::time::sleep(LEADER_CHECK).await;
                     break;
                 }
                 _ = check.tick() => {
