@@ -16,7 +16,7 @@ use crate::config::{self, ChannelKind, Config, SourceKind, Storage};
 use crate::health::Health;
 use crate::http::{self, AppState};
 use crate::store::Store;
-use crate::store::lease::{LeaseName, Leases, Role};
+use crate::store::lease::{LeaseName, Leases, Role, SharedLease};
 
 /// What the daemon's long-running tasks share.
 #[derive(Clone)]
@@ -35,6 +35,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// This replica's leases (always held on SQLite).
     pub leases: Leases,
+    /// The leader lease while running a leader-only task (`lead`).
+    pub leader: Option<SharedLease>,
 }
 
 /// How often the main loop probes health when systemd asks for no watchdog.
@@ -69,6 +71,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         wake_sender: Arc::new(Notify::new()),
         shutdown: shutdown.clone(),
         leases: store.leases(&config_rx.borrow().server.replica),
+        leader: None,
     };
     let state = AppState {
         store: store.clone(),
@@ -241,18 +244,19 @@ where
     F: Fn(Shared) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let mut lease = shared.leases.lease(LeaseName::Role(role));
+    let lease: SharedLease = Arc::new(tokio::sync::Mutex::new(
+        shared.leases.lease(LeaseName::Role(role)),
+    ));
     let wake = match role {
         Role::Core => shared.wake_core.clone(),
         Role::Sender => shared.wake_sender.clone(),
     };
     loop {
-        match lease.try_take().await {
-            Ok(true) => {}
-            Ok(false) => {}
-            Err(e) => tracing::debug!(role = role.as_str(), error = %e, "leader lease not taken"),
+        let taken = lease.lock().await.try_take().await;
+        if let Err(e) = &taken {
+            tracing::debug!(role = role.as_str(), error = %e, "leader lease not taken");
         }
-        if !lease.is_held() {
+        if !matches!(taken, Ok(true)) {
             tokio::select! {
                 _ = tokio::time::sleep(LEADER_CHECK) => continue,
                 _ = shared.shutdown.cancelled() => return,
@@ -268,6 +272,7 @@ where
         let generation = shared.shutdown.child_token();
         let mut handle = tokio::spawn(task(Shared {
             shutdown: generation.clone(),
+            leader: Some(lease.clone()),
             ..shared.clone()
         }));
         let mut check = tokio::time::interval(LEADER_CHECK);
@@ -276,13 +281,15 @@ where
         loop {
             tokio::select! {
                 _ = &mut handle => {
-                    lease.release().await;
+                    lease.lock().await.release().await;
                     if shared.shutdown.is_cancelled() {
                         return;
                     }
-                    // Ended on its own (a panic): give the role up so any replica, this one
-                    // included, can take it again.
-                    tracing::error!(role = role.as_str(), "leader task ended; leading again");
+                    // The task stopped itself (the core found its lease lost before a step)
+                    // or panicked: give the role up so any replica, this one included, can
+                    // take it again.
+                    shared.health.remove(role.as_str());
+                    tracing::warn!(role = role.as_str(), "leader task stopped; competing for the role again");
                     tokio::time::sleep(LEADER_CHECK).await;
                     break;
                 }
@@ -290,7 +297,7 @@ where
                     if !shared.leases.shared() {
                         continue;
                     }
-                    if lease.check().await.is_err() {
+                    if lease.lock().await.check().await.is_err() {
                         generation.cancel();
                         handle.abort();
                         let _ = handle.await;
@@ -360,10 +367,15 @@ async fn core_task(shared: Shared) {
         shared.wake_core.clone(),
         shared.health.clone(),
     );
+    let (leader, lost) = (shared.leader.clone(), shared.shutdown.clone());
     supervise(shared, "core", move |config, stop| {
         let routing = crate::core::Routing::from_config(&config)?;
-        let core =
+        let mut core =
             crate::core::Core::new(store.clone(), Arc::new(routing)).with_health(health.clone());
+        if let Some(lease) = &leader {
+            // Cancelling the generation's parent makes `lead` give the role up.
+            core = core.with_leader(lease.clone(), lost.clone());
+        }
         let wake = wake.clone();
         Ok::<_, crate::core::RoutingError>(async move { core.run(wake, stop).await })
     })

@@ -186,6 +186,9 @@ impl Leases {
     }
 }
 
+/// A lease shared between the task doing the leased work and the loop keeping it.
+pub type SharedLease = Arc<tokio::sync::Mutex<Lease>>;
+
 impl super::Store {
     /// Leases on this store for the replica `replica`: advisory locks on PostgreSQL, always held
     /// on SQLite.
@@ -370,6 +373,29 @@ impl Lease {
             return Err(LeaseError::Vanished(self.name.to_string()));
         }
         Ok(())
+    }
+
+    /// A cheap proof that the lease's session (and so its lock) is alive, without a write: run
+    /// before each core step. On an error the lease is dropped, as with [`Lease::check`].
+    pub async fn alive(&mut self) -> Result<(), LeaseError> {
+        if self.held.is_none() {
+            return Err(LeaseError::Vanished(self.name.to_string()));
+        }
+        if !self.leases.shared() {
+            return Ok(());
+        }
+        let t = self.leases.timeout;
+        let result = match self.conn.as_mut() {
+            Some(conn) => within(t, sqlx::query("SELECT 1").execute(conn))
+                .await
+                .map(|_| ()),
+            None => Err(LeaseError::Vanished(self.name.to_string())),
+        };
+        if let Err(e) = &result {
+            tracing::warn!(lease = %self.name, error = %e, "lease lost; stopping its work");
+            self.drop_session();
+        }
+        result
     }
 
     /// Gives the lease back (unlock, record the release) and closes its session.
