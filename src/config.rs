@@ -134,6 +134,27 @@ pub struct Config {
 pub enum Storage {
     /// Embedded SQLite database file.
     Sqlite(PathBuf),
+    /// A PostgreSQL database shared by replicas.
+    Postgres(PgStorage),
+}
+
+/// How to reach the PostgreSQL database.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PgStorage {
+    /// `postgres://user@host:port/db?sslmode=...`; a password in it is allowed but better given
+    /// through `password_file`, `password_env` or `password_credential`.
+    pub url: String,
+    /// The password from a secret source, when not in the URL.
+    pub password: Option<Secret>,
+}
+
+impl fmt::Debug for PgStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStorage")
+            .field("url", &crate::store::redact_url(&self.url))
+            .field("password", &self.password)
+            .finish()
+    }
 }
 
 /// The HTTP listener settings.
@@ -760,6 +781,61 @@ fn default_sqlite_path() -> PathBuf {
     }
 }
 
+fn validate_storage(s: raw::RawStorage, ctx: &mut Ctx) -> Storage {
+    let secret_fields = secret::SecretFields {
+        inline: None,
+        file: s.password_file,
+        env: s.password_env,
+        credential: s.password_credential,
+    };
+    if let Some(url) = s.postgres {
+        if s.sqlite.is_some() {
+            ctx.problem(
+                "storage",
+                "both sqlite and postgres are set".into(),
+                Some("keep one: sqlite for one machine, postgres for several replicas".into()),
+            );
+        }
+        let parsed = url.parse::<sqlx::postgres::PgConnectOptions>();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) || parsed.is_err()
+        {
+            ctx.problem(
+                "storage.postgres",
+                "not a PostgreSQL URL".into(),
+                Some(
+                    "write postgres://USER@HOST:PORT/DATABASE (add ?sslmode=verify-full for TLS)"
+                        .into(),
+                ),
+            );
+        }
+        let password = if secret_fields.any() {
+            secret::resolve(&secret_fields, "storage.password", ctx)
+        } else {
+            None
+        };
+        return Storage::Postgres(PgStorage { url, password });
+    }
+    if secret_fields.any() {
+        ctx.problem(
+            "storage",
+            "a password is set but storage is not postgres".into(),
+            Some("remove password_file/password_env/password_credential".into()),
+        );
+    }
+    match s.sqlite {
+        Some(p) if p.as_os_str().is_empty() => {
+            ctx.problem(
+                "storage.sqlite",
+                "empty path".into(),
+                Some("give a database file path".into()),
+            );
+            Storage::Sqlite(default_sqlite_path())
+        }
+        Some(p) => Storage::Sqlite(p),
+        None => Storage::Sqlite(default_sqlite_path()),
+    }
+}
+
 fn validate(raw: RawConfig, ctx: &mut Ctx) -> Config {
     let timezone = match raw.timezone.as_deref() {
         None => Tz::UTC,
@@ -768,36 +844,19 @@ fn validate(raw: RawConfig, ctx: &mut Ctx) -> Config {
 
     let storage = match raw.storage {
         None => Storage::Sqlite(default_sqlite_path()),
-        Some(s) => {
-            if s.postgres.is_some() {
-                ctx.problem(
-                    "storage.postgres",
-                    "PostgreSQL storage is not available in this version".into(),
-                    Some(
-                        "use `storage: {sqlite: PATH}` or remove `storage` for the default".into(),
-                    ),
-                );
-            }
-            match s.sqlite {
-                Some(p) if p.as_os_str().is_empty() => {
-                    ctx.problem(
-                        "storage.sqlite",
-                        "empty path".into(),
-                        Some("give a database file path".into()),
-                    );
-                    Storage::Sqlite(default_sqlite_path())
-                }
-                Some(p) => Storage::Sqlite(p),
-                None => Storage::Sqlite(default_sqlite_path()),
-            }
-        }
+        Some(s) => validate_storage(s, ctx),
     };
 
     let server = validate_server(raw.server.unwrap_or_default(), ctx);
     let team = validate_team(raw.team, ctx);
     let team_names: BTreeSet<String> = team.iter().map(|m| m.name.clone()).collect();
-    let Storage::Sqlite(db) = &storage;
-    let state_dir = match db.parent() {
+    // With PostgreSQL, files the daemon keeps (OAuth tokens, mail-file channels) stay in the
+    // state directory the SQLite file would have used.
+    let sqlite_path = match &storage {
+        Storage::Sqlite(db) => db.clone(),
+        Storage::Postgres(_) => default_sqlite_path(),
+    };
+    let state_dir = match sqlite_path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };

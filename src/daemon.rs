@@ -48,9 +48,11 @@ const LEADER_CHECK: Duration = Duration::from_secs(1);
 /// Runs the daemon until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let started = Instant::now();
-    let Storage::Sqlite(db_path) = &config.storage;
-    let db_display = db_path.display().to_string();
-    let store = Store::open(db_path).await?;
+    let db_display = match &config.storage {
+        Storage::Sqlite(db_path) => db_path.display().to_string(),
+        Storage::Postgres(pg) => crate::store::redact_url(&pg.url),
+    };
+    let store = Store::open_storage(&config.storage).await?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {} (server.listen)", config.server.listen))?;

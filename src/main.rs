@@ -832,11 +832,12 @@ fn sender_tz(sender: &frontdesk::notify::Sender) -> chrono_tz::Tz {
 }
 
 async fn open_store(config: &config::Config) -> Result<Store, Failure> {
-    let config::Storage::Sqlite(path) = &config.storage;
-    Store::open(path).await.map_err(|e| Failure {
-        code: 1,
-        message: e.to_string(),
-    })
+    Store::open_storage(&config.storage)
+        .await
+        .map_err(|e| Failure {
+            code: 1,
+            message: e.to_string(),
+        })
 }
 
 /// Prints to stdout; a closed pipe (`frontdesk schema | head`) ends quietly instead of panicking.

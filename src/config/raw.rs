@@ -91,8 +91,14 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
 pub struct RawStorage {
     /// SQLite database file.
     pub sqlite: Option<PathBuf>,
-    /// PostgreSQL URL (reserved; not available yet).
+    /// PostgreSQL URL, e.g. postgres://frontdesk@db.internal/frontdesk?sslmode=verify-full.
     pub postgres: Option<String>,
+    /// File holding the PostgreSQL password (mode 0600).
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the PostgreSQL password.
+    pub password_env: Option<String>,
+    /// systemd credential holding the PostgreSQL password.
+    pub password_credential: Option<String>,
 }
 
 /// HTTP server settings.

@@ -8,19 +8,21 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::Row;
 
-use super::messages::insert_messages;
-use super::{Error, Store, from_ms, to_ms};
+use super::{Error, Store, Tx, from_ms, to_ms};
 
+twin_impl! {
 /// The stored health of `source` inside `tx` (`None`: it never reported).
 async fn health_of(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    &self,
+    tx: &mut Tx<Self>,
     source: &str,
 ) -> Result<Option<bool>, Error> {
-    let row: Option<(i64,)> = sqlx::query_as("SELECT healthy FROM source_health WHERE source = ?")
+    let row: Option<(i64,)> = sqlx::query_as(self.sql("SELECT healthy FROM source_health WHERE source = ?"))
         .bind(source)
         .fetch_optional(&mut **tx)
         .await?;
     Ok(row.map(|(h,)| h != 0))
+}
 }
 use crate::message::Message;
 
@@ -146,23 +148,26 @@ impl Store {
         source: &str,
         folder: &str,
     ) -> Result<Option<ImapCursor>, Error> {
-        let row = sqlx::query(
-            "SELECT uid_validity, last_uid, backfill_floor, backfill_skipped, backfill_cutoff \
+        on_backend!(self, |db| {
+            let row = sqlx::query(db.sql(
+                "SELECT uid_validity, last_uid, backfill_floor, backfill_skipped, backfill_cutoff \
              FROM imap_cursors WHERE source = ? AND folder = ?",
-        )
-        .bind(source)
-        .bind(folder)
-        .fetch_optional(self.reader())
-        .await?;
-        let Some(r) = row else { return Ok(None) };
-        let cutoff: Option<i64> = r.try_get("backfill_cutoff")?;
-        Ok(Some(ImapCursor {
-            uid_validity: u32::try_from(r.try_get::<i64, _>("uid_validity")?).unwrap_or(0),
-            last_uid: u32::try_from(r.try_get::<i64, _>("last_uid")?).unwrap_or(0),
-            backfill_floor: u32::try_from(r.try_get::<i64, _>("backfill_floor")?).unwrap_or(0),
-            backfill_skipped: u64::try_from(r.try_get::<i64, _>("backfill_skipped")?).unwrap_or(0),
-            backfill_cutoff: cutoff.map(from_ms),
-        }))
+            ))
+            .bind(source)
+            .bind(folder)
+            .fetch_optional(db.reader())
+            .await?;
+            let Some(r) = row else { return Ok(None) };
+            let cutoff: Option<i64> = r.try_get("backfill_cutoff")?;
+            Ok(Some(ImapCursor {
+                uid_validity: u32::try_from(r.try_get::<i64, _>("uid_validity")?).unwrap_or(0),
+                last_uid: u32::try_from(r.try_get::<i64, _>("last_uid")?).unwrap_or(0),
+                backfill_floor: u32::try_from(r.try_get::<i64, _>("backfill_floor")?).unwrap_or(0),
+                backfill_skipped: u64::try_from(r.try_get::<i64, _>("backfill_skipped")?)
+                    .unwrap_or(0),
+                backfill_cutoff: cutoff.map(from_ms),
+            }))
+        })
     }
 
     /// Stores a batch, the UIDs accounted for without a row and the new cursor in ONE transaction:
@@ -176,41 +181,42 @@ impl Store {
         cursor: &ImapCursor,
         now: DateTime<Utc>,
     ) -> Result<BatchOutcome, Error> {
-        // A few multi-row INSERTs per batch instead of one per message (each statement is a round
-        // trip to sqlx's SQLite thread), each cut at ROWS or BYTES of raw mail: sqlx and SQLite
-        // both copy a statement's arguments, so its size is memory held twice. Each chunk is
-        // dropped once inserted: the batch's memory is given back while the COMMIT's fsync runs
-        // and the next batch is being fetched.
-        const ROWS: usize = 64;
-        const BYTES: usize = 256 * 1024;
-        let mut tx = self.begin_write().await?;
-        let mut out = BatchOutcome::default();
-        let mut rest = messages.into_iter().peekable();
-        while rest.peek().is_some() {
-            let mut chunk = Vec::new();
-            let mut bytes = 0;
-            while let Some(m) = rest.next_if(|m| {
-                chunk.is_empty() || (chunk.len() < ROWS && bytes + m.raw.len() <= BYTES)
-            }) {
-                bytes += m.raw.len();
-                chunk.push(m);
-            }
-            let refs: Vec<&Message> = chunk.iter().collect();
-            let inserted = insert_messages(&mut tx, &refs, now).await?;
-            drop(refs);
-            drop(chunk);
-            for ingested in inserted {
-                if ingested.duplicate {
-                    out.duplicates += 1;
-                } else {
-                    out.inserted += 1;
+        on_backend!(self, |db| {
+            // A few multi-row INSERTs per batch instead of one per message (each statement is a round
+            // trip to sqlx's SQLite thread), each cut at ROWS or BYTES of raw mail: sqlx and SQLite
+            // both copy a statement's arguments, so its size is memory held twice. Each chunk is
+            // dropped once inserted: the batch's memory is given back while the COMMIT's fsync runs
+            // and the next batch is being fetched.
+            const ROWS: usize = 64;
+            const BYTES: usize = 256 * 1024;
+            let mut tx = db.begin_write().await?;
+            let mut out = BatchOutcome::default();
+            let mut rest = messages.into_iter().peekable();
+            while rest.peek().is_some() {
+                let mut chunk = Vec::new();
+                let mut bytes = 0;
+                while let Some(m) = rest.next_if(|m| {
+                    chunk.is_empty() || (chunk.len() < ROWS && bytes + m.raw.len() <= BYTES)
+                }) {
+                    bytes += m.raw.len();
+                    chunk.push(m);
+                }
+                let refs: Vec<&Message> = chunk.iter().collect();
+                let inserted = db.insert_messages(&mut tx, &refs, now).await?;
+                drop(refs);
+                drop(chunk);
+                for ingested in inserted {
+                    if ingested.duplicate {
+                        out.duplicates += 1;
+                    } else {
+                        out.inserted += 1;
+                    }
                 }
             }
-        }
-        for a in accounted {
-            sqlx::query(
-                "INSERT INTO imap_accounted (source, folder, uid_validity, uid, kind, detail, raw, at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            for a in accounted {
+                sqlx::query(
+                db.sql("INSERT INTO imap_accounted (source, folder, uid_validity, uid, kind, detail, raw, at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
             )
             .bind(source)
             .bind(folder)
@@ -222,14 +228,14 @@ impl Store {
             .bind(to_ms(now))
             .execute(&mut *tx)
             .await?;
-        }
-        sqlx::query(
-            "INSERT INTO imap_cursors (source, folder, uid_validity, last_uid, updated_at, \
+            }
+            sqlx::query(
+            db.sql("INSERT INTO imap_cursors (source, folder, uid_validity, last_uid, updated_at, \
              backfill_floor, backfill_skipped, backfill_cutoff) VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (source, folder) DO UPDATE SET uid_validity = excluded.uid_validity, \
              last_uid = excluded.last_uid, updated_at = excluded.updated_at, \
              backfill_floor = excluded.backfill_floor, backfill_skipped = excluded.backfill_skipped, \
-             backfill_cutoff = excluded.backfill_cutoff",
+             backfill_cutoff = excluded.backfill_cutoff"),
         )
         .bind(source)
         .bind(folder)
@@ -241,8 +247,9 @@ impl Store {
         .bind(cursor.backfill_cutoff.map(to_ms))
         .execute(&mut *tx)
         .await?;
-        tx.commit().await?;
-        Ok(out)
+            tx.commit().await?;
+            Ok(out)
+        })
     }
 
     /// Every UID of the folder under `uid_validity` that has a row or is accounted for.
@@ -252,33 +259,35 @@ impl Store {
         folder: &str,
         uid_validity: u32,
     ) -> Result<HashSet<u32>, Error> {
-        let mut known = HashSet::new();
-        // origin keys of one UIDVALIDITY share the prefix `imap:{v}:`; `;` sorts right after `:`
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT origin_key FROM messages WHERE source = ? AND origin_key >= ? AND origin_key < ?",
+        on_backend!(self, |db| {
+            let mut known = HashSet::new();
+            // origin keys of one UIDVALIDITY share the prefix `imap:{v}:`; `;` sorts right after `:`
+            let rows: Vec<(String,)> = sqlx::query_as(
+            db.sql("SELECT origin_key FROM messages WHERE source = ? AND origin_key >= ? AND origin_key < ?"),
         )
         .bind(source)
         .bind(format!("imap:{uid_validity}:"))
         .bind(format!("imap:{uid_validity};"))
-        .fetch_all(self.reader())
+        .fetch_all(db.reader())
         .await?;
-        for (key,) in &rows {
-            if let Some((uid, f)) = parse_origin_key(key, uid_validity)
-                && f == folder
-            {
-                known.insert(uid);
+            for (key,) in &rows {
+                if let Some((uid, f)) = parse_origin_key(key, uid_validity)
+                    && f == folder
+                {
+                    known.insert(uid);
+                }
             }
-        }
-        let rows: Vec<(i64,)> = sqlx::query_as(
-            "SELECT uid FROM imap_accounted WHERE source = ? AND folder = ? AND uid_validity = ?",
+            let rows: Vec<(i64,)> = sqlx::query_as(
+            db.sql("SELECT uid FROM imap_accounted WHERE source = ? AND folder = ? AND uid_validity = ?"),
         )
         .bind(source)
         .bind(folder)
         .bind(i64::from(uid_validity))
-        .fetch_all(self.reader())
+        .fetch_all(db.reader())
         .await?;
-        known.extend(rows.into_iter().filter_map(|(u,)| u32::try_from(u).ok()));
-        Ok(known)
+            known.extend(rows.into_iter().filter_map(|(u,)| u32::try_from(u).ok()));
+            Ok(known)
+        })
     }
 
     /// UIDs above `last_uid` already accounted for without a row (matched after a UIDVALIDITY
@@ -290,19 +299,21 @@ impl Store {
         uid_validity: u32,
         last_uid: u32,
     ) -> Result<HashSet<u32>, Error> {
-        let rows: Vec<(i64,)> = sqlx::query_as(
-            "SELECT uid FROM imap_accounted WHERE source = ? AND folder = ? AND uid_validity = ? AND uid > ?",
+        on_backend!(self, |db| {
+            let rows: Vec<(i64,)> = sqlx::query_as(
+            db.sql("SELECT uid FROM imap_accounted WHERE source = ? AND folder = ? AND uid_validity = ? AND uid > ?"),
         )
         .bind(source)
         .bind(folder)
         .bind(i64::from(uid_validity))
         .bind(i64::from(last_uid))
-        .fetch_all(self.reader())
+        .fetch_all(db.reader())
         .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(u,)| u32::try_from(u).ok())
-            .collect())
+            Ok(rows
+                .into_iter()
+                .filter_map(|(u,)| u32::try_from(u).ok())
+                .collect())
+        })
     }
 
     /// How many rows of this folder (any UIDVALIDITY) carry each Message-ID: the fingerprints a
@@ -312,24 +323,26 @@ impl Store {
         source: &str,
         folder: &str,
     ) -> Result<HashMap<String, u32>, Error> {
-        let rows: Vec<(String, Option<String>)> = sqlx::query_as(
-            "SELECT origin_key, message_id FROM messages WHERE source = ? AND origin_key >= 'imap:' AND origin_key < 'imap;'",
+        on_backend!(self, |db| {
+            let rows: Vec<(String, Option<String>)> = sqlx::query_as(
+            db.sql("SELECT origin_key, message_id FROM messages WHERE source = ? AND origin_key >= 'imap:' AND origin_key < 'imap;'"),
         )
         .bind(source)
-        .fetch_all(self.reader())
+        .fetch_all(db.reader())
         .await?;
-        let mut counts = HashMap::new();
-        for (key, id) in rows {
-            let Some(id) = id else { continue };
-            let same_folder = key
-                .strip_prefix("imap:")
-                .and_then(|r| r.splitn(3, ':').nth(2))
-                .is_some_and(|f| f == folder);
-            if same_folder {
-                *counts.entry(id).or_insert(0) += 1;
+            let mut counts = HashMap::new();
+            for (key, id) in rows {
+                let Some(id) = id else { continue };
+                let same_folder = key
+                    .strip_prefix("imap:")
+                    .and_then(|r| r.splitn(3, ':').nth(2))
+                    .is_some_and(|f| f == folder);
+                if same_folder {
+                    *counts.entry(id).or_insert(0) += 1;
+                }
             }
-        }
-        Ok(counts)
+            Ok(counts)
+        })
     }
 
     /// Records a notable event for a source (UIDVALIDITY change, quarantine).
@@ -341,17 +354,19 @@ impl Store {
         detail: &str,
         now: DateTime<Utc>,
     ) -> Result<(), Error> {
-        sqlx::query(
-            "INSERT INTO source_events (source, folder, kind, detail, at) VALUES (?, ?, ?, ?, ?)",
+        on_backend!(self, |db| {
+            sqlx::query(
+            db.sql("INSERT INTO source_events (source, folder, kind, detail, at) VALUES (?, ?, ?, ?, ?)"),
         )
         .bind(source)
         .bind(folder)
         .bind(kind)
         .bind(detail)
         .bind(to_ms(now))
-        .execute(&self.writer)
+        .execute(db.writer())
         .await?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Events of one kind for a source, oldest first (kind, folder, detail).
@@ -360,39 +375,43 @@ impl Store {
         source: &str,
         kind: &str,
     ) -> Result<Vec<(Option<String>, String)>, Error> {
-        Ok(sqlx::query_as(
-            "SELECT folder, detail FROM source_events WHERE source = ? AND kind = ? ORDER BY id",
+        on_backend!(self, |db| {
+            Ok(sqlx::query_as(
+            db.sql("SELECT folder, detail FROM source_events WHERE source = ? AND kind = ? ORDER BY id"),
         )
         .bind(source)
         .bind(kind)
-        .fetch_all(self.reader())
+        .fetch_all(db.reader())
         .await?)
+        })
     }
 
     /// A pass succeeded: the source is healthy; a source that was unhealthy raises a "healthy
     /// again" alert event in the same transaction.
     pub async fn source_succeeded(&self, source: &str, now: DateTime<Utc>) -> Result<(), Error> {
-        let mut tx = self.begin_write().await?;
-        let before = health_of(&mut tx, source).await?;
-        sqlx::query(
-            "INSERT INTO source_health (source, healthy, last_success, failures, updated_at) \
+        on_backend!(self, |db| {
+            let mut tx = db.begin_write().await?;
+            let before = db.health_of(&mut tx, source).await?;
+            sqlx::query(db.sql(
+                "INSERT INTO source_health (source, healthy, last_success, failures, updated_at) \
              VALUES (?, 1, ?, 0, ?) ON CONFLICT (source) DO UPDATE SET healthy = 1, \
              last_success = excluded.last_success, failures = 0, updated_at = excluded.updated_at",
-        )
-        .bind(source)
-        .bind(to_ms(now))
-        .bind(to_ms(now))
-        .execute(&mut *tx)
-        .await?;
-        if before == Some(false) {
-            let event = crate::digest::AlertEvent::SourceHealthy {
-                source: source.to_string(),
-            };
-            let key = format!("source:{source}:healthy:{}", to_ms(now));
-            super::insert_alert_event(&mut tx, &key, &event, now).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+            ))
+            .bind(source)
+            .bind(to_ms(now))
+            .bind(to_ms(now))
+            .execute(&mut *tx)
+            .await?;
+            if before == Some(false) {
+                let event = crate::digest::AlertEvent::SourceHealthy {
+                    source: source.to_string(),
+                };
+                let key = format!("source:{source}:healthy:{}", to_ms(now));
+                db.insert_alert_event(&mut tx, &key, &event, now).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// A pass failed; after `unhealthy_after` consecutive failures the source is unhealthy, and
@@ -404,13 +423,15 @@ impl Store {
         unhealthy_after: u32,
         now: DateTime<Utc>,
     ) -> Result<(), Error> {
-        let mut tx = self.begin_write().await?;
-        let before = health_of(&mut tx, source).await?.unwrap_or(true);
-        sqlx::query(
-            "INSERT INTO source_health (source, healthy, last_error, last_error_at, failures, updated_at) \
-             VALUES (?1, ?2 > 1, ?3, ?4, 1, ?4) ON CONFLICT (source) DO UPDATE SET \
-             failures = failures + 1, healthy = (failures + 1) < ?2, last_error = ?3, \
-             last_error_at = ?4, updated_at = ?4",
+        on_backend!(self, |db| {
+            let mut tx = db.begin_write().await?;
+            let before = db.health_of(&mut tx, source).await?.unwrap_or(true);
+            sqlx::query(
+            db.sql("INSERT INTO source_health (source, healthy, last_error, last_error_at, failures, updated_at) \
+             VALUES (?1, CASE WHEN ?2 > 1 THEN 1 ELSE 0 END, ?3, ?4, 1, ?4) ON CONFLICT (source) DO UPDATE SET \
+             failures = source_health.failures + 1, \
+             healthy = CASE WHEN source_health.failures + 1 < ?2 THEN 1 ELSE 0 END, last_error = ?3, \
+             last_error_at = ?4, updated_at = ?4"),
         )
         .bind(source)
         .bind(i64::from(unhealthy_after))
@@ -418,39 +439,42 @@ impl Store {
         .bind(to_ms(now))
         .execute(&mut *tx)
         .await?;
-        let after = health_of(&mut tx, source).await?.unwrap_or(true);
-        if before && !after {
-            let event = crate::digest::AlertEvent::SourceUnhealthy {
-                source: source.to_string(),
-                error: error.to_string(),
-            };
-            let key = format!("source:{source}:unhealthy:{}", to_ms(now));
-            super::insert_alert_event(&mut tx, &key, &event, now).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+            let after = db.health_of(&mut tx, source).await?.unwrap_or(true);
+            if before && !after {
+                let event = crate::digest::AlertEvent::SourceUnhealthy {
+                    source: source.to_string(),
+                    error: error.to_string(),
+                };
+                let key = format!("source:{source}:unhealthy:{}", to_ms(now));
+                db.insert_alert_event(&mut tx, &key, &event, now).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// Health of every source that has reported.
     pub async fn source_health(&self) -> Result<Vec<SourceHealth>, Error> {
-        let rows = sqlx::query(
-            "SELECT source, healthy, last_success, last_error, last_error_at, failures \
+        on_backend!(self, |db| {
+            let rows = sqlx::query(db.sql(
+                "SELECT source, healthy, last_success, last_error, last_error_at, failures \
              FROM source_health ORDER BY source",
-        )
-        .fetch_all(self.reader())
-        .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            out.push(SourceHealth {
-                source: r.try_get("source")?,
-                healthy: r.try_get::<i64, _>("healthy")? != 0,
-                last_success: r.try_get::<Option<i64>, _>("last_success")?.map(from_ms),
-                last_error: r.try_get("last_error")?,
-                last_error_at: r.try_get::<Option<i64>, _>("last_error_at")?.map(from_ms),
-                failures: u32::try_from(r.try_get::<i64, _>("failures")?).unwrap_or(u32::MAX),
-            });
-        }
-        Ok(out)
+            ))
+            .fetch_all(db.reader())
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                out.push(SourceHealth {
+                    source: r.try_get("source")?,
+                    healthy: r.try_get::<i64, _>("healthy")? != 0,
+                    last_success: r.try_get::<Option<i64>, _>("last_success")?.map(from_ms),
+                    last_error: r.try_get("last_error")?,
+                    last_error_at: r.try_get::<Option<i64>, _>("last_error_at")?.map(from_ms),
+                    failures: u32::try_from(r.try_get::<i64, _>("failures")?).unwrap_or(u32::MAX),
+                });
+            }
+            Ok(out)
+        })
     }
 
     /// Saves the outcome of reconciling a folder against the server.
@@ -462,81 +486,87 @@ impl Store {
         unaccounted: u64,
         now: DateTime<Utc>,
     ) -> Result<(), Error> {
-        sqlx::query(
-            "UPDATE imap_cursors SET server_messages = ?, unaccounted = ?, reconciled_at = ? \
+        on_backend!(self, |db| {
+            sqlx::query(db.sql(
+                "UPDATE imap_cursors SET server_messages = ?, unaccounted = ?, reconciled_at = ? \
              WHERE source = ? AND folder = ?",
-        )
-        .bind(i64::try_from(server_messages).unwrap_or(i64::MAX))
-        .bind(i64::try_from(unaccounted).unwrap_or(i64::MAX))
-        .bind(to_ms(now))
-        .bind(source)
-        .bind(folder)
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+            ))
+            .bind(i64::try_from(server_messages).unwrap_or(i64::MAX))
+            .bind(i64::try_from(unaccounted).unwrap_or(i64::MAX))
+            .bind(to_ms(now))
+            .bind(source)
+            .bind(folder)
+            .execute(db.writer())
+            .await?;
+            Ok(())
+        })
     }
 
     /// The ledger: one line per synced (source, folder).
     pub async fn imap_ledger(&self) -> Result<Vec<FolderLedger>, Error> {
-        let rows = sqlx::query(
-            "SELECT source, folder, uid_validity, last_uid, backfill_skipped, server_messages, \
+        on_backend!(self, |db| {
+            let rows = sqlx::query(db.sql(
+                "SELECT source, folder, uid_validity, last_uid, backfill_skipped, server_messages, \
              unaccounted, reconciled_at FROM imap_cursors ORDER BY source, folder",
-        )
-        .fetch_all(self.reader())
-        .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let source: String = r.try_get("source")?;
-            let folder: String = r.try_get("folder")?;
-            let uid_validity = u32::try_from(r.try_get::<i64, _>("uid_validity")?).unwrap_or(0);
-            let counts: Vec<(String, i64)> = sqlx::query_as(
-                "SELECT kind, count(*) FROM imap_accounted WHERE source = ? AND folder = ? \
-                 AND uid_validity = ? GROUP BY kind",
-            )
-            .bind(&source)
-            .bind(&folder)
-            .bind(i64::from(uid_validity))
-            .fetch_all(self.reader())
+            ))
+            .fetch_all(db.reader())
             .await?;
-            let count = |k: AccountedKind| {
-                counts
-                    .iter()
-                    .find(|(kind, _)| kind == k.as_str())
-                    .map_or(0, |(_, n)| u64::try_from(*n).unwrap_or(0))
-            };
-            let keys: Vec<(String,)> = sqlx::query_as(
-                "SELECT origin_key FROM messages WHERE source = ? AND origin_key >= ? AND origin_key < ?",
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let source: String = r.try_get("source")?;
+                let folder: String = r.try_get("folder")?;
+                let uid_validity = u32::try_from(r.try_get::<i64, _>("uid_validity")?).unwrap_or(0);
+                let counts: Vec<(String, i64)> = sqlx::query_as(db.sql(
+                    "SELECT kind, count(*) FROM imap_accounted WHERE source = ? AND folder = ? \
+                 AND uid_validity = ? GROUP BY kind",
+                ))
+                .bind(&source)
+                .bind(&folder)
+                .bind(i64::from(uid_validity))
+                .fetch_all(db.reader())
+                .await?;
+                let count = |k: AccountedKind| {
+                    counts
+                        .iter()
+                        .find(|(kind, _)| kind == k.as_str())
+                        .map_or(0, |(_, n)| u64::try_from(*n).unwrap_or(0))
+                };
+                let keys: Vec<(String,)> = sqlx::query_as(
+                db.sql("SELECT origin_key FROM messages WHERE source = ? AND origin_key >= ? AND origin_key < ?"),
             )
             .bind(&source)
             .bind(format!("imap:{uid_validity}:"))
             .bind(format!("imap:{uid_validity};"))
-            .fetch_all(self.reader())
+            .fetch_all(db.reader())
             .await?;
-            let ingested = keys
-                .iter()
-                .filter(|(k,)| parse_origin_key(k, uid_validity).is_some_and(|(_, f)| f == folder))
-                .count() as u64;
-            let skipped: i64 = r.try_get("backfill_skipped")?;
-            out.push(FolderLedger {
-                uid_validity,
-                last_uid: u32::try_from(r.try_get::<i64, _>("last_uid")?).unwrap_or(0),
-                server_messages: r
-                    .try_get::<Option<i64>, _>("server_messages")?
-                    .and_then(|n| u64::try_from(n).ok()),
-                ingested,
-                matched: count(AccountedKind::Matched),
-                skipped_backfill: u64::try_from(skipped).unwrap_or(0)
-                    + count(AccountedKind::Backfill),
-                quarantined: count(AccountedKind::Quarantined),
-                own: count(AccountedKind::Own),
-                unaccounted: r
-                    .try_get::<Option<i64>, _>("unaccounted")?
-                    .and_then(|n| u64::try_from(n).ok()),
-                reconciled_at: r.try_get::<Option<i64>, _>("reconciled_at")?.map(from_ms),
-                source,
-                folder,
-            });
-        }
-        Ok(out)
+                let ingested = keys
+                    .iter()
+                    .filter(|(k,)| {
+                        parse_origin_key(k, uid_validity).is_some_and(|(_, f)| f == folder)
+                    })
+                    .count() as u64;
+                let skipped: i64 = r.try_get("backfill_skipped")?;
+                out.push(FolderLedger {
+                    uid_validity,
+                    last_uid: u32::try_from(r.try_get::<i64, _>("last_uid")?).unwrap_or(0),
+                    server_messages: r
+                        .try_get::<Option<i64>, _>("server_messages")?
+                        .and_then(|n| u64::try_from(n).ok()),
+                    ingested,
+                    matched: count(AccountedKind::Matched),
+                    skipped_backfill: u64::try_from(skipped).unwrap_or(0)
+                        + count(AccountedKind::Backfill),
+                    quarantined: count(AccountedKind::Quarantined),
+                    own: count(AccountedKind::Own),
+                    unaccounted: r
+                        .try_get::<Option<i64>, _>("unaccounted")?
+                        .and_then(|n| u64::try_from(n).ok()),
+                    reconciled_at: r.try_get::<Option<i64>, _>("reconciled_at")?.map(from_ms),
+                    source,
+                    folder,
+                });
+            }
+            Ok(out)
+        })
     }
 }

@@ -193,12 +193,18 @@ impl super::Store {
     /// Leases on this store for the replica `replica`: advisory locks on PostgreSQL, always held
     /// on SQLite.
     pub fn leases(&self, replica: &str) -> Leases {
-        Leases::single(replica)
+        match self.pg_pool() {
+            Some(pool) => Leases::for_pool(pool, replica),
+            None => Leases::single(replica),
+        }
     }
 
     /// Who holds each lease now; `None` on SQLite, where the one process holds them all.
     pub async fn lease_holders(&self) -> Result<Option<Vec<LeaseHolder>>, super::Error> {
-        Ok(None)
+        match self.pg_pool() {
+            Some(pool) => Ok(Some(holders(pool).await?)),
+            None => Ok(None),
+        }
     }
 }
 
@@ -626,34 +632,11 @@ mod tests {
         assert_eq!(overlaps(&bad).len(), 1);
     }
 
-    /// A fresh database on the PostgreSQL at `FRONTDESK_TEST_PG` with the lease table.
-    async fn pg_pool() -> Option<PgPool> {
-        let url = std::env::var("FRONTDESK_TEST_PG").ok()?;
-        let admin = PgPool::connect(&url).await.unwrap();
-        let db = format!("lease_{}", std::process::id());
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db}")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let opts: PgConnectOptions = url.parse::<PgConnectOptions>().unwrap().database(&db);
-        let pool = PgPool::connect_with(opts).await.unwrap();
-        sqlx::raw_sql(include_str!("../../migrations/postgres/0002_replicas.sql"))
-            .execute(&pool)
-            .await
-            .unwrap();
-        Some(pool)
-    }
-
     #[tokio::test]
     async fn one_holder_and_takeover_after_its_session_dies() {
-        let Some(pool) = pg_pool().await else {
-            eprintln!("FRONTDESK_TEST_PG not set");
-            return;
-        };
+        let store = crate::store::test_pg::fresh_store().await;
+        let pool = store.pg_pool().unwrap().clone();
+        assert!(store.leases("a").shared());
         let inbox = LeaseName::Folder {
             source: "support".into(),
             folder: "INBOX".into(),
@@ -700,5 +683,22 @@ mod tests {
         lb.release().await;
         assert!(holders(&pool).await.unwrap().is_empty());
         assert!(la.try_take().await.unwrap());
+        assert_eq!(store.lease_holders().await.unwrap().unwrap()[0].holder, "a");
+    }
+
+    #[tokio::test]
+    async fn sqlite_has_no_lease_table_and_always_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("fd.db"))
+            .await
+            .unwrap();
+        let leases = store.leases("only");
+        assert!(!leases.shared());
+        assert!(store.lease_holders().await.unwrap().is_none());
+        let mut l = leases.lease(LeaseName::Role(Role::Core));
+        assert!(l.try_take().await.unwrap());
+        l.alive().await.unwrap();
+        let samples = lease_samples(None, "only");
+        assert!(samples.iter().all(|s| s.value == 1.0), "{samples:?}");
     }
 }

@@ -3,9 +3,9 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::Row;
 
-use super::{Error, Store, from_ms, to_ms};
+use super::{Error, Qb, Store, Tx, from_ms, to_ms};
 use crate::message::{Automation, Message};
 
 /// The outcome of storing one message.
@@ -60,9 +60,11 @@ pub(crate) fn automation_str(a: Automation) -> &'static str {
     }
 }
 
+twin_impl! {
 /// Inserts one message inside `tx` unless its origin exists; returns the row id either way.
 pub(crate) async fn insert_message(
-    tx: &mut Transaction<'_, Sqlite>,
+    &self,
+    tx: &mut Tx<Self>,
     msg: &Message,
     now: DateTime<Utc>,
 ) -> Result<Ingested, Error> {
@@ -79,13 +81,13 @@ pub(crate) async fn insert_message(
         crate::message::ParseStatus::Degraded(r) => Some(r.as_str()),
     };
     let sha = hex::encode(Sha256::digest(&msg.raw));
-    let inserted: Option<(i64,)> = sqlx::query_as(
+    let inserted: Option<(i64,)> = sqlx::query_as(self.sql(
         "INSERT INTO messages (source, origin_key, origin, direction, received_at, sent_at, \
          from_addr, from_name, to_addrs, subject, body_text, message_id, in_reply_to, refs, \
          thread_key, automation, parse, parse_reason, raw, raw_sha256, stored_at) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          ON CONFLICT (source, origin_key) DO NOTHING RETURNING id",
-    )
+    ))
     .bind(&msg.source)
     .bind(&origin_key)
     .bind(&origin_json)
@@ -116,7 +118,7 @@ pub(crate) async fn insert_message(
         });
     }
     let (id,): (i64,) =
-        sqlx::query_as("SELECT id FROM messages WHERE source = ? AND origin_key = ?")
+        sqlx::query_as(self.sql("SELECT id FROM messages WHERE source = ? AND origin_key = ?"))
             .bind(&msg.source)
             .bind(&origin_key)
             .fetch_one(&mut **tx)
@@ -132,7 +134,8 @@ pub(crate) async fn insert_message(
 /// each message in order: an origin already stored, or repeated earlier in `msgs`, is a duplicate
 /// carrying the first row's id.
 pub(crate) async fn insert_messages(
-    tx: &mut Transaction<'_, Sqlite>,
+    &self,
+    tx: &mut Tx<Self>,
     msgs: &[&Message],
     now: DateTime<Utc>,
 ) -> Result<Vec<Ingested>, Error> {
@@ -180,8 +183,14 @@ pub(crate) async fn insert_messages(
     let mut ids: std::collections::HashMap<(String, String), i64> =
         std::collections::HashMap::new();
     let stored_at = to_ms(now);
-    for chunk in unique.chunks(CHUNK) {
-        let mut qb = sqlx::QueryBuilder::<Sqlite>::new(
+    // Two replicas inserting overlapping keys in different orders would deadlock on
+    // PostgreSQL's unique index; one global order (source, key) cannot.
+    let mut order: Vec<&Prepared<'_>> = unique.iter().collect();
+    if <Self as super::Driver>::PG {
+        order.sort_by(|a, b| (a.msg.source.as_str(), a.key.as_str()).cmp(&(b.msg.source.as_str(), b.key.as_str())));
+    }
+    for chunk in order.chunks(CHUNK) {
+        let mut qb = Qb::<Self>::new(
             "INSERT INTO messages (source, origin_key, origin, direction, received_at, sent_at, \
              from_addr, from_name, to_addrs, subject, body_text, message_id, in_reply_to, refs, \
              thread_key, automation, parse, parse_reason, raw, raw_sha256, stored_at) ",
@@ -230,7 +239,7 @@ pub(crate) async fn insert_messages(
             }),
             None => {
                 let (id,): (i64,) =
-                    sqlx::query_as("SELECT id FROM messages WHERE source = ? AND origin_key = ?")
+                    sqlx::query_as(self.sql("SELECT id FROM messages WHERE source = ? AND origin_key = ?"))
                         .bind(&p.msg.source)
                         .bind(&p.key)
                         .fetch_one(&mut **tx)
@@ -250,60 +259,69 @@ pub(crate) async fn insert_messages(
         })
         .collect())
 }
+}
 
 impl Store {
     /// Stores one message durably (committed and fsync'd on return) unless its origin exists.
     pub async fn ingest(&self, msg: &Message, now: DateTime<Utc>) -> Result<Ingested, Error> {
-        let mut tx = self.begin_write().await?;
-        let out = insert_message(&mut tx, msg, now).await?;
-        tx.commit().await?;
-        Ok(out)
+        on_backend!(self, |db| {
+            let mut tx = db.begin_write().await?;
+            let out = db.insert_message(&mut tx, msg, now).await?;
+            tx.commit().await?;
+            Ok(out)
+        })
     }
 
     /// Stored messages, newest first.
     pub async fn messages(&self, filter: &MessageFilter) -> Result<Vec<StoredMessage>, Error> {
-        let limit = i64::from(filter.limit.unwrap_or(50));
-        let rows = sqlx::query(
-            "SELECT m.id, m.source, m.direction, m.received_at, m.from_addr, m.subject, \
+        on_backend!(self, |db| {
+            let limit = i64::from(filter.limit.unwrap_or(50));
+            let rows = sqlx::query(db.sql(
+                "SELECT m.id, m.source, m.direction, m.received_at, m.from_addr, m.subject, \
              m.message_id, t.conversation_id, m.parse, m.parse_reason FROM messages m \
              LEFT JOIN message_threads t ON t.message_id = m.id \
              WHERE (?1 IS NULL OR m.source = ?1) ORDER BY m.received_at DESC, m.id DESC LIMIT ?2",
-        )
-        .bind(filter.source.as_deref())
-        .bind(limit)
-        .fetch_all(self.reader())
-        .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            out.push(StoredMessage {
-                id: r.try_get("id")?,
-                source: r.try_get("source")?,
-                direction: r.try_get("direction")?,
-                received_at: from_ms(r.try_get("received_at")?),
-                from: r.try_get("from_addr")?,
-                subject: r.try_get("subject")?,
-                message_id: r.try_get("message_id")?,
-                conversation_id: r.try_get("conversation_id")?,
-                parse: r.try_get("parse")?,
-                parse_reason: r.try_get("parse_reason")?,
-            });
-        }
-        Ok(out)
+            ))
+            .bind(filter.source.as_deref())
+            .bind(limit)
+            .fetch_all(db.reader())
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                out.push(StoredMessage {
+                    id: r.try_get("id")?,
+                    source: r.try_get("source")?,
+                    direction: r.try_get("direction")?,
+                    received_at: from_ms(r.try_get("received_at")?),
+                    from: r.try_get("from_addr")?,
+                    subject: r.try_get("subject")?,
+                    message_id: r.try_get("message_id")?,
+                    conversation_id: r.try_get("conversation_id")?,
+                    parse: r.try_get("parse")?,
+                    parse_reason: r.try_get("parse_reason")?,
+                });
+            }
+            Ok(out)
+        })
     }
 
     /// How many messages wait for the core loop.
     pub async fn pending_count(&self) -> Result<i64, Error> {
-        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM core_queue")
-            .fetch_one(self.reader())
-            .await?;
-        Ok(n)
+        on_backend!(self, |db| {
+            let (n,): (i64,) = sqlx::query_as(db.sql("SELECT count(*) FROM core_queue"))
+                .fetch_one(db.reader())
+                .await?;
+            Ok(n)
+        })
     }
 
     /// How many messages are stored (all sources).
     pub async fn message_count(&self) -> Result<i64, Error> {
-        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM messages")
-            .fetch_one(self.reader())
-            .await?;
-        Ok(n)
+        on_backend!(self, |db| {
+            let (n,): (i64,) = sqlx::query_as(db.sql("SELECT count(*) FROM messages"))
+                .fetch_one(db.reader())
+                .await?;
+            Ok(n)
+        })
     }
 }

@@ -26,143 +26,150 @@ fn sample(name: &'static str, labels: Vec<(&'static str, String)>, value: i64) -
 impl Store {
     /// Every figure the store can give, as Prometheus samples.
     pub async fn metrics_samples(&self) -> Result<Vec<Sample>, Error> {
-        let mut out = Vec::new();
-        let rows = sqlx::query(
-            "SELECT source, direction, parse, count(*) AS n FROM messages GROUP BY 1, 2, 3",
-        )
-        .fetch_all(self.reader())
-        .await?;
-        for r in rows {
-            out.push(sample(
-                "frontdesk_messages_total",
-                vec![
-                    ("source", r.try_get("source")?),
-                    ("direction", r.try_get("direction")?),
-                    ("parse", r.try_get("parse")?),
-                ],
-                r.try_get("n")?,
-            ));
-        }
-        out.push(sample(
-            "frontdesk_messages_pending",
-            vec![],
-            self.pending_count().await?,
-        ));
-        let rows = sqlx::query("SELECT source, name, value FROM webhook_counters")
-            .fetch_all(self.reader())
+        on_backend!(self, |db| {
+            let mut out = Vec::new();
+            let rows = sqlx::query(db.sql(
+                "SELECT source, direction, parse, count(*) AS n FROM messages GROUP BY 1, 2, 3",
+            ))
+            .fetch_all(db.reader())
             .await?;
-        for r in rows {
-            let name: String = r.try_get("name")?;
-            let (result, reason) = match name.split_once(':') {
-                Some((a, b)) => (a.to_string(), b.to_string()),
-                None => (name, String::new()),
-            };
+            for r in rows {
+                out.push(sample(
+                    "frontdesk_messages_total",
+                    vec![
+                        ("source", r.try_get("source")?),
+                        ("direction", r.try_get("direction")?),
+                        ("parse", r.try_get("parse")?),
+                    ],
+                    r.try_get("n")?,
+                ));
+            }
             out.push(sample(
-                "frontdesk_webhook_requests_total",
-                vec![
-                    ("source", r.try_get("source")?),
-                    ("result", result),
-                    ("reason", reason),
-                ],
-                r.try_get("value")?,
+                "frontdesk_messages_pending",
+                vec![],
+                self.pending_count().await?,
             ));
-        }
-        let rows = sqlx::query("SELECT source, healthy, failures FROM source_health")
-            .fetch_all(self.reader())
-            .await?;
-        for r in rows {
-            let source: String = r.try_get("source")?;
-            out.push(sample(
-                "frontdesk_source_healthy",
-                vec![("source", source.clone())],
-                r.try_get("healthy")?,
-            ));
-            out.push(sample(
-                "frontdesk_source_consecutive_failures",
-                vec![("source", source)],
-                r.try_get("failures")?,
-            ));
-        }
-        let rows = sqlx::query(
-            "SELECT source, folder, COALESCE(unaccounted, 0) AS unaccounted, backfill_skipped FROM imap_cursors",
-        )
-        .fetch_all(self.reader())
-        .await?;
-        for r in rows {
-            let labels = vec![
-                ("source", r.try_get::<String, _>("source")?),
-                ("folder", r.try_get::<String, _>("folder")?),
-            ];
-            out.push(sample(
-                "frontdesk_imap_unaccounted",
-                labels.clone(),
-                r.try_get("unaccounted")?,
-            ));
-            out.push(sample(
-                "frontdesk_imap_backfill_skipped",
-                labels,
-                r.try_get("backfill_skipped")?,
-            ));
-        }
-        let rows =
-            sqlx::query("SELECT source, kind, count(*) AS n FROM imap_accounted GROUP BY 1, 2")
-                .fetch_all(self.reader())
+            let rows = sqlx::query(db.sql("SELECT source, name, value FROM webhook_counters"))
+                .fetch_all(db.reader())
                 .await?;
-        for r in rows {
-            out.push(sample(
-                "frontdesk_imap_accounted_total",
-                vec![
-                    ("source", r.try_get("source")?),
-                    ("kind", r.try_get("kind")?),
-                ],
-                r.try_get("n")?,
-            ));
-        }
-        let rows = sqlx::query("SELECT kind, state, count(*) AS n FROM outbox GROUP BY 1, 2")
-            .fetch_all(self.reader())
-            .await?;
-        for r in rows {
-            out.push(sample(
-                "frontdesk_outbox_items",
-                vec![("kind", r.try_get("kind")?), ("state", r.try_get("state")?)],
-                r.try_get("n")?,
-            ));
-        }
-        let rows = sqlx::query("SELECT state, count(*) AS n FROM conversations GROUP BY 1")
-            .fetch_all(self.reader())
-            .await?;
-        for r in rows {
-            out.push(sample(
-                "frontdesk_conversations",
-                vec![("state", r.try_get("state")?)],
-                r.try_get("n")?,
-            ));
-        }
-        let rows =
-            sqlx::query("SELECT metric, state, count(*) AS n FROM sla_targets GROUP BY 1, 2")
-                .fetch_all(self.reader())
+            for r in rows {
+                let name: String = r.try_get("name")?;
+                let (result, reason) = match name.split_once(':') {
+                    Some((a, b)) => (a.to_string(), b.to_string()),
+                    None => (name, String::new()),
+                };
+                out.push(sample(
+                    "frontdesk_webhook_requests_total",
+                    vec![
+                        ("source", r.try_get("source")?),
+                        ("result", result),
+                        ("reason", reason),
+                    ],
+                    r.try_get("value")?,
+                ));
+            }
+            let rows = sqlx::query(db.sql("SELECT source, healthy, failures FROM source_health"))
+                .fetch_all(db.reader())
                 .await?;
-        for r in rows {
-            out.push(sample(
-                "frontdesk_sla_targets",
-                vec![
-                    ("metric", r.try_get("metric")?),
-                    ("state", r.try_get("state")?),
-                ],
-                r.try_get("n")?,
-            ));
-        }
-        let rows = sqlx::query("SELECT kind, count(*) AS n FROM alert_events GROUP BY 1")
-            .fetch_all(self.reader())
+            for r in rows {
+                let source: String = r.try_get("source")?;
+                out.push(sample(
+                    "frontdesk_source_healthy",
+                    vec![("source", source.clone())],
+                    r.try_get("healthy")?,
+                ));
+                out.push(sample(
+                    "frontdesk_source_consecutive_failures",
+                    vec![("source", source)],
+                    r.try_get("failures")?,
+                ));
+            }
+            let rows = sqlx::query(
+            db.sql("SELECT source, folder, COALESCE(unaccounted, 0) AS unaccounted, backfill_skipped FROM imap_cursors"),
+        )
+        .fetch_all(db.reader())
+        .await?;
+            for r in rows {
+                let labels = vec![
+                    ("source", r.try_get::<String, _>("source")?),
+                    ("folder", r.try_get::<String, _>("folder")?),
+                ];
+                out.push(sample(
+                    "frontdesk_imap_unaccounted",
+                    labels.clone(),
+                    r.try_get("unaccounted")?,
+                ));
+                out.push(sample(
+                    "frontdesk_imap_backfill_skipped",
+                    labels,
+                    r.try_get("backfill_skipped")?,
+                ));
+            }
+            let rows = sqlx::query(
+                db.sql("SELECT source, kind, count(*) AS n FROM imap_accounted GROUP BY 1, 2"),
+            )
+            .fetch_all(db.reader())
             .await?;
-        for r in rows {
-            out.push(sample(
-                "frontdesk_alert_events_total",
-                vec![("kind", r.try_get("kind")?)],
-                r.try_get("n")?,
-            ));
-        }
-        Ok(out)
+            for r in rows {
+                out.push(sample(
+                    "frontdesk_imap_accounted_total",
+                    vec![
+                        ("source", r.try_get("source")?),
+                        ("kind", r.try_get("kind")?),
+                    ],
+                    r.try_get("n")?,
+                ));
+            }
+            let rows =
+                sqlx::query(db.sql("SELECT kind, state, count(*) AS n FROM outbox GROUP BY 1, 2"))
+                    .fetch_all(db.reader())
+                    .await?;
+            for r in rows {
+                out.push(sample(
+                    "frontdesk_outbox_items",
+                    vec![("kind", r.try_get("kind")?), ("state", r.try_get("state")?)],
+                    r.try_get("n")?,
+                ));
+            }
+            let rows =
+                sqlx::query(db.sql("SELECT state, count(*) AS n FROM conversations GROUP BY 1"))
+                    .fetch_all(db.reader())
+                    .await?;
+            for r in rows {
+                out.push(sample(
+                    "frontdesk_conversations",
+                    vec![("state", r.try_get("state")?)],
+                    r.try_get("n")?,
+                ));
+            }
+            let rows = sqlx::query(
+                db.sql("SELECT metric, state, count(*) AS n FROM sla_targets GROUP BY 1, 2"),
+            )
+            .fetch_all(db.reader())
+            .await?;
+            for r in rows {
+                out.push(sample(
+                    "frontdesk_sla_targets",
+                    vec![
+                        ("metric", r.try_get("metric")?),
+                        ("state", r.try_get("state")?),
+                    ],
+                    r.try_get("n")?,
+                ));
+            }
+            let rows =
+                sqlx::query(db.sql("SELECT kind, count(*) AS n FROM alert_events GROUP BY 1"))
+                    .fetch_all(db.reader())
+                    .await?;
+            for r in rows {
+                out.push(sample(
+                    "frontdesk_alert_events_total",
+                    vec![("kind", r.try_get("kind")?)],
+                    r.try_get("n")?,
+                ));
+            }
+            Ok(out)
+        })
     }
 }
 

@@ -1,10 +1,23 @@
 //! The durable queue: the only module with SQL.
 //!
-//! SQLite in WAL mode with `synchronous=FULL`, so a committed transaction has been fsync'd before
-//! any caller acknowledges it (a webhook 2xx, an IMAP cursor). One writer connection serializes
-//! writes inside the process; `BEGIN IMMEDIATE` serializes them against other processes (the CLI).
-//! Readers use their own pool and never block the writer.
+//! Two backends behind one API: SQLite (embedded, the default) or PostgreSQL (several replicas on
+//! one database), an enum inside [`Store`].
+//!
+//! SQLite runs in WAL mode with `synchronous=FULL`, so a committed transaction has been fsync'd
+//! before any caller acknowledges it (a webhook 2xx, an IMAP cursor). One writer connection
+//! serializes writes inside the process; `BEGIN IMMEDIATE` serializes them against other
+//! processes (the CLI). Readers use their own pool and never block the writer.
+//!
+//! PostgreSQL gives the same promise only with `fsync=on` and `synchronous_commit` not `off`;
+//! [`Store::open_storage`] refuses to start otherwise. Most SQL is shared: each method's body is
+//! compiled once per backend (`on_backend!`), and `?` placeholders are rewritten to `$n` for
+//! PostgreSQL by [`Driver::sql`]. Where the dialects differ, the method picks its SQL by backend.
 
+#[macro_use]
+mod backend;
+#[cfg(test)]
+#[macro_use]
+pub(crate) mod test_pg;
 pub mod core;
 mod digest;
 mod imap;
@@ -17,16 +30,20 @@ pub mod webhook;
 pub use digest::SourceRef;
 pub use imap::{AccountedKind, AccountedUid, BatchOutcome, FolderLedger, ImapCursor, SourceHealth};
 pub use messages::{Ingested, MessageFilter, StoredMessage};
-pub use outbox::{NewOutboxItem, OutboxRow, insert_alert_event};
+pub use outbox::{NewOutboxItem, OutboxRow};
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, SqlitePool, Transaction};
 use tokio_util::sync::CancellationToken;
+
+pub(crate) use backend::{Driver, PgDb, Qb, SqliteDb, Tx};
+
+use crate::config::Storage;
 
 /// Why a store operation failed; callers map `Unavailable` to "retry later" (503, backoff).
 #[derive(Debug, thiserror::Error)]
@@ -59,19 +76,38 @@ pub enum Error {
 /// A handle to the durable queue; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
-    writer: SqlitePool,
-    reader: SqlitePool,
-    path: PathBuf,
-    options: SqliteConnectOptions,
+    backend: Backend,
+}
+
+/// The database behind a [`Store`].
+#[derive(Clone, Debug)]
+pub(crate) enum Backend {
+    /// The embedded SQLite file.
+    Sqlite(SqliteDb),
+    /// A PostgreSQL server shared by replicas.
+    Postgres(PgDb),
 }
 
 /// WAL frames (4 KiB pages) past which the daemon's checkpointer resets the WAL: 64 MiB.
 pub const WAL_RESTART_FRAMES: i64 = 16_384;
 
-/// The embedded schema migrations (`migrations/`), applied at every open.
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The embedded SQLite schema migrations (`migrations/sqlite/`), applied at every open.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// The embedded PostgreSQL schema migrations (`migrations/postgres/`), applied at every open.
+static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 impl Store {
+    /// Opens the configured storage: the SQLite file or the PostgreSQL database.
+    pub async fn open_storage(storage: &Storage) -> Result<Store, Error> {
+        match storage {
+            Storage::Sqlite(path) => Store::open(path).await,
+            Storage::Postgres(pg) => {
+                Store::open_postgres(&pg.url, pg.password.as_ref().map(|p| p.expose())).await
+            }
+        }
+    }
+
     /// Opens (creating if needed) the SQLite database at `path` and applies pending migrations.
     pub async fn open(path: &Path) -> Result<Store, Error> {
         let open_err = |reason: String| Error::Open {
@@ -109,57 +145,109 @@ impl Store {
             .await
             .map_err(|e| open_err(describe_open_error(&e)))?;
         Ok(Store {
-            writer,
-            reader,
-            path: path.to_path_buf(),
-            options,
+            backend: Backend::Sqlite(SqliteDb {
+                writer,
+                reader,
+                path: path.to_path_buf(),
+                options: Box::new(options),
+            }),
         })
     }
 
-    /// The database file path.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Connects to PostgreSQL at `url` (with `password` when given apart from the URL), checks
+    /// that commits are durable there, and applies pending migrations.
+    ///
+    /// Refuses a server with `fsync=off` or `synchronous_commit=off`: a 2xx would then not mean
+    /// "on disk" (reliability.md §2.2).
+    pub async fn open_postgres(url: &str, password: Option<&str>) -> Result<Store, Error> {
+        let shown = redact_url(url);
+        let open_err = |reason: String| Error::Open {
+            path: PathBuf::from(&shown),
+            reason,
+        };
+        let mut options = PgConnectOptions::from_str(url).map_err(|e| open_err(e.to_string()))?;
+        if let Some(p) = password {
+            options = options.password(p);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(5))
+            // A server restart leaves dead connections in the pool; test before handing out so
+            // the first request after an outage does not fail on a stale socket.
+            .test_before_acquire(true)
+            .connect_with(options)
+            .await
+            .map_err(|e| open_err(e.to_string()))?;
+        check_durability(&pool).await.map_err(open_err)?;
+        PG_MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| open_err(format!("migration failed: {e}")))?;
+        Ok(Store {
+            backend: Backend::Postgres(PgDb { pool }),
+        })
     }
 
-    /// Starts a write transaction that takes the write lock up front (read-then-write safe).
-    pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, Error> {
-        match self.writer.begin_with("BEGIN IMMEDIATE").await {
-            Err(sqlx::Error::InvalidSavePointStatement | sqlx::Error::BeginFailed) => {
-                // A COMMIT that failed (disk full, I/O error) leaves sqlx's transaction depth at 1
-                // while SQLite has already rolled back, so the drop-time ROLLBACK fails and the
-                // connection can never begin again. Replace it with a fresh one.
-                tracing::warn!("replacing the database writer connection after a failed commit");
-                if let Ok(conn) = self.writer.acquire().await {
-                    let _ = conn.close().await;
-                }
-                Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
-            }
-            other => Ok(other?),
+    /// `sqlite` or `postgres`.
+    pub fn backend_name(&self) -> &'static str {
+        match &self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
         }
     }
 
-    /// The pool for reads.
-    pub(crate) fn reader(&self) -> &SqlitePool {
-        &self.reader
+    /// The PostgreSQL pool (advisory-lock leases need their own sessions from it); `None` on
+    /// SQLite.
+    pub fn pg_pool(&self) -> Option<&sqlx::PgPool> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(pg) => Some(&pg.pool),
+        }
     }
 
-    /// Runs `PRAGMA integrity_check` and returns its verdict (`ok` when healthy).
+    /// The SQLite backend, for code and tests that only make sense there.
+    pub(crate) fn sqlite(&self) -> Option<&SqliteDb> {
+        match &self.backend {
+            Backend::Sqlite(db) => Some(db),
+            Backend::Postgres(_) => None,
+        }
+    }
+
+    /// The database file path; `None` on PostgreSQL.
+    pub fn path(&self) -> Option<&Path> {
+        self.sqlite().map(|db| db.path.as_path())
+    }
+
+    /// Runs SQLite's `PRAGMA integrity_check` and returns its verdict (`ok` when healthy);
+    /// PostgreSQL checks its own pages, so there it is a round trip that answers `ok`.
     pub async fn integrity_check(&self) -> Result<String, Error> {
-        let rows: Vec<(String,)> = sqlx::query_as("PRAGMA integrity_check")
-            .fetch_all(&self.writer)
-            .await?;
-        Ok(rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("; "))
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                let rows: Vec<(String,)> = sqlx::query_as("PRAGMA integrity_check")
+                    .fetch_all(&db.writer)
+                    .await?;
+                Ok(rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("; "))
+            }
+            Backend::Postgres(db) => {
+                let (ok,): (String,) = sqlx::query_as("SELECT 'ok'").fetch_one(&db.pool).await?;
+                Ok(ok)
+            }
+        }
     }
 
     /// Whether at least 1 MiB is free on the database's filesystem: a full disk is reported
-    /// even while small commits still fit into WAL space already allocated.
+    /// even while small commits still fit into WAL space already allocated. Always true on
+    /// PostgreSQL, whose server reports a full disk as a failed commit.
     ///
     /// A `statvfs` call, not a trial write: `/readyz` and every watchdog ping ask, and writing
     /// and fsyncing a megabyte for each would be an I/O load anyone reaching `/readyz` could
     /// cause.
     pub(crate) async fn space_available(&self) -> bool {
-        let dir = self
-            .path()
+        let Some(path) = self.path() else {
+            return true;
+        };
+        let dir = path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
@@ -177,21 +265,37 @@ impl Store {
                 "less than 1 MiB free next to the database",
             ))));
         }
-        sqlx::query("CREATE TABLE IF NOT EXISTS health_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL)")
-            .execute(&self.writer)
-            .await?;
-        sqlx::query("INSERT INTO health_probe (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at")
-            .bind(to_ms(now))
-            .execute(&self.writer)
-            .await?;
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                sqlx::query("CREATE TABLE IF NOT EXISTS health_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL)")
+                    .execute(&db.writer)
+                    .await?;
+            }
+            // Created by the PostgreSQL migration: a DDL statement per probe would take an
+            // exclusive lock on the catalog every few seconds on every replica.
+            Backend::Postgres(_) => {}
+        }
+        on_backend!(self, |db| {
+            sqlx::query(db.sql("INSERT INTO health_probe (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at"))
+                .bind(to_ms(now))
+                .execute(db.writer())
+                .await?;
+        });
         Ok(())
     }
 
-    /// Writes a consistent copy of the whole database to `to` while the daemon keeps running.
+    /// Writes a consistent copy of the whole SQLite database to `to` while the daemon keeps
+    /// running; on PostgreSQL, use the server's own tools (`pg_dump`).
     ///
     /// `VACUUM INTO` reads one snapshot, so the copy is a committed state even mid-ingest; the
     /// target must not exist yet.
     pub async fn backup(&self, to: &Path) -> Result<(), Error> {
+        let Some(db) = self.sqlite() else {
+            return Err(Error::Open {
+                path: to.to_path_buf(),
+                reason: "backup copies SQLite databases; use pg_dump for PostgreSQL".into(),
+            });
+        };
         if to.exists() {
             return Err(Error::Open {
                 path: to.to_path_buf(),
@@ -204,13 +308,13 @@ impl Store {
         })?;
         sqlx::query("VACUUM INTO ?")
             .bind(target)
-            .execute(&self.reader)
+            .execute(&db.reader)
             .await?;
         Ok(())
     }
 
-    /// Checkpoints the WAL from a connection of its own until `shutdown`, so commits no longer
-    /// do it inline.
+    /// Checkpoints the SQLite WAL from a connection of its own until `shutdown`, so commits no
+    /// longer do it inline. Returns at once on PostgreSQL, which checkpoints by itself.
     ///
     /// SQLite's automatic checkpoint runs inside whichever COMMIT crosses 1,000 WAL pages: that
     /// commit then copies pages into the database file and fsyncs it, and every acknowledgement
@@ -224,8 +328,32 @@ impl Store {
         max_frames: i64,
         shutdown: CancellationToken,
     ) {
+        if let Some(db) = self.sqlite() {
+            db.run_checkpointer(every, max_frames, shutdown).await;
+        }
+    }
+
+    /// Closes the pools (on SQLite, checkpointing the WAL).
+    pub async fn close(&self) {
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                db.reader.close().await;
+                db.writer.close().await;
+            }
+            Backend::Postgres(db) => db.pool.close().await,
+        }
+    }
+}
+
+impl SqliteDb {
+    async fn run_checkpointer(
+        &self,
+        every: Duration,
+        max_frames: i64,
+        shutdown: CancellationToken,
+    ) {
         use sqlx::{ConnectOptions, Connection};
-        let mut conn = match self.options.clone().connect().await {
+        let mut conn = match (*self.options).clone().connect().await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "no checkpoint connection; commits checkpoint inline");
@@ -275,12 +403,6 @@ impl Store {
             .await;
         let _ = conn.close().await;
     }
-
-    /// Closes both pools, checkpointing the WAL.
-    pub async fn close(&self) {
-        self.reader.close().await;
-        self.writer.close().await;
-    }
 }
 
 /// Bytes available to this (unprivileged) user on the filesystem holding `dir`.
@@ -298,6 +420,67 @@ fn free_bytes(dir: &Path) -> Option<u64> {
     #[allow(clippy::unnecessary_cast)]
     let (blocks, size) = (st.f_bavail as u64, st.f_frsize as u64);
     Some(blocks.saturating_mul(size))
+}
+
+/// Refuses a PostgreSQL server that may lose acknowledged commits: `fsync` must be `on` and
+/// `synchronous_commit` must not be `off` (`local`, `remote_write`, `on` and `remote_apply`
+/// all flush the local WAL before COMMIT returns).
+async fn check_durability(pool: &sqlx::PgPool) -> Result<(), String> {
+    let (fsync,): (String,) = sqlx::query_as("SHOW fsync")
+        .fetch_one(pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    if fsync != "on" {
+        return Err(format!(
+            "the server runs with fsync={fsync}, so a commit may be lost on a crash; \
+             set fsync = on in postgresql.conf and reload"
+        ));
+    }
+    let (sync,): (String,) = sqlx::query_as("SHOW synchronous_commit")
+        .fetch_one(pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    if sync == "off" {
+        return Err(
+            "synchronous_commit is off for this connection, so a webhook could be acknowledged \
+             before its commit is on disk; set synchronous_commit = on (server, database or role: \
+             ALTER ROLE ... SET synchronous_commit = on)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// `url` with any password replaced by `***`, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority.to_string(),
+        },
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let q: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", q.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 /// Turns sqlx's open errors into a sentence that names the usual cause.

@@ -7,7 +7,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
-use super::{Error, Store, from_ms, to_ms};
+use super::{Error, Store, Tx, from_ms, to_ms};
 use crate::digest::{AlertEvent, FailedSendRow};
 use crate::notify::{OutboxItem, OutboxKind, Outcome};
 
@@ -53,7 +53,7 @@ fn event_kind(e: &AlertEvent) -> &'static str {
     }
 }
 
-fn item_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<OutboxItem, Error> {
+row_fn! { fn item_from_row(r) -> OutboxItem {
     let kind: String = r.try_get("kind")?;
     let attempts: i64 = r.try_get("attempts")?;
     Ok(OutboxItem {
@@ -67,18 +67,20 @@ fn item_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<OutboxItem, Error> {
         body_html: r.try_get("body_html")?,
         attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
     })
-}
+}}
 
+twin_impl! {
 /// Inserts an item unless its slot exists, inside `tx`; returns the new id, or `None` for a duplicate.
 pub(crate) async fn insert_outbox(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    &self,
+    tx: &mut Tx<Self>,
     item: &NewOutboxItem,
     now: DateTime<Utc>,
 ) -> Result<Option<i64>, Error> {
     let id: Option<(i64,)> = sqlx::query_as(
-        "INSERT INTO outbox (kind, channel, recipient, slot_key, subject, body_text, body_html, \
+        self.sql("INSERT INTO outbox (kind, channel, recipient, slot_key, subject, body_text, body_html, \
          state, attempts, next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?) \
-         ON CONFLICT (slot_key) DO NOTHING RETURNING id",
+         ON CONFLICT (slot_key) DO NOTHING RETURNING id"),
     )
     .bind(item.kind.as_str())
     .bind(&item.channel)
@@ -93,15 +95,19 @@ pub(crate) async fn insert_outbox(
     .await?;
     Ok(id.map(|(id,)| id))
 }
+}
 
 impl Store {
     /// Whether an item with this slot exists already (whatever its state).
     pub async fn outbox_slot_exists(&self, slot_key: &str) -> Result<bool, Error> {
-        let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM outbox WHERE slot_key = ?")
-            .bind(slot_key)
-            .fetch_optional(self.reader())
-            .await?;
-        Ok(row.is_some())
+        on_backend!(self, |db| {
+            let row: Option<(i64,)> =
+                sqlx::query_as(db.sql("SELECT id FROM outbox WHERE slot_key = ?"))
+                    .bind(slot_key)
+                    .fetch_optional(db.reader())
+                    .await?;
+            Ok(row.is_some())
+        })
     }
 
     /// Puts an item into the outbox unless its slot exists; returns the new id, `None` if it existed.
@@ -110,10 +116,12 @@ impl Store {
         item: &NewOutboxItem,
         now: DateTime<Utc>,
     ) -> Result<Option<i64>, Error> {
-        let mut tx = self.begin_write().await?;
-        let id = insert_outbox(&mut tx, item, now).await?;
-        tx.commit().await?;
-        Ok(id)
+        on_backend!(self, |db| {
+            let mut tx = db.begin_write().await?;
+            let id = db.insert_outbox(&mut tx, item, now).await?;
+            tx.commit().await?;
+            Ok(id)
+        })
     }
 
     /// Pending items due at `now`, oldest first.
@@ -122,16 +130,18 @@ impl Store {
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<OutboxItem>, Error> {
-        let rows = sqlx::query(
-            "SELECT id, kind, channel, recipient, slot_key, subject, body_text, body_html, attempts \
+        on_backend!(self, |db| {
+            let rows = sqlx::query(
+            db.sql("SELECT id, kind, channel, recipient, slot_key, subject, body_text, body_html, attempts \
              FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? \
-             ORDER BY next_attempt_at, id LIMIT ?",
+             ORDER BY next_attempt_at, id LIMIT ?"),
         )
         .bind(to_ms(now))
         .bind(i64::from(limit))
-        .fetch_all(&self.writer)
+        .fetch_all(db.writer())
         .await?;
-        rows.iter().map(item_from_row).collect()
+            rows.iter().map(item_from_row).collect()
+        })
     }
 
     /// Claims a due pending item for one attempt by moving its due time `lease` ahead; false if it
@@ -143,26 +153,31 @@ impl Store {
         now: DateTime<Utc>,
         lease: chrono::TimeDelta,
     ) -> Result<bool, Error> {
-        let mut tx = self.begin_write().await?;
-        let done = sqlx::query(
-            "UPDATE outbox SET next_attempt_at = ? WHERE id = ? AND state = 'pending' AND next_attempt_at <= ?",
+        on_backend!(self, |db| {
+            let mut tx = db.begin_write().await?;
+            let done = sqlx::query(
+            db.sql("UPDATE outbox SET next_attempt_at = ? WHERE id = ? AND state = 'pending' AND next_attempt_at <= ?"),
         )
         .bind(to_ms(now + lease))
         .bind(id)
         .bind(to_ms(now))
         .execute(&mut *tx)
         .await?;
-        tx.commit().await?;
-        Ok(done.rows_affected() == 1)
+            tx.commit().await?;
+            Ok(done.rows_affected() == 1)
+        })
     }
 
     /// When the next pending item is due, if any (the sender sleeps until then).
     pub async fn outbox_next_due(&self) -> Result<Option<DateTime<Utc>>, Error> {
-        let (at,): (Option<i64>,) =
-            sqlx::query_as("SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending'")
-                .fetch_one(&self.writer)
-                .await?;
-        Ok(at.map(from_ms))
+        on_backend!(self, |db| {
+            let (at,): (Option<i64>,) = sqlx::query_as(
+                db.sql("SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending'"),
+            )
+            .fetch_one(db.writer())
+            .await?;
+            Ok(at.map(from_ms))
+        })
     }
 
     /// Records the result of one attempt; only a pending item changes (a sent item stays sent).
@@ -172,32 +187,34 @@ impl Store {
         outcome: &Outcome,
         now: DateTime<Utc>,
     ) -> Result<(), Error> {
-        let q = match outcome {
+        on_backend!(self, |db| {
+            let q = match outcome {
             Outcome::Sent => sqlx::query(
-                "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1 \
-                 WHERE id = ? AND state = 'pending'",
+                db.sql("UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1 \
+                 WHERE id = ? AND state = 'pending'"),
             )
             .bind(to_ms(now))
             .bind(id),
             Outcome::Retry { at, error } => sqlx::query(
-                "UPDATE outbox SET next_attempt_at = ?, last_error = ?, attempts = attempts + 1 \
-                 WHERE id = ? AND state = 'pending'",
+                db.sql("UPDATE outbox SET next_attempt_at = ?, last_error = ?, attempts = attempts + 1 \
+                 WHERE id = ? AND state = 'pending'"),
             )
             .bind(to_ms(*at))
             .bind(error)
             .bind(id),
             Outcome::Failed { error } => sqlx::query(
-                "UPDATE outbox SET state = 'failed', failed_at = ?, last_error = ?, attempts = attempts + 1 \
-                 WHERE id = ? AND state = 'pending'",
+                db.sql("UPDATE outbox SET state = 'failed', failed_at = ?, last_error = ?, attempts = attempts + 1 \
+                 WHERE id = ? AND state = 'pending'"),
             )
             .bind(to_ms(now))
             .bind(error)
             .bind(id),
         };
-        let mut tx = self.begin_write().await?;
-        q.execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(())
+            let mut tx = db.begin_write().await?;
+            q.execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// Items that failed permanently after `since`, for the next digest.
@@ -205,53 +222,57 @@ impl Store {
         &self,
         since: DateTime<Utc>,
     ) -> Result<Vec<FailedSendRow>, Error> {
-        let rows = sqlx::query(
-            "SELECT id, kind, channel, recipient, last_error, failed_at FROM outbox \
+        on_backend!(self, |db| {
+            let rows = sqlx::query(db.sql(
+                "SELECT id, kind, channel, recipient, last_error, failed_at FROM outbox \
              WHERE state = 'failed' AND failed_at > ? ORDER BY failed_at",
-        )
-        .bind(to_ms(since))
-        .fetch_all(self.reader())
-        .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let recipient: String = r.try_get("recipient")?;
-            out.push(FailedSendRow {
-                outbox_id: r.try_get("id")?,
-                kind: r.try_get("kind")?,
-                channel: r.try_get("channel")?,
-                recipient: if recipient.is_empty() {
-                    "the configured recipients".to_string()
-                } else {
-                    recipient
-                },
-                error: r
-                    .try_get::<Option<String>, _>("last_error")?
-                    .unwrap_or_default(),
-                failed_at: from_ms(r.try_get::<Option<i64>, _>("failed_at")?.unwrap_or(0)),
-            });
-        }
-        Ok(out)
+            ))
+            .bind(to_ms(since))
+            .fetch_all(db.reader())
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let recipient: String = r.try_get("recipient")?;
+                out.push(FailedSendRow {
+                    outbox_id: r.try_get("id")?,
+                    kind: r.try_get("kind")?,
+                    channel: r.try_get("channel")?,
+                    recipient: if recipient.is_empty() {
+                        "the configured recipients".to_string()
+                    } else {
+                        recipient
+                    },
+                    error: r
+                        .try_get::<Option<String>, _>("last_error")?
+                        .unwrap_or_default(),
+                    failed_at: from_ms(r.try_get::<Option<i64>, _>("failed_at")?.unwrap_or(0)),
+                });
+            }
+            Ok(out)
+        })
     }
 
     /// Every outbox row, newest first (CLI and tests).
     pub async fn outbox_list(&self, limit: u32) -> Result<Vec<OutboxRow>, Error> {
-        let rows = sqlx::query(
-            "SELECT id, kind, channel, recipient, slot_key, subject, body_text, body_html, attempts, \
-             state, last_error, sent_at FROM outbox ORDER BY id DESC LIMIT ?",
+        on_backend!(self, |db| {
+            let rows = sqlx::query(
+            db.sql("SELECT id, kind, channel, recipient, slot_key, subject, body_text, body_html, attempts, \
+             state, last_error, sent_at FROM outbox ORDER BY id DESC LIMIT ?"),
         )
         .bind(i64::from(limit))
-        .fetch_all(&self.writer)
+        .fetch_all(db.writer())
         .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            out.push(OutboxRow {
-                item: item_from_row(r)?,
-                state: r.try_get("state")?,
-                last_error: r.try_get("last_error")?,
-                sent_at: r.try_get::<Option<i64>, _>("sent_at")?.map(from_ms),
-            });
-        }
-        Ok(out)
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                out.push(OutboxRow {
+                    item: item_from_row(r)?,
+                    state: r.try_get("state")?,
+                    last_error: r.try_get("last_error")?,
+                    sent_at: r.try_get::<Option<i64>, _>("sent_at")?.map(from_ms),
+                });
+            }
+            Ok(out)
+        })
     }
 
     /// Records an alert event once per `dedupe_key` (e.g. `breach:<conversation>:<instance>`);
@@ -262,10 +283,14 @@ impl Store {
         event: &AlertEvent,
         at: DateTime<Utc>,
     ) -> Result<bool, Error> {
-        let mut tx = self.begin_write().await?;
-        let fresh = insert_alert_event(&mut tx, dedupe_key, event, at).await?;
-        tx.commit().await?;
-        Ok(fresh)
+        on_backend!(self, |db| {
+            let mut tx = db.begin_write().await?;
+            let fresh = db
+                .insert_alert_event(&mut tx, dedupe_key, event, at)
+                .await?;
+            tx.commit().await?;
+            Ok(fresh)
+        })
     }
 
     /// Groups pending alert events into one outbox item when the oldest is at least `group_wait`
@@ -278,109 +303,123 @@ impl Store {
         group_wait: chrono::TimeDelta,
         render: impl FnOnce(Vec<AlertEvent>) -> Option<NewOutboxItem>,
     ) -> Result<Option<i64>, Error> {
-        let mut tx = self.begin_write().await?;
-        let (oldest,): (Option<i64>,) =
-            sqlx::query_as("SELECT min(at) FROM alert_events WHERE outbox_id IS NULL")
-                .fetch_one(&mut *tx)
-                .await?;
-        let Some(oldest) = oldest else {
-            return Ok(None);
-        };
-        if from_ms(oldest) + group_wait > now {
-            return Ok(None);
-        }
-        let rows = sqlx::query(
-            "SELECT id, payload FROM alert_events WHERE outbox_id IS NULL ORDER BY at, id",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut events = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let payload: String = r.try_get("payload")?;
-            ids.push(r.try_get::<i64, _>("id")?);
-            events.push(serde_json::from_str::<AlertEvent>(&payload).map_err(|e| {
-                Error::Corrupt {
-                    table: "alert_events",
-                    reason: e.to_string(),
-                }
-            })?);
-        }
-        let (first, last) = (ids[0], ids[ids.len() - 1]);
-        let Some(mut item) = render(events) else {
-            // Nothing in the group is configured to alert (alerts.on): drop the events.
-            sqlx::query("DELETE FROM alert_events WHERE outbox_id IS NULL AND id BETWEEN ? AND ?")
+        on_backend!(self, |db| {
+            let mut tx = db.begin_write().await?;
+            let (oldest,): (Option<i64>,) =
+                sqlx::query_as(db.sql("SELECT min(at) FROM alert_events WHERE outbox_id IS NULL"))
+                    .fetch_one(&mut *tx)
+                    .await?;
+            let Some(oldest) = oldest else {
+                return Ok(None);
+            };
+            if from_ms(oldest) + group_wait > now {
+                return Ok(None);
+            }
+            let rows = sqlx::query(db.sql(
+                "SELECT id, payload FROM alert_events WHERE outbox_id IS NULL ORDER BY at, id",
+            ))
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut ids = Vec::with_capacity(rows.len());
+            let mut events = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let payload: String = r.try_get("payload")?;
+                ids.push(r.try_get::<i64, _>("id")?);
+                events.push(serde_json::from_str::<AlertEvent>(&payload).map_err(|e| {
+                    Error::Corrupt {
+                        table: "alert_events",
+                        reason: e.to_string(),
+                    }
+                })?);
+            }
+            let (first, last) = (ids[0], ids[ids.len() - 1]);
+            let Some(mut item) = render(events) else {
+                // Nothing in the group is configured to alert (alerts.on): drop the events.
+                sqlx::query(db.sql(
+                    "DELETE FROM alert_events WHERE outbox_id IS NULL AND id BETWEEN ? AND ?",
+                ))
                 .bind(first)
                 .bind(last)
                 .execute(&mut *tx)
                 .await?;
-            tx.commit().await?;
-            return Ok(None);
-        };
-        item.slot_key = format!("alert:{first}-{last}");
-        let Some(outbox_id) = insert_outbox(&mut tx, &item, now).await? else {
-            return Ok(None);
-        };
-        sqlx::query(
-            "UPDATE alert_events SET outbox_id = ? WHERE outbox_id IS NULL AND id BETWEEN ? AND ?",
+                tx.commit().await?;
+                return Ok(None);
+            };
+            item.slot_key = format!("alert:{first}-{last}");
+            let Some(outbox_id) = db.insert_outbox(&mut tx, &item, now).await? else {
+                return Ok(None);
+            };
+            sqlx::query(
+            db.sql("UPDATE alert_events SET outbox_id = ? WHERE outbox_id IS NULL AND id BETWEEN ? AND ?"),
         )
         .bind(outbox_id)
         .bind(first)
         .bind(last)
         .execute(&mut *tx)
         .await?;
-        tx.commit().await?;
-        Ok(Some(outbox_id))
+            tx.commit().await?;
+            Ok(Some(outbox_id))
+        })
     }
 
     /// When the oldest ungrouped alert event happened, if any (the sender wakes group_wait later).
     pub async fn alert_oldest_pending(&self) -> Result<Option<DateTime<Utc>>, Error> {
-        let (at,): (Option<i64>,) =
-            sqlx::query_as("SELECT min(at) FROM alert_events WHERE outbox_id IS NULL")
-                .fetch_one(&self.writer)
-                .await?;
-        Ok(at.map(from_ms))
+        on_backend!(self, |db| {
+            let (at,): (Option<i64>,) =
+                sqlx::query_as(db.sql("SELECT min(at) FROM alert_events WHERE outbox_id IS NULL"))
+                    .fetch_one(db.writer())
+                    .await?;
+            Ok(at.map(from_ms))
+        })
     }
 
     /// Ungrouped alert events with their ids, oldest first (deferred into a digest in quiet hours).
     pub async fn alert_events_pending(&self) -> Result<Vec<(i64, AlertEvent)>, Error> {
-        let rows = sqlx::query(
-            "SELECT id, payload FROM alert_events WHERE outbox_id IS NULL ORDER BY at, id",
-        )
-        .fetch_all(&self.writer)
-        .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let payload: String = r.try_get("payload")?;
-            let event =
-                serde_json::from_str::<AlertEvent>(&payload).map_err(|e| Error::Corrupt {
-                    table: "alert_events",
-                    reason: e.to_string(),
-                })?;
-            out.push((r.try_get("id")?, event));
-        }
-        Ok(out)
+        on_backend!(self, |db| {
+            let rows = sqlx::query(db.sql(
+                "SELECT id, payload FROM alert_events WHERE outbox_id IS NULL ORDER BY at, id",
+            ))
+            .fetch_all(db.writer())
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let payload: String = r.try_get("payload")?;
+                let event =
+                    serde_json::from_str::<AlertEvent>(&payload).map_err(|e| Error::Corrupt {
+                        table: "alert_events",
+                        reason: e.to_string(),
+                    })?;
+                out.push((r.try_get("id")?, event));
+            }
+            Ok(out)
+        })
     }
 
     /// Marks events as delivered inside the outbox item `outbox_id` (a digest that listed them as
     /// deferred), so no alert repeats them.
     pub async fn alert_events_attach(&self, ids: &[i64], outbox_id: i64) -> Result<(), Error> {
-        let mut tx = self.begin_write().await?;
-        for id in ids {
-            sqlx::query("UPDATE alert_events SET outbox_id = ? WHERE id = ? AND outbox_id IS NULL")
+        on_backend!(self, |db| {
+            let mut tx = db.begin_write().await?;
+            for id in ids {
+                sqlx::query(db.sql(
+                    "UPDATE alert_events SET outbox_id = ? WHERE id = ? AND outbox_id IS NULL",
+                ))
                 .bind(outbox_id)
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+            }
+            tx.commit().await?;
+            Ok(())
+        })
     }
 }
 
+twin_impl! {
 /// Inserts one alert event inside `tx` (for the core's clock transaction); false if known.
-pub async fn insert_alert_event(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+pub(crate) async fn insert_alert_event(
+    &self,
+    tx: &mut Tx<Self>,
     dedupe_key: &str,
     event: &AlertEvent,
     at: DateTime<Utc>,
@@ -390,8 +429,8 @@ pub async fn insert_alert_event(
         reason: e.to_string(),
     })?;
     let done = sqlx::query(
-        "INSERT INTO alert_events (kind, dedupe_key, payload, at) VALUES (?, ?, ?, ?) \
-         ON CONFLICT (dedupe_key) DO NOTHING",
+        self.sql("INSERT INTO alert_events (kind, dedupe_key, payload, at) VALUES (?, ?, ?, ?) \
+         ON CONFLICT (dedupe_key) DO NOTHING"),
     )
     .bind(event_kind(event))
     .bind(dedupe_key)
@@ -400,6 +439,7 @@ pub async fn insert_alert_event(
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected() == 1)
+}
 }
 
 #[cfg(test)]

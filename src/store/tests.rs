@@ -5,7 +5,6 @@ use std::process::{Command, Stdio};
 
 use chrono::{TimeZone, Utc};
 
-use super::messages::insert_message;
 use super::*;
 use crate::message::{Address, Automation, Direction, Message, Origin, ParseStatus};
 
@@ -36,64 +35,19 @@ fn msg(source: &str, id: &str, body: &str) -> Message {
 }
 
 #[tokio::test]
-async fn same_origin_twice_is_one_row() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("q.db")).await.unwrap();
-    let now = Utc::now();
-    let a = store
-        .ingest(&msg("form", "d-1", "hello"), now)
-        .await
-        .unwrap();
-    let b = store
-        .ingest(&msg("form", "d-1", "hello again"), now)
-        .await
-        .unwrap();
-    assert!(!a.duplicate);
-    assert!(b.duplicate);
-    assert_eq!(a.id, b.id);
-    // The same delivery id from another source is another message.
-    let c = store.ingest(&msg("sms", "d-1", "hi"), now).await.unwrap();
-    assert!(!c.duplicate);
-    assert_eq!(store.message_count().await.unwrap(), 2);
-}
-
-#[tokio::test]
 async fn durability_pragmas_are_in_force() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("q.db")).await.unwrap();
     let (mode,): (String,) = sqlx::query_as("PRAGMA journal_mode")
-        .fetch_one(&store.writer)
+        .fetch_one(&store.sqlite().unwrap().writer)
         .await
         .unwrap();
     let (sync,): (i64,) = sqlx::query_as("PRAGMA synchronous")
-        .fetch_one(&store.writer)
+        .fetch_one(&store.sqlite().unwrap().writer)
         .await
         .unwrap();
     assert_eq!(mode, "wal");
     assert_eq!(sync, 2, "synchronous must be FULL");
-}
-
-#[tokio::test]
-async fn messages_list_newest_first_with_filters() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("q.db")).await.unwrap();
-    for i in 0..5 {
-        let mut m = msg(if i % 2 == 0 { "a" } else { "b" }, &format!("d{i}"), "x");
-        m.received_at = Utc.with_ymd_and_hms(2026, 1, 1, 0, i, 0).unwrap();
-        store.ingest(&m, Utc::now()).await.unwrap();
-    }
-    let all = store.messages(&MessageFilter::default()).await.unwrap();
-    assert_eq!(all.len(), 5);
-    assert!(all.windows(2).all(|w| w[0].received_at >= w[1].received_at));
-    let only_a = store
-        .messages(&MessageFilter {
-            source: Some("a".into()),
-            limit: Some(2),
-        })
-        .await
-        .unwrap();
-    assert_eq!(only_a.len(), 2);
-    assert!(only_a.iter().all(|m| m.source == "a"));
 }
 
 #[tokio::test]
@@ -122,9 +76,10 @@ async fn child_writer() {
             .await
             .unwrap();
     }
-    let mut tx = store.begin_write().await.unwrap();
+    let db = store.sqlite().unwrap();
+    let mut tx = db.begin_write().await.unwrap();
     for i in 0..10 {
-        insert_message(&mut tx, &msg("form", &format!("pending-{i}"), "body"), now)
+        db.insert_message(&mut tx, &msg("form", &format!("pending-{i}"), "body"), now)
             .await
             .unwrap();
     }
@@ -188,45 +143,6 @@ async fn sigkill_mid_transaction_leaves_no_partial_row() {
     assert_eq!(store.message_count().await.unwrap(), 11);
 }
 
-#[tokio::test]
-async fn source_health_flips_raise_one_alert_event_each() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("q.db")).await.unwrap();
-    let kinds = |store: Store| async move {
-        let rows: Vec<(String,)> = sqlx::query_as("SELECT kind FROM alert_events ORDER BY id")
-            .fetch_all(&store.writer)
-            .await
-            .unwrap();
-        rows.into_iter().map(|r| r.0).collect::<Vec<_>>()
-    };
-    let t = |s: i64| Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap();
-    store.source_succeeded("mail", t(0)).await.unwrap();
-    for i in 1..=5 {
-        store
-            .source_failed("mail", "connection refused", 3, t(i))
-            .await
-            .unwrap();
-    }
-    assert_eq!(kinds(store.clone()).await, vec!["source_unhealthy"]);
-    store.source_succeeded("mail", t(10)).await.unwrap();
-    store.source_succeeded("mail", t(11)).await.unwrap();
-    assert_eq!(
-        kinds(store.clone()).await,
-        vec!["source_unhealthy", "source_healthy"]
-    );
-    // A source whose very first passes fail also alerts once.
-    for i in 20..23 {
-        store
-            .source_failed("sms", "timeout", 2, t(i))
-            .await
-            .unwrap();
-    }
-    assert_eq!(
-        kinds(store.clone()).await,
-        vec!["source_unhealthy", "source_healthy", "source_unhealthy"]
-    );
-}
-
 /// A store created before migration 6 keeps what the core had done: handled messages keep
 /// their conversation, pending ones stay queued, and new inserts are queued by the trigger.
 #[tokio::test]
@@ -243,7 +159,7 @@ async fn migration_6_moves_core_state_out_of_messages() {
             )
             .await
             .unwrap();
-        let mut old = sqlx::migrate::Migrator::new(std::path::Path::new("./migrations"))
+        let mut old = sqlx::migrate::Migrator::new(std::path::Path::new("./migrations/sqlite"))
             .await
             .unwrap();
         old.migrations = std::borrow::Cow::Owned(
@@ -282,8 +198,9 @@ async fn migration_6_moves_core_state_out_of_messages() {
     assert_eq!(store.conversation_of_message(1).await.unwrap(), Some(7));
     assert_eq!(store.conversation_of_message(2).await.unwrap(), None);
     assert_eq!(store.conversation_of_message(3).await.unwrap(), None);
-    let mut tx = store.begin_write().await.unwrap();
-    insert_message(&mut tx, &msg("s", "new", "body"), Utc::now())
+    let db = store.sqlite().unwrap();
+    let mut tx = db.begin_write().await.unwrap();
+    db.insert_message(&mut tx, &msg("s", "new", "body"), Utc::now())
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -311,9 +228,10 @@ async fn the_checkpointer_keeps_the_wal_bounded_under_steady_writes() {
     let body = "x".repeat(16 * 1024);
     let mut largest = 0;
     for i in 0..300 {
-        let mut tx = store.begin_write().await.unwrap();
+        let db = store.sqlite().unwrap();
+        let mut tx = db.begin_write().await.unwrap();
         for j in 0..4 {
-            insert_message(&mut tx, &msg("s", &format!("{i}-{j}"), &body), Utc::now())
+            db.insert_message(&mut tx, &msg("s", &format!("{i}-{j}"), &body), Utc::now())
                 .await
                 .unwrap();
         }
@@ -333,12 +251,114 @@ async fn the_checkpointer_keeps_the_wal_bounded_under_steady_writes() {
     assert_eq!(store.message_count().await.unwrap(), 1200);
 }
 
+/// A server that may lose acknowledged commits is refused, naming the setting.
+#[tokio::test]
+async fn postgres_without_synchronous_commit_is_refused() {
+    let (dir, url) = test_pg::start_cluster(&["synchronous_commit=off"]);
+    let err = Store::open_postgres(&url, None).await.unwrap_err();
+    let text = err.to_string();
+    let _ = Command::new(test_pg::SCRIPT).args(["stop", &dir]).output();
+    assert!(text.contains("synchronous_commit"), "{text}");
+    assert!(!text.contains('\n'), "{text}");
+}
+
+/// An unreachable server is a clear open error, and a password in the URL is not shown.
+#[tokio::test]
+async fn postgres_open_error_hides_the_password() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = Store::open_postgres(&format!("postgres://u:hunter2@127.0.0.1:{port}/db"), None)
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("u:***@127.0.0.1"), "{text}");
+}
+
+store_tests! {
+async fn same_origin_twice_is_one_row(store: Store) {
+    let now = Utc::now();
+    let a = store
+        .ingest(&msg("form", "d-1", "hello"), now)
+        .await
+        .unwrap();
+    let b = store
+        .ingest(&msg("form", "d-1", "hello again"), now)
+        .await
+        .unwrap();
+    assert!(!a.duplicate);
+    assert!(b.duplicate);
+    assert_eq!(a.id, b.id);
+    // The same delivery id from another source is another message.
+    let c = store.ingest(&msg("sms", "d-1", "hi"), now).await.unwrap();
+    assert!(!c.duplicate);
+    assert_eq!(store.message_count().await.unwrap(), 2);
+}
+
+async fn messages_list_newest_first_with_filters(store: Store) {
+    for i in 0..5 {
+        let mut m = msg(if i % 2 == 0 { "a" } else { "b" }, &format!("d{i}"), "x");
+        m.received_at = Utc.with_ymd_and_hms(2026, 1, 1, 0, i, 0).unwrap();
+        store.ingest(&m, Utc::now()).await.unwrap();
+    }
+    let all = store.messages(&MessageFilter::default()).await.unwrap();
+    assert_eq!(all.len(), 5);
+    assert!(all.windows(2).all(|w| w[0].received_at >= w[1].received_at));
+    let only_a = store
+        .messages(&MessageFilter {
+            source: Some("a".into()),
+            limit: Some(2),
+        })
+        .await
+        .unwrap();
+    assert_eq!(only_a.len(), 2);
+    assert!(only_a.iter().all(|m| m.source == "a"));
+}
+
+async fn source_health_flips_raise_one_alert_event_each(store: Store) {
+    let kinds = |store: Store| async move {
+        let rows: Vec<(String,)> = on_backend!(store, |db| {
+            sqlx::query_as("SELECT kind FROM alert_events ORDER BY id")
+                .fetch_all(db.reader())
+                .await
+                .unwrap()
+        });
+        rows.into_iter().map(|r| r.0).collect::<Vec<_>>()
+    };
+    let t = |s: i64| Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap();
+    store.source_succeeded("mail", t(0)).await.unwrap();
+    for i in 1..=5 {
+        store
+            .source_failed("mail", "connection refused", 3, t(i))
+            .await
+            .unwrap();
+    }
+    assert_eq!(kinds(store.clone()).await, vec!["source_unhealthy"]);
+    store.source_succeeded("mail", t(10)).await.unwrap();
+    store.source_succeeded("mail", t(11)).await.unwrap();
+    assert_eq!(
+        kinds(store.clone()).await,
+        vec!["source_unhealthy", "source_healthy"]
+    );
+    // A source whose very first passes fail also alerts once.
+    for i in 20..23 {
+        store
+            .source_failed("sms", "timeout", 2, t(i))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        kinds(store.clone()).await,
+        vec!["source_unhealthy", "source_healthy", "source_unhealthy"]
+    );
+}
+
 /// A step that handles a message another core already handled is refused, not applied twice
 /// (its snapshot is stale: its other writes would overwrite newer state).
-#[tokio::test]
-async fn a_step_handling_an_already_handled_message_is_a_conflict() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("c.db")).await.unwrap();
+async fn a_step_handling_an_already_handled_message_is_a_conflict(store: Store) {
     let id = store
         .ingest(&msg("s", "once", "body"), Utc::now())
         .await
@@ -356,4 +376,5 @@ async fn a_step_handling_an_already_handled_message_is_a_conflict() {
     assert!(matches!(again, Err(Error::Conflict(_))), "{again:?}");
     drop(tx);
     assert_eq!(store.pending_count().await.unwrap(), 0);
+}
 }

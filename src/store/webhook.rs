@@ -19,7 +19,6 @@ use serde::Serialize;
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
-use super::messages::{insert_message, insert_messages};
 use super::{Error, Ingested, Store, from_ms, to_ms};
 use crate::message::Message;
 
@@ -123,46 +122,48 @@ impl Store {
 
     /// Webhook counters for every source that has any.
     pub async fn webhook_counters(&self) -> Result<Vec<WebhookCounters>, Error> {
-        let mut by_source: HashMap<String, WebhookCounters> = HashMap::new();
-        let rows = sqlx::query("SELECT source, name, value FROM webhook_counters")
-            .fetch_all(self.reader())
-            .await?;
-        for r in rows {
-            let source: String = r.try_get("source")?;
-            let name: String = r.try_get("name")?;
-            let value: i64 = r.try_get("value")?;
-            let c = by_source
-                .entry(source.clone())
-                .or_insert_with(|| WebhookCounters {
-                    source,
-                    ..WebhookCounters::default()
-                });
-            match name.as_str() {
-                "accepted" => c.accepted = value,
-                "duplicates" => c.duplicates = value,
-                _ => c.other.push((name, value)),
+        on_backend!(self, |db| {
+            let mut by_source: HashMap<String, WebhookCounters> = HashMap::new();
+            let rows = sqlx::query(db.sql("SELECT source, name, value FROM webhook_counters"))
+                .fetch_all(db.reader())
+                .await?;
+            for r in rows {
+                let source: String = r.try_get("source")?;
+                let name: String = r.try_get("name")?;
+                let value: i64 = r.try_get("value")?;
+                let c = by_source
+                    .entry(source.clone())
+                    .or_insert_with(|| WebhookCounters {
+                        source,
+                        ..WebhookCounters::default()
+                    });
+                match name.as_str() {
+                    "accepted" => c.accepted = value,
+                    "duplicates" => c.duplicates = value,
+                    _ => c.other.push((name, value)),
+                }
             }
-        }
-        let rows = sqlx::query("SELECT source, last_delivery_at FROM webhook_activity")
-            .fetch_all(self.reader())
-            .await?;
-        for r in rows {
-            let source: String = r.try_get("source")?;
-            let at: i64 = r.try_get("last_delivery_at")?;
-            by_source
-                .entry(source.clone())
-                .or_insert_with(|| WebhookCounters {
-                    source,
-                    ..WebhookCounters::default()
-                })
-                .last_delivery_at = Some(from_ms(at));
-        }
-        let mut out: Vec<_> = by_source.into_values().collect();
-        out.sort_by(|a, b| a.source.cmp(&b.source));
-        for c in &mut out {
-            c.other.sort();
-        }
-        Ok(out)
+            let rows = sqlx::query(db.sql("SELECT source, last_delivery_at FROM webhook_activity"))
+                .fetch_all(db.reader())
+                .await?;
+            for r in rows {
+                let source: String = r.try_get("source")?;
+                let at: i64 = r.try_get("last_delivery_at")?;
+                by_source
+                    .entry(source.clone())
+                    .or_insert_with(|| WebhookCounters {
+                        source,
+                        ..WebhookCounters::default()
+                    })
+                    .last_delivery_at = Some(from_ms(at));
+            }
+            let mut out: Vec<_> = by_source.into_values().collect();
+            out.sort_by(|a, b| a.source.cmp(&b.source));
+            for c in &mut out {
+                c.other.sort();
+            }
+            Ok(out)
+        })
     }
 }
 
@@ -215,7 +216,7 @@ async fn run_writer(
             }
         }
         let now = Utc::now();
-        match commit_batch(&store, &batch, &counts, now).await {
+        match on_backend!(store, |db| db.commit_batch(&batch, &counts, now).await) {
             Ok(results) => {
                 let any = !batch.is_empty();
                 let committed = Utc::now();
@@ -249,7 +250,7 @@ async fn run_writer(
     // Flush the last rejection counts on the way out; losing them on error is acceptable.
     let counts = take_pending(&pending);
     if !counts.is_empty() {
-        let _ = commit_batch(&store, &[], &counts, Utc::now()).await;
+        let _ = on_backend!(store, |db| db.commit_batch(&[], &counts, Utc::now()).await);
     }
 }
 
@@ -276,17 +277,18 @@ fn restore_pending(pending: &Pending, counts: HashMap<(String, String), i64>) {
     }
 }
 
+twin_impl! {
 /// Inserts a batch in one transaction; the per-delivery results are valid only if this returns Ok.
 ///
 /// `begin_write` replaces a writer connection left unusable by an earlier failed COMMIT (disk
 /// full, I/O error), so the store recovers by itself once space is back.
 async fn commit_batch(
-    store: &Store,
+    &self,
     batch: &[Job],
     counts: &HashMap<(String, String), i64>,
     now: DateTime<Utc>,
 ) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
-    let mut tx = store.begin_write().await?;
+    let mut tx = self.begin_write().await?;
     let mut results = Vec::with_capacity(batch.len());
     let mut tally: HashMap<(String, String), i64> = counts.clone();
     let mut touched: HashMap<String, ()> = HashMap::new();
@@ -302,7 +304,7 @@ async fn commit_batch(
         };
         let key = msg.origin.key();
         let seen: Option<(String,)> = sqlx::query_as(
-            "SELECT origin_key FROM webhook_replay_tokens WHERE source = ? AND token = ?",
+            self.sql("SELECT origin_key FROM webhook_replay_tokens WHERE source = ? AND token = ?"),
         )
         .bind(&msg.source)
         .bind(token)
@@ -319,8 +321,8 @@ async fn commit_batch(
             Some(_) => {}
             None => {
                 sqlx::query(
-                    "INSERT INTO webhook_replay_tokens (source, token, origin_key, seen_at) \
-                     VALUES (?, ?, ?, ?)",
+                    self.sql("INSERT INTO webhook_replay_tokens (source, token, origin_key, seen_at) \
+                     VALUES (?, ?, ?, ?)"),
                 )
                 .bind(&msg.source)
                 .bind(token)
@@ -330,20 +332,20 @@ async fn commit_batch(
                 .await?;
             }
         }
-        let out = insert_message(&mut tx, msg, now).await?;
+        let out = self.insert_message(&mut tx, msg, now).await?;
         record(&mut tally, &mut touched, msg, out);
         results[i] = Ok(out);
     }
     let msgs: Vec<&Message> = plain.iter().map(|&i| &batch[i].delivery.message).collect();
-    let outs = insert_messages(&mut tx, &msgs, now).await?;
+    let outs = self.insert_messages(&mut tx, &msgs, now).await?;
     for (&i, out) in plain.iter().zip(outs) {
         record(&mut tally, &mut touched, &batch[i].delivery.message, out);
         results[i] = Ok(out);
     }
     for ((source, name), n) in &tally {
         sqlx::query(
-            "INSERT INTO webhook_counters (source, name, value) VALUES (?, ?, ?) \
-             ON CONFLICT (source, name) DO UPDATE SET value = value + excluded.value",
+            self.sql("INSERT INTO webhook_counters (source, name, value) VALUES (?, ?, ?) \
+             ON CONFLICT (source, name) DO UPDATE SET value = webhook_counters.value + excluded.value"),
         )
         .bind(source)
         .bind(name)
@@ -354,8 +356,8 @@ async fn commit_batch(
     for source in touched.keys() {
         let source = source.as_str();
         sqlx::query(
-            "INSERT INTO webhook_activity (source, last_delivery_at) VALUES (?, ?) \
-             ON CONFLICT (source) DO UPDATE SET last_delivery_at = excluded.last_delivery_at",
+            self.sql("INSERT INTO webhook_activity (source, last_delivery_at) VALUES (?, ?) \
+             ON CONFLICT (source) DO UPDATE SET last_delivery_at = excluded.last_delivery_at"),
         )
         .bind(source)
         .bind(to_ms(now))
@@ -363,13 +365,14 @@ async fn commit_batch(
         .await?;
     }
     if batch.iter().any(|j| j.delivery.replay_token.is_some()) {
-        sqlx::query("DELETE FROM webhook_replay_tokens WHERE seen_at < ?")
+        sqlx::query(self.sql("DELETE FROM webhook_replay_tokens WHERE seen_at < ?"))
             .bind(to_ms(now - TOKEN_RETENTION))
             .execute(&mut *tx)
             .await?;
     }
     tx.commit().await?;
     Ok(results)
+}
 }
 
 /// Counts one stored delivery as accepted or duplicate and marks its source as active.
@@ -395,10 +398,8 @@ mod tests {
     use super::tests_support::message;
     use super::*;
 
-    #[tokio::test]
-    async fn concurrent_same_id_is_one_row_and_counters_add_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("q.db")).await.unwrap();
+    store_tests! {
+    async fn concurrent_same_id_is_one_row_and_counters_add_up(store: Store) {
         let writer = store.spawn_webhook_writer(Default::default());
         let mut tasks = Vec::new();
         for i in 0..50 {
@@ -433,11 +434,10 @@ mod tests {
         assert_eq!(c[0].other, vec![("rejected:bad_signature".into(), 1)]);
         assert!(c[0].last_delivery_at.is_some());
     }
+    }
 
-    #[tokio::test]
-    async fn replay_token_with_another_delivery_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("q.db")).await.unwrap();
+    store_tests! {
+    async fn replay_token_with_another_delivery_is_refused(store: Store) {
         let writer = store.spawn_webhook_writer(Default::default());
         let first = writer
             .ingest(WebhookDelivery {
@@ -464,28 +464,30 @@ mod tests {
         assert_eq!(replay, Err(IngestError::TokenReused));
         assert_eq!(store.message_count().await.unwrap(), 1);
     }
+    }
 }
 
 #[cfg(test)]
 mod batch_tests {
     use super::tests_support::message;
     use crate::store::Store;
-    use crate::store::messages::insert_messages;
     use chrono::Utc;
 
-    #[tokio::test]
-    async fn multi_row_insert_matches_single_row_semantics() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("q.db")).await.unwrap();
-        let mut tx = store.begin_write().await.unwrap();
+    store_tests! {
+    async fn multi_row_insert_matches_single_row_semantics(store: Store) {
         let a = message("s", "a");
-        let first = insert_messages(&mut tx, &[&a], Utc::now()).await.unwrap();
         let b = message("s", "b");
         let other_source = message("t", "a");
-        let got = insert_messages(&mut tx, &[&b, &a, &b, &other_source], Utc::now())
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        let (first, got) = on_backend!(store, |db| {
+            let mut tx = db.begin_write().await.unwrap();
+            let first = db.insert_messages(&mut tx, &[&a], Utc::now()).await.unwrap();
+            let got = db
+                .insert_messages(&mut tx, &[&b, &a, &b, &other_source], Utc::now())
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            (first, got)
+        });
         assert!(!got[0].duplicate);
         assert_eq!((got[1].id, got[1].duplicate), (first[0].id, true));
         assert_eq!((got[2].id, got[2].duplicate), (got[0].id, true));
@@ -495,11 +497,15 @@ mod batch_tests {
         // A batch larger than one statement chunk.
         let many: Vec<_> = (0..1000).map(|i| message("m", &format!("k{i}"))).collect();
         let refs: Vec<_> = many.iter().collect();
-        let mut tx = store.begin_write().await.unwrap();
-        let got = insert_messages(&mut tx, &refs, Utc::now()).await.unwrap();
-        tx.commit().await.unwrap();
+        let got = on_backend!(store, |db| {
+            let mut tx = db.begin_write().await.unwrap();
+            let got = db.insert_messages(&mut tx, &refs, Utc::now()).await.unwrap();
+            tx.commit().await.unwrap();
+            got
+        });
         assert!(got.iter().all(|g| !g.duplicate));
         assert_eq!(store.message_count().await.unwrap(), 1003);
+    }
     }
 }
 

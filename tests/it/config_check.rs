@@ -166,15 +166,26 @@ fn plaintext_imap_to_a_remote_host_is_refused() {
 }
 
 #[test]
-fn postgres_is_refused_for_now() {
+fn postgres_url_is_accepted_and_a_bad_one_named() {
+    let yaml = format!(
+        "storage:\n  postgres: postgres://frontdesk@db/frontdesk?sslmode=verify-full\n  password_env: PATH\nchannels:\n  - name: a\n{CHANNEL}"
+    );
+    let (code, out) = check_text(&yaml);
+    assert_eq!(code, 0, "{out}");
     let yaml =
-        format!("storage:\n  postgres: postgres://db/frontdesk\nchannels:\n  - name: a\n{CHANNEL}");
+        format!("storage:\n  postgres: mysql://db/frontdesk\nchannels:\n  - name: a\n{CHANNEL}");
     let (code, out) = check_text(&yaml);
     assert_eq!(code, 78);
     assert!(
-        out.contains("storage.postgres: PostgreSQL storage is not available"),
+        out.contains("storage.postgres: not a PostgreSQL URL"),
         "{out}"
     );
+    let yaml = format!(
+        "storage:\n  postgres: postgres://db/frontdesk\n  password_env: FRONTDESK_NO_SUCH_VAR\nchannels:\n  - name: a\n{CHANNEL}"
+    );
+    let (code, out) = check_text(&yaml);
+    assert_eq!(code, 78);
+    assert!(out.contains("storage.password_env"), "{out}");
 }
 
 #[test]

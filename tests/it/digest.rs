@@ -182,7 +182,9 @@ async fn sender_for(yaml: &str, dir: &Path) -> (Sender, Store, Arc<config::Confi
     std::fs::write(&path, yaml).unwrap();
     let loaded = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     let config = Arc::new(loaded.config);
-    let config::Storage::Sqlite(db) = &config.storage;
+    let config::Storage::Sqlite(db) = &config.storage else {
+        panic!("the digest tests use SQLite");
+    };
     let store = Store::open(db).await.unwrap();
     let sender = Sender::new(store.clone(), config.clone()).unwrap();
     (sender, store, config)

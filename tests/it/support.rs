@@ -225,3 +225,111 @@ pub fn long_run() -> bool {
 pub fn figure(suite: &str, params: &str, result: &str) {
     println!("FIGURE\t{suite}\t{params}\t{result}");
 }
+
+/// This test process's private PostgreSQL cluster (tests/servers/pg.sh), started on first use
+/// and stopped by the script once the process has exited.
+pub struct PgCluster {
+    /// The cluster's directory (for `pg.sh crash|restart|stop DIR`).
+    pub dir: PathBuf,
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`.
+    pub url: String,
+}
+
+/// The path of tests/servers/pg.sh.
+pub fn pg_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/servers/pg.sh")
+}
+
+/// Starts a private cluster owned by this process; `settings` are `NAME=VALUE` server settings.
+pub fn start_pg_cluster(settings: &[&str]) -> PgCluster {
+    let mut cmd = Command::new(pg_script());
+    cmd.arg("start")
+        .arg("--owner")
+        .arg(std::process::id().to_string());
+    for s in settings {
+        cmd.arg("--set").arg(s);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "pg.sh start failed (needs Debian postgresql 15): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_else(|| panic!("pg.sh did not print {k}"))
+            .to_string()
+    };
+    PgCluster {
+        dir: PathBuf::from(get("PG_DIR=")),
+        url: get("PG_URL="),
+    }
+}
+
+/// The cluster shared by every test of this process.
+pub fn pg_cluster() -> &'static PgCluster {
+    static SHARED: std::sync::OnceLock<PgCluster> = std::sync::OnceLock::new();
+    SHARED.get_or_init(|| start_pg_cluster(&[]))
+}
+
+impl PgCluster {
+    /// Creates a new, empty database and returns its URL.
+    pub fn fresh_database(&self) -> String {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "it_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let out = Command::new("psql")
+            .arg(&self.url)
+            .args(["-v", "ON_ERROR_STOP=1", "-qc"])
+            .arg(format!("CREATE DATABASE {name}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "CREATE DATABASE failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let root = self.url.rsplit_once('/').unwrap().0;
+        format!("{root}/{name}")
+    }
+
+    /// Runs `pg.sh CMD DIR` (`crash`, `restart`).
+    pub fn control(&self, cmd: &str) {
+        let out = Command::new(pg_script())
+            .arg(cmd)
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg.sh {cmd} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Which database a test daemon or store uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A SQLite file in the test's directory.
+    Sqlite,
+    /// A fresh database in this process's PostgreSQL cluster.
+    Postgres,
+}
+
+impl Backend {
+    /// The `storage:` block for a config: `sqlite: PATH` or `postgres: URL` (a fresh database).
+    pub fn storage_yaml(self, sqlite_path: &Path) -> String {
+        match self {
+            Backend::Sqlite => format!("storage:\n  sqlite: {}\n", sqlite_path.display()),
+            Backend::Postgres => {
+                format!("storage:\n  postgres: {}\n", pg_cluster().fresh_database())
+            }
+        }
+    }
+}

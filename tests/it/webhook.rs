@@ -16,6 +16,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::support::Backend;
+
 // ---------- the daemon under test ----------
 
 struct Daemon {
@@ -23,6 +25,8 @@ struct Daemon {
     state: PathBuf,
     port: u16,
     child: Option<Child>,
+    /// The PostgreSQL database when the daemon runs on one.
+    pg_url: Option<String>,
 }
 
 fn binary() -> PathBuf {
@@ -51,13 +55,37 @@ impl Daemon {
     /// `sources` is YAML for the list under `sources:`; `{dir}` is replaced by the temp dir.
     /// `state` overrides where the database lives (for the tmpfs test).
     fn start(sources: &str, state: Option<PathBuf>, server_extra: &str) -> Daemon {
+        Daemon::start_on(Backend::Sqlite, sources, state, server_extra)
+    }
+
+    /// Like `start`, on the given backend (PostgreSQL: a fresh database in the test cluster).
+    fn start_on(
+        backend: Backend,
+        sources: &str,
+        state: Option<PathBuf>,
+        server_extra: &str,
+    ) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let state = state.unwrap_or_else(|| dir.path().join("state"));
+        let storage = backend.storage_yaml(&state.join("fd.db"));
+        Daemon::start_in(dir, state, storage, sources, server_extra)
+    }
+
+    /// Starts in `dir` with the given `storage:` block.
+    fn start_in(
+        dir: tempfile::TempDir,
+        state: PathBuf,
+        storage: String,
+        sources: &str,
+        server_extra: &str,
+    ) -> Daemon {
         let port = free_port();
         let sources = sources.replace("{dir}", &dir.path().display().to_string());
+        let pg_url = storage
+            .strip_prefix("storage:\n  postgres: ")
+            .map(|u| u.trim().to_string());
         let yaml = format!(
-            "timezone: UTC\nstorage:\n  sqlite: {db}\nserver:\n  listen: 127.0.0.1:{port}\n{server_extra}\nsources:\n{sources}\nchannels:\n  - name: out\n    email: {{ file: {out}, from: \"fd <fd@example.test>\", to: [owner@example.test] }}\n",
-            db = state.join("fd.db").display(),
+            "timezone: UTC\n{storage}server:\n  listen: 127.0.0.1:{port}\n{server_extra}\nsources:\n{sources}\nchannels:\n  - name: out\n    email: {{ file: {out}, from: \"fd <fd@example.test>\", to: [owner@example.test] }}\n",
             out = dir.path().join("outbox").display(),
         );
         std::fs::write(dir.path().join("fd.yaml"), yaml).unwrap();
@@ -66,6 +94,7 @@ impl Daemon {
             state,
             port,
             child: None,
+            pg_url,
         };
         d.spawn();
         d
@@ -150,6 +179,25 @@ impl Daemon {
 
     fn db(&self) -> PathBuf {
         self.state.join("fd.db")
+    }
+
+    /// Rows stored for `source`, read from whichever backend the daemon uses.
+    async fn row_count(&self, source: &str) -> i64 {
+        let Some(url) = &self.pg_url else {
+            return row_count(&self.db(), source).await;
+        };
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(url)
+            .await
+            .unwrap();
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM messages WHERE source = $1")
+            .bind(source)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        n
     }
 }
 
@@ -524,16 +572,25 @@ fn credential_mutants(c: &Case) -> Vec<Vec<(&'static str, String)>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_scheme_verifies_vectors_and_rejects_mutations() {
+async fn every_scheme_verifies_vectors_and_rejects_mutations_sqlite() {
+    every_scheme_verifies_vectors_and_rejects_mutations_on(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scheme_verifies_vectors_and_rejects_mutations_postgres() {
+    every_scheme_verifies_vectors_and_rejects_mutations_on(Backend::Postgres).await;
+}
+
+async fn every_scheme_verifies_vectors_and_rejects_mutations_on(backend: Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let sources =
         all_schemes_sources(tmp.path()).replace("{dir}", &tmp.path().display().to_string());
-    let d = Daemon::start(&sources, None, "");
+    let d = Daemon::start_on(backend, &sources, None, "");
     for c in vector_cases() {
         let r = request(d.port, &c.path, &c.headers, &c.body).await;
         assert_eq!(r.status, 200, "{} genuine: {r:?}", c.source);
         let id = reply_id(&r);
-        let before = row_count(&d.db(), c.source).await;
+        let before = d.row_count(c.source).await;
         assert_eq!(before, 1, "{}", c.source);
         // The same delivery again: same id, no new row.
         let again = request(d.port, &c.path, &c.headers, &c.body).await;
@@ -553,7 +610,7 @@ async fn every_scheme_verifies_vectors_and_rejects_mutations() {
             let r = request(d.port, &c.path, &h, &c.body).await;
             assert_eq!(r.status, 401, "{} credential mutant {h:?}", c.source);
         }
-        assert_eq!(row_count(&d.db(), c.source).await, 1, "{} rows", c.source);
+        assert_eq!(d.row_count(c.source).await, 1, "{} rows", c.source);
     }
     // Mailgun: the same token with another delivery is a replay -> 401, no row.
     let replay = b"timestamp=1700000000&token=a8ce0edb2dd8301dee6c2405235584e45aa91d1e9f979f3de0&signature=ccd507e80e5052977315f18193ac71eb0601f1365aa5261f2ea13964881d8084&sender=other%40x.test&Message-Id=%3Canother%40x.test%3E";
@@ -565,7 +622,7 @@ async fn every_scheme_verifies_vectors_and_rejects_mutations() {
     )
     .await;
     assert_eq!(r.status, 401, "{r:?}");
-    assert_eq!(row_count(&d.db(), "mg").await, 1);
+    assert_eq!(d.row_count("mg").await, 1);
     // Twilio: without the query the URL differs -> 401; reordered params -> still valid.
     let tw = &vector_cases()[3];
     let r = request(d.port, "/hooks/tw", &tw.headers, &tw.body).await;
@@ -610,11 +667,20 @@ async fn every_scheme_verifies_vectors_and_rejects_mutations() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn window_rotation_and_status_codes() {
+async fn window_rotation_and_status_codes_sqlite() {
+    window_rotation_and_status_codes_on(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn window_rotation_and_status_codes_postgres() {
+    window_rotation_and_status_codes_on(Backend::Postgres).await;
+}
+
+async fn window_rotation_and_status_codes_on(backend: Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let sources =
         all_schemes_sources(tmp.path()).replace("{dir}", &tmp.path().display().to_string());
-    let d = Daemon::start(&sources, None, "");
+    let d = Daemon::start_on(backend, &sources, None, "");
     let body = br#"{"type":"contact.created","data":{"email":"w@x.test"}}"#;
     let now = now_secs();
     for (id, ts, want) in [
@@ -689,15 +755,24 @@ async fn window_rotation_and_status_codes() {
     .await;
     assert_eq!(r.status, 200);
     assert!(r.body.contains("abc123"));
-    assert_eq!(row_count(&d.db(), "slack").await, 0);
+    assert_eq!(d.row_count("slack").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_concurrent_identical_deliveries_make_one_row() {
+async fn fifty_concurrent_identical_deliveries_make_one_row_sqlite() {
+    fifty_concurrent_identical_deliveries_make_one_row_on(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_identical_deliveries_make_one_row_postgres() {
+    fifty_concurrent_identical_deliveries_make_one_row_on(Backend::Postgres).await;
+}
+
+async fn fifty_concurrent_identical_deliveries_make_one_row_on(backend: Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let sources =
         all_schemes_sources(tmp.path()).replace("{dir}", &tmp.path().display().to_string());
-    let d = Daemon::start(&sources, None, "");
+    let d = Daemon::start_on(backend, &sources, None, "");
     let body: &'static [u8] = br#"{"type":"t","data":{"email":"dup@x.test"}}"#;
     let h = Arc::new(sw_headers(SW_SECRET, "msg_dup", now_secs(), body));
     let mut tasks = Vec::new();
@@ -715,7 +790,62 @@ async fn fifty_concurrent_identical_deliveries_make_one_row() {
         ids.insert(reply_id(&r));
     }
     assert_eq!(ids.len(), 1);
-    assert_eq!(row_count(&d.db(), "sw").await, 1);
+    assert_eq!(d.row_count("sw").await, 1);
+}
+
+/// PostgreSQL crashes (`pg_ctl stop -m immediate`) while deliveries arrive: they are answered
+/// 503 (never 2xx), and once the server is back the same daemon stores them without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_answers_503_then_recovers_without_restart() {
+    let cluster = crate::support::start_pg_cluster(&[]);
+    let url = cluster.fresh_database();
+    let dir = tempfile::tempdir().unwrap();
+    let sources =
+        all_schemes_sources(dir.path()).replace("{dir}", &dir.path().display().to_string());
+    let state = dir.path().join("state");
+    let d = Daemon::start_in(
+        dir,
+        state,
+        format!("storage:\n  postgres: {url}\n"),
+        &sources,
+        "",
+    );
+    let body: &'static [u8] = br#"{"type":"t","data":{"email":"pg@x.test"}}"#;
+    let send = |id: &'static str| {
+        let h = sw_headers(SW_SECRET, id, now_secs(), body);
+        let port = d.port;
+        async move { try_request(port, "/hooks/sw", &h, body).await }
+    };
+    let first = send("msg_before").await.unwrap();
+    assert_eq!(first.status, 200, "{first:?}");
+    cluster.control("crash");
+    let during = send("msg_during").await;
+    if let Ok(r) = &during {
+        assert_eq!(r.status, 503, "a delivery during the outage: {r:?}");
+    }
+    cluster.control("restart");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stored = loop {
+        match send("msg_during").await {
+            Ok(r) if r.status == 200 => break r,
+            Ok(r) => assert_eq!(r.status, 503, "{r:?}"),
+            Err(_) => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery after the restart; log:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_ne!(reply_id(&stored), reply_id(&first));
+    let again = send("msg_before").await.unwrap();
+    assert_eq!(
+        reply_id(&again),
+        reply_id(&first),
+        "the duplicate keeps its id"
+    );
+    assert_eq!(d.row_count("sw").await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
