@@ -639,9 +639,11 @@ fn refuses_to_start_without_synchronous_commit() {
     std::fs::write(
         &config,
         format!(
-            "timezone: UTC\nstorage:\n  postgres: {}\nserver:\n  listen: 127.0.0.1:{}\n",
+            "timezone: UTC\nstorage:\n  postgres: {}\nserver:\n  listen: 127.0.0.1:{}\n\
+             channels:\n  - name: out\n    email: {{ file: \"{}/outbox\", from: \"fd@shop.test\", to: [team@shop.test] }}\n",
             pg.url,
-            crate::support::free_port()
+            crate::support::free_port(),
+            dir.path().display()
         ),
     )
     .unwrap();
