@@ -479,13 +479,18 @@ async fn replicas_sigkilled_during_flood_lose_and_duplicate_nothing() {
             n
         })
     };
+    // Kill k lands at a random point of the k-th slice of the acknowledgements, so every kill
+    // hits the flood whatever the rate on this machine.
     let killer = {
-        let (replicas, done) = (replicas.clone(), done.clone());
+        let (replicas, done, seen) = (replicas.clone(), done.clone(), seen.clone());
         tokio::spawn(async move {
             let mut during = 0;
-            for _ in 0..kills {
-                let pause = rand::rng().random_range(200..1_500);
-                tokio::time::sleep(Duration::from_millis(pause)).await;
+            let slice = total / kills;
+            for k in 0..kills {
+                let at = k * slice + rand::rng().random_range(0..slice);
+                while seen.acked.lock().unwrap().len() < at && !done.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 if !done.load(Ordering::SeqCst) {
                     during += 1;
                 }
