@@ -344,6 +344,10 @@ struct Flood {
     retries: AtomicUsize,
     /// 503 answers (storage unavailable) seen.
     unavailable: AtomicUsize,
+    /// Other answers than 200 and 503, and failed connections.
+    other: AtomicUsize,
+    /// The slowest answer of any kind, in milliseconds.
+    slowest_ms: AtomicUsize,
 }
 
 /// Signed Standard-Webhooks deliveries from 4 clients retrying like a provider, each attempt
@@ -373,7 +377,11 @@ fn flood(
                         }
                         let port = ports[rand::rng().random_range(0..ports.len())];
                         let h = sw_headers(SW_SECRET, &id, now_secs(), body);
-                        match try_request(port, "/hooks/sw", &h, body).await {
+                        let asked = Instant::now();
+                        let reply = try_request(port, "/hooks/sw", &h, body).await;
+                        seen.slowest_ms
+                            .fetch_max(asked.elapsed().as_millis() as usize, Ordering::Relaxed);
+                        match reply {
                             Ok(r) if r.status == 200 => {
                                 seen.acked.lock().unwrap().insert(i, reply_id(&r));
                                 ok = true;
@@ -382,7 +390,9 @@ fn flood(
                             Ok(r) if r.status == 503 => {
                                 seen.unavailable.fetch_add(1, Ordering::Relaxed);
                             }
-                            _ => {}
+                            _ => {
+                                seen.other.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                         let backoff = rand::rng().random_range(50..500);
                         tokio::time::sleep(Duration::from_millis(backoff)).await;
@@ -573,16 +583,18 @@ async fn postgres_crash_gives_503_and_replicas_recover() {
     let seen = Arc::new(Flood::default());
     let started = Instant::now();
     let workers = flood(ports.clone(), bodies.clone(), seen.clone());
-    let mut outage_503 = 0;
+    let (mut outage_503, mut outage_other) = (0, 0);
     for c in 0..crashes {
         let at = (c + 1) * total / (crashes + 1);
         while seen.acked.lock().unwrap().len() < at {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let before = seen.unavailable.load(Ordering::Relaxed);
+        let other_before = seen.other.load(Ordering::Relaxed);
         pg.crash();
         tokio::time::sleep(Duration::from_secs(3)).await;
         outage_503 += seen.unavailable.load(Ordering::Relaxed) - before;
+        outage_other += seen.other.load(Ordering::Relaxed) - other_before;
         pg.restart();
     }
     for w in workers {
@@ -618,8 +630,15 @@ async fn postgres_crash_gives_503_and_replicas_recover() {
         "D8-pg-crash",
         &format!("3 replicas, {total} msgs, {crashes} x pg_ctl stop -m immediate (3 s down)"),
         &format!(
-            "{} acked, {lost} lost, {dups} dup, {differ} differ, {stored} stored, {outage_503} x 503 during outages, {overlaps} overlapping tenures, flood {:.0} s",
+            "{} acked, {lost} lost, {dups} dup, {differ} differ, {stored} stored, during outages {outage_503} x 503 and {outage_other} other answers or connection errors, slowest answer {:.1} s, {overlaps} overlapping tenures, replicas accepting again {:.1} s after the flood, flood {:.0} s",
             acked.len(),
+            seen.slowest_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+            recovered
+                .iter()
+                .max()
+                .copied()
+                .unwrap_or_default()
+                .as_secs_f64(),
             flood_took.as_secs_f64()
         ),
     );
