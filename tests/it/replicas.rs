@@ -455,10 +455,10 @@ async fn check_webhooks(
 /// most one extra copy of an email (the documented at-least-once case).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_sigkilled_during_flood_lose_and_duplicate_nothing() {
-    let (total, kills) = if long_run() {
-        (10_000, 10)
+    let (total, kills, pad) = if long_run() {
+        (10_000, 10, 100..50_000)
     } else {
-        (1_000, 10)
+        (1_000, 10, 50..3_000)
     };
     let rig = Rig::shared();
     let user = rig.new_mailbox("replflood");
@@ -469,7 +469,7 @@ async fn replicas_sigkilled_during_flood_lose_and_duplicate_nothing() {
     let ports: Vec<u16> = replicas.iter().map(|d| d.port).collect();
     let replicas = Arc::new(tokio::sync::Mutex::new(replicas));
     let pool = pg.pool().await;
-    let bodies = bodies(total, 50..3_000);
+    let bodies = bodies(total, pad);
     let seen = Arc::new(Flood::default());
     let started = Instant::now();
     let workers = flood(ports, bodies.clone(), seen.clone());
@@ -675,4 +675,12 @@ fn refuses_to_start_without_synchronous_commit() {
         crate::support::frontdesk(&["run", "--config", config.to_str().unwrap()], &[]);
     assert_ne!(code, 0, "started on a database that may lose commits");
     assert!(err.contains("synchronous_commit"), "{err}");
+    figure(
+        "D8-negative",
+        "PostgreSQL with synchronous_commit=off",
+        &format!(
+            "frontdesk run refused, exit {code}: {}",
+            err.lines().last().unwrap_or("").trim()
+        ),
+    );
 }
