@@ -15,6 +15,7 @@
 
 #[macro_use]
 mod backend;
+pub mod copy;
 #[cfg(test)]
 #[macro_use]
 pub(crate) mod test_pg;

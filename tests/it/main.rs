@@ -15,6 +15,7 @@ mod reliability;
 mod rig;
 mod rig_smoke;
 mod secrets;
+mod store_copy;
 mod support;
 mod systemd;
 mod webhook;
