@@ -76,16 +76,47 @@ fn athens(day: u64, h: u32, m: u32) -> DateTime<Utc> {
         + chrono::Days::new(day)
 }
 
+/// Generates `NAME::sqlite` and `NAME::postgres` from `async fn NAME(pg: bool)`.
+macro_rules! core_tests {
+    ($($(#[$m:meta])* async fn $name:ident($pg:ident: bool) $body:block)*) => {$(
+        $(#[$m])*
+        mod $name {
+            use super::*;
+
+            async fn run($pg: bool) $body
+
+            #[tokio::test]
+            async fn sqlite() {
+                run(false).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                run(true).await;
+            }
+        }
+    )*};
+}
+
 struct Rig {
     _dir: tempfile::TempDir,
     path: std::path::PathBuf,
+    /// The PostgreSQL database, when the rig runs on one.
+    pg_url: Option<String>,
     store: Store,
     routing: Arc<Routing>,
     uid: u32,
 }
 
+async fn rig_store(path: &Path, pg_url: Option<&str>) -> Store {
+    match pg_url {
+        Some(url) => Store::open_postgres(url, None).await.unwrap(),
+        None => Store::open(path).await.unwrap(),
+    }
+}
+
 impl Rig {
-    async fn new() -> Rig {
+    async fn new(pg: bool) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let ics = dir.path().join("holidays.ics");
         std::fs::write(&ics, ICS).unwrap();
@@ -93,14 +124,24 @@ impl Rig {
         let loaded = crate::config::load_str(Path::new("test.yaml"), &yaml).unwrap();
         let routing = Arc::new(Routing::from_config(&loaded.config).unwrap());
         let path = dir.path().join("db.sqlite");
-        let store = Store::open(&path).await.unwrap();
+        let pg_url = match pg {
+            true => Some(crate::store::test_pg::fresh_url().await),
+            false => None,
+        };
+        let store = rig_store(&path, pg_url.as_deref()).await;
         Rig {
             _dir: dir,
             path,
+            pg_url,
             store,
             routing,
             uid: 0,
         }
+    }
+
+    /// The rig's store opened again (a "restart").
+    async fn reopen(&self) -> Store {
+        rig_store(&self.path, self.pg_url.as_deref()).await
     }
 
     fn core(&self) -> Core {
@@ -214,9 +255,9 @@ impl Rig {
     }
 }
 
-#[tokio::test]
-async fn friday_vip_message_due_monday_warn_and_breach_once_then_met_late() {
-    let mut rig = Rig::new().await;
+core_tests! {
+async fn friday_vip_message_due_monday_warn_and_breach_once_then_met_late(pg: bool) {
+    let mut rig = Rig::new(pg).await;
     let core = rig.core();
     // Friday 2026-12-04 16:30 Athens.
     let m1 = rig
@@ -272,7 +313,7 @@ Open from Mon 2026-12-07 09:00 to Mon 2026-12-07 09:30: counted 30m (total 1h).
     // The warning at 09:15, once, even across a "restart" (a fresh Core on a reopened store).
     assert_eq!(core.run_once(athens(7, 9, 15)).await.unwrap().alerts, 1);
     assert_eq!(core.run_once(athens(7, 9, 20)).await.unwrap().alerts, 0);
-    let reopened = Store::open(&rig.path).await.unwrap();
+    let reopened = rig.reopen().await;
     let again = Core::new(reopened.clone(), rig.routing.clone());
     assert_eq!(again.recompute(athens(7, 9, 20)).await.unwrap(), 1);
     assert_eq!(again.run_once(athens(7, 9, 20)).await.unwrap().alerts, 0);
@@ -319,10 +360,11 @@ Open from Mon 2026-12-07 09:00 to Mon 2026-12-07 09:30: counted 30m (total 1h).
         None
     );
 }
+}
 
-#[tokio::test]
-async fn next_reply_anchor_autoreply_subject_fallback_and_holiday() {
-    let mut rig = Rig::new().await;
+core_tests! {
+async fn next_reply_anchor_autoreply_subject_fallback_and_holiday(pg: bool) {
+    let mut rig = Rig::new(pg).await;
     let core = rig.core();
     let m1 = rig
         .client(
@@ -418,10 +460,11 @@ async fn next_reply_anchor_autoreply_subject_fallback_and_holiday() {
     let hc = rig.conversation_of(h).await;
     assert_eq!(hc.clock.open.unwrap().due_at, athens(15, 9, 30));
 }
+}
 
-#[tokio::test]
-async fn team_started_conversation_has_no_first_reply_and_frontdesk_mail_is_ignored() {
-    let mut rig = Rig::new().await;
+core_tests! {
+async fn team_started_conversation_has_no_first_reply_and_frontdesk_mail_is_ignored(pg: bool) {
+    let mut rig = Rig::new(pg).await;
     let core = rig.core();
     let t1 = rig
         .sent(
@@ -476,10 +519,11 @@ async fn team_started_conversation_has_no_first_reply_and_frontdesk_mail_is_igno
     assert_eq!(own_row.conversation_id, None);
     assert_eq!(rig.store.pending_count().await.unwrap(), 0);
 }
+}
 
-#[tokio::test]
-async fn a_message_from_a_team_address_in_the_inbox_is_a_reply() {
-    let mut rig = Rig::new().await;
+core_tests! {
+async fn a_message_from_a_team_address_in_the_inbox_is_a_reply(pg: bool) {
+    let mut rig = Rig::new(pg).await;
     let core = rig.core();
     let m = rig
         .client(
@@ -508,6 +552,7 @@ async fn a_message_from_a_team_address_in_the_inbox_is_a_reply() {
     assert_eq!(conv.clock.open, None);
     let t = rig.store.targets_of(conv.id).await.unwrap();
     assert_eq!(t[0].state, TargetState::Met);
+}
 }
 
 /// A deterministic mixed workload: clients writing by email (some replying to earlier messages,
@@ -644,22 +689,22 @@ async fn snapshot(store: &Store) -> String {
     out
 }
 
+core_tests! {
 /// The core handles a batch in memory: it must write exactly what one step per message writes,
 /// including replies to messages of the same batch, subjects joined within the batch and
 /// batches larger than one transaction.
-#[tokio::test]
-async fn a_batch_writes_exactly_what_one_step_per_message_writes() {
+async fn a_batch_writes_exactly_what_one_step_per_message_writes(pg: bool) {
     let msgs = workload(700);
     // Deadlines all lie after the first message: no tick fires, only message handling counts.
     let now = athens(0, 7, 0);
-    let batched = Rig::new().await;
+    let batched = Rig::new(pg).await;
     for m in &msgs {
         batched.store.ingest(m, m.received_at).await.unwrap();
     }
     let p = batched.core().run_once(now).await.unwrap();
     assert_eq!(p.messages, msgs.len());
 
-    let single = Rig::new().await;
+    let single = Rig::new(pg).await;
     let core = single.core();
     for m in &msgs {
         single.store.ingest(m, m.received_at).await.unwrap();
@@ -679,14 +724,15 @@ async fn a_batch_writes_exactly_what_one_step_per_message_writes() {
         panic!("batched and single-step stores differ: {diff:#?}");
     }
 }
+}
 
+core_tests! {
 /// The Sent folder is often synced after the inbox (and always on the first run): a reply can
 /// reach the core after a later client message. The clock must come out as if the messages had
 /// arrived in receipt order, whether they are handled in one step or several.
-#[tokio::test]
-async fn a_reply_synced_after_a_later_client_message_is_replayed_in_receipt_order() {
+async fn a_reply_synced_after_a_later_client_message_is_replayed_in_receipt_order(pg: bool) {
     for one_step in [false, true] {
-        let mut rig = Rig::new().await;
+        let mut rig = Rig::new(pg).await;
         let core = rig.core();
         let step = |t| {
             let core = core.clone();
@@ -745,16 +791,17 @@ async fn a_reply_synced_after_a_later_client_message_is_replayed_in_receipt_orde
         assert_eq!(conv.clock.targets_opened, 2);
     }
 }
+}
 
+core_tests! {
 /// Two cores on one database (two daemons started on the same file by mistake) must not corrupt
 /// it: a step whose snapshot went stale is refused as a conflict and retried, and the result is
 /// what one core alone writes.
-#[tokio::test]
-async fn two_cores_on_one_store_write_what_one_core_writes() {
+async fn two_cores_on_one_store_write_what_one_core_writes(pg: bool) {
     let msgs = workload(400);
     let now = athens(0, 7, 0);
-    let alone = Rig::new().await;
-    let shared = Rig::new().await;
+    let alone = Rig::new(pg).await;
+    let shared = Rig::new(pg).await;
     for m in &msgs {
         alone.store.ingest(m, m.received_at).await.unwrap();
         shared.store.ingest(m, m.received_at).await.unwrap();
@@ -781,4 +828,5 @@ async fn two_cores_on_one_store_write_what_one_core_writes() {
     // Not a guarantee (scheduling decides), but with two batches in flight the second writer
     // normally finds the first one's changes.
     eprintln!("conflicts retried: {conflicts}");
+}
 }

@@ -101,6 +101,11 @@ impl SqliteDb {
         sql
     }
 
+    /// The SQLite statement of a pair written per dialect.
+    pub(crate) fn pick(&self, sqlite: &'static str, _postgres: &'static str) -> &'static str {
+        sqlite
+    }
+
     /// Starts a write transaction that takes the write lock up front (read-then-write safe).
     pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, Error> {
         match self.writer.begin_with("BEGIN IMMEDIATE").await {
@@ -138,6 +143,11 @@ impl PgDb {
     /// The statement with SQLite's `?` and `?n` placeholders rewritten to `$n`.
     pub(crate) fn sql(&self, sql: &'static str) -> &'static str {
         pg_sql(sql)
+    }
+
+    /// The PostgreSQL statement of a pair written per dialect (`?` rewritten as by `sql`).
+    pub(crate) fn pick(&self, _sqlite: &'static str, postgres: &'static str) -> &'static str {
+        pg_sql(postgres)
     }
 
     /// Starts a write transaction (READ COMMITTED: each statement sees the latest commits, and

@@ -111,6 +111,10 @@ pub struct ConversationFilter {
     pub owner: Option<String>,
 }
 
+/// The PostgreSQL advisory lock (in [`super::PG_LOCK_NAMESPACE`]) held by every core write
+/// transaction.
+const CORE_WRITE_LOCK: i32 = 1;
+
 /// One transaction of the core loop.
 pub struct CoreTx {
     inner: CoreInner,
@@ -200,7 +204,17 @@ impl Store {
                     CoreInner::Sqlite(db.clone(), db.begin_write().await?)
                 }
                 super::Backend::Postgres(db) => {
-                    CoreInner::Postgres(db.clone(), db.begin_write().await?)
+                    let mut tx = db.begin_write().await?;
+                    // Core steps serialize like SQLite's single writer: a second core (another
+                    // replica during a leadership change) waits here, then sees the first one's
+                    // commit, so its checks (conversation ids, dequeued messages) find the
+                    // stale snapshot and the step is retried as a Conflict.
+                    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+                        .bind(super::PG_LOCK_NAMESPACE)
+                        .bind(CORE_WRITE_LOCK)
+                        .execute(&mut *tx)
+                        .await?;
+                    CoreInner::Postgres(db.clone(), tx)
                 }
             },
         })
@@ -308,10 +322,16 @@ impl Store {
         on_backend!(self, |db| {
             // One row holding a JSON array instead of a row per target: handing each row across
             // sqlx's worker thread cost more than the statistics themselves (50,000 targets).
-            let (json,): (String,) = sqlx::query_as(db.sql(
+            let (json,): (String,) = sqlx::query_as(db.pick(
                 "SELECT json_group_array(json_array(t.metric, t.source, t.owner, \
              coalesce(c.client_name, c.client_address), coalesce(t.business_ms, 0), \
              coalesce(t.calendar_ms, 0), t.state = 'met', t.fulfilled_at)) \
+             FROM sla_targets t JOIN conversations c ON c.id = t.conversation_id \
+             WHERE t.fulfilled_at IS NOT NULL AND t.fulfilled_at >= ? AND t.fulfilled_at < ?",
+                "SELECT coalesce(json_agg(json_build_array(t.metric, t.source, t.owner, \
+             coalesce(c.client_name, c.client_address), coalesce(t.business_ms, 0), \
+             coalesce(t.calendar_ms, 0), CASE WHEN t.state = 'met' THEN 1 ELSE 0 END, \
+             t.fulfilled_at))::text, '[]') \
              FROM sla_targets t JOIN conversations c ON c.id = t.conversation_id \
              WHERE t.fulfilled_at IS NOT NULL AND t.fulfilled_at >= ? AND t.fulfilled_at < ?",
             ))
@@ -655,11 +675,18 @@ impl CoreTx {
     ) -> Result<Vec<(i64, PendingMessage)>, Error> {
         on_core_tx!(self, |db, tx| {
             let rows = sqlx::query(
-            db.sql("SELECT t.conversation_id, m.id, m.source, m.direction, m.automation, m.received_at, \
+            db.pick(
+"SELECT t.conversation_id, m.id, m.source, m.direction, m.automation, m.received_at, \
              m.from_addr, m.from_name, m.to_addrs, m.subject, NULL AS body_text, m.message_id, \
              m.in_reply_to, m.refs, m.thread_key FROM json_each(?) j \
              JOIN message_threads t ON t.conversation_id = j.value \
-             JOIN messages m ON m.id = t.message_id"),
+             JOIN messages m ON m.id = t.message_id",
+"SELECT t.conversation_id, m.id, m.source, m.direction, m.automation, m.received_at, \
+             m.from_addr, m.from_name, m.to_addrs, m.subject, NULL AS body_text, m.message_id, \
+             m.in_reply_to, m.refs, m.thread_key FROM jsonb_array_elements_text(?::jsonb) j(value) \
+             JOIN message_threads t ON t.conversation_id = j.value::bigint \
+             JOIN messages m ON m.id = t.message_id",
+),
         )
         .bind(to_json("message_threads", &conversations)?)
         .fetch_all(&mut **tx)
@@ -707,8 +734,12 @@ impl CoreTx {
             if ids.is_empty() {
                 return Ok(Vec::new());
             }
-            let rows: Vec<(String, i64)> = sqlx::query_as(db.sql(
-                "SELECT m.message_id, t.conversation_id FROM json_each(?) j \
+            let rows: Vec<(String, i64)> = sqlx::query_as(db.pick(
+"SELECT m.message_id, t.conversation_id FROM json_each(?) j \
+             JOIN messages m ON m.message_id = j.value \
+             JOIN message_threads t ON t.message_id = m.id \
+             WHERE t.conversation_id IS NOT NULL ORDER BY m.id",
+"SELECT m.message_id, t.conversation_id FROM jsonb_array_elements_text(?::jsonb) j(value) \
              JOIN messages m ON m.message_id = j.value \
              JOIN message_threads t ON t.message_id = m.id \
              WHERE t.conversation_id IS NOT NULL ORDER BY m.id",
@@ -729,8 +760,10 @@ impl CoreTx {
             if keys.is_empty() {
                 return Ok(Vec::new());
             }
-            let rows: Vec<(String, String, i64)> = sqlx::query_as(db.sql(
-                "SELECT k.source, k.thread_key, k.conversation_id FROM json_each(?) j \
+            let rows: Vec<(String, String, i64)> = sqlx::query_as(db.pick(
+"SELECT k.source, k.thread_key, k.conversation_id FROM json_each(?) j \
+             JOIN conversation_keys k ON k.source = j.value ->> 0 AND k.thread_key = j.value ->> 1",
+"SELECT k.source, k.thread_key, k.conversation_id FROM jsonb_array_elements(?::jsonb) j(value) \
              JOIN conversation_keys k ON k.source = j.value ->> 0 AND k.thread_key = j.value ->> 1",
             ))
             .bind(to_json("conversation_keys", &keys)?)
@@ -751,8 +784,11 @@ impl CoreTx {
             if pairs.is_empty() {
                 return Ok(Vec::new());
             }
-            let rows: Vec<(i64,)> = sqlx::query_as(db.sql(
+            let rows: Vec<(i64,)> = sqlx::query_as(db.pick(
                 "SELECT c.id FROM json_each(?) j JOIN conversations c \
+             ON c.client_key = j.value ->> 0 AND c.base_subject = j.value ->> 1 \
+             AND c.last_message_at >= ?",
+                "SELECT c.id FROM jsonb_array_elements(?::jsonb) j(value) JOIN conversations c \
              ON c.client_key = j.value ->> 0 AND c.base_subject = j.value ->> 1 \
              AND c.last_message_at >= ?",
             ))
@@ -771,13 +807,23 @@ impl CoreTx {
                 return Ok(Vec::new());
             }
             let rows = sqlx::query(
-            db.sql("SELECT c.id, c.source, c.client_key, c.client_address, c.client_name, c.client_tags, \
+            db.pick(
+"SELECT c.id, c.source, c.client_key, c.client_address, c.client_name, c.client_tags, \
              c.subject, c.base_subject, c.owner, c.policy AS c_policy, c.created_at, \
              c.last_message_at, c.started_by_team, c.replied, c.targets_opened, c.clock_last_at, \
              c.client_rule, c.owner_rule, c.policy_rule, t.seq, t.metric, t.policy, \
              t.allowed_ms, t.started_at, t.counting_from, t.warn_at, t.due_at, t.state, t.warned, \
              t.breached, t.fulfilled_at, t.business_ms, t.calendar_ms \
              FROM json_each(?) j JOIN conversations c ON c.id = j.value \
+             LEFT JOIN sla_targets t ON t.conversation_id = c.id AND t.seq = c.targets_opened \
+             AND t.state NOT IN ('met', 'met_late')",
+"SELECT c.id, c.source, c.client_key, c.client_address, c.client_name, c.client_tags, \
+             c.subject, c.base_subject, c.owner, c.policy AS c_policy, c.created_at, \
+             c.last_message_at, c.started_by_team, c.replied, c.targets_opened, c.clock_last_at, \
+             c.client_rule, c.owner_rule, c.policy_rule, t.seq, t.metric, t.policy, \
+             t.allowed_ms, t.started_at, t.counting_from, t.warn_at, t.due_at, t.state, t.warned, \
+             t.breached, t.fulfilled_at, t.business_ms, t.calendar_ms \
+             FROM jsonb_array_elements_text(?::jsonb) j(value) JOIN conversations c ON c.id = j.value::bigint \
              LEFT JOIN sla_targets t ON t.conversation_id = c.id AND t.seq = c.targets_opened \
              AND t.state NOT IN ('met', 'met_late')"),
         )

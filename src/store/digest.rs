@@ -51,12 +51,12 @@ impl Store {
             // count from the last reconciliation, and webhook rejections (cumulative counters).
             let health_rows = self.source_health().await?;
             let unaccounted: Vec<(String, i64)> = sqlx::query_as(db.sql(
-                "SELECT source, coalesce(sum(unaccounted), 0) FROM imap_cursors GROUP BY source",
+                "SELECT source, CAST(coalesce(sum(unaccounted), 0) AS BIGINT) FROM imap_cursors GROUP BY source",
             ))
             .fetch_all(db.reader())
             .await?;
             let rejected: Vec<(String, i64)> = sqlx::query_as(db.sql(
-                "SELECT source, coalesce(sum(value), 0) FROM webhook_counters \
+                "SELECT source, CAST(coalesce(sum(value), 0) AS BIGINT) FROM webhook_counters \
              WHERE name LIKE 'rejected:%' GROUP BY source",
             ))
             .fetch_all(db.reader())

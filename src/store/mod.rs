@@ -15,6 +15,7 @@
 
 #[macro_use]
 mod backend;
+pub mod copy;
 #[cfg(test)]
 #[macro_use]
 pub(crate) mod test_pg;
@@ -87,6 +88,11 @@ pub(crate) enum Backend {
     /// A PostgreSQL server shared by replicas.
     Postgres(PgDb),
 }
+
+/// The first key of frontdesk's two-key PostgreSQL advisory locks (`pg_advisory_xact_lock(ns,
+/// n)`): the ASCII bytes "fd", so they stay apart from other applications' locks. Two-key and
+/// one-key (`bigint`) advisory locks never collide with each other in PostgreSQL.
+pub const PG_LOCK_NAMESPACE: i32 = 0x6664;
 
 /// WAL frames (4 KiB pages) past which the daemon's checkpointer resets the WAL: 64 MiB.
 pub const WAL_RESTART_FRAMES: i64 = 16_384;

@@ -459,10 +459,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_slot_is_pushed_once_and_marked_sent_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+    store_tests! {
+    async fn a_slot_is_pushed_once_and_marked_sent_once(store: Store) {
         let now = Utc::now();
         let id = store
             .outbox_push(&new_item("digest:a"), now)
@@ -502,11 +500,10 @@ mod tests {
         assert_eq!(rows[0].state, "sent");
         assert!(store.outbox_due(later, 10).await.unwrap().is_empty());
     }
+    }
 
-    #[tokio::test]
-    async fn failed_items_are_listed_for_the_next_digest() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+    store_tests! {
+    async fn failed_items_are_listed_for_the_next_digest(store: Store) {
         let now = Utc::now();
         let id = store
             .outbox_push(&new_item("digest:b"), now)
@@ -531,11 +528,10 @@ mod tests {
         assert_eq!(failed[0].error, "550 no such user");
         assert!(store.outbox_failed_since(now).await.unwrap().is_empty());
     }
+    }
 
-    #[tokio::test]
-    async fn alert_events_are_grouped_once_after_group_wait() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+    store_tests! {
+    async fn alert_events_are_grouped_once_after_group_wait(store: Store) {
         let t0 = Utc::now();
         let ev = |s: &str| AlertEvent::SourceHealthy { source: s.into() };
         assert!(store.alert_event_push("a", &ev("a"), t0).await.unwrap());
@@ -580,5 +576,6 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].item.id, id);
         assert_eq!(rows[0].item.body_text, "2 events");
+    }
     }
 }

@@ -279,6 +279,47 @@ async fn postgres_open_error_hides_the_password() {
 }
 
 store_tests! {
+/// Every read-side query (digest, metrics, ledgers, listings) runs on this backend and sees
+/// what was written.
+async fn read_side_queries_run_and_agree(store: Store) {
+    let now = Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, 0).unwrap();
+    for i in 0..3 {
+        store.ingest(&msg("form", &format!("r{i}"), "body"), now).await.unwrap();
+    }
+    store.source_failed("form", "boom", 1, now).await.unwrap();
+    store.record_source_event("form", Some("INBOX"), "uidvalidity", "1 -> 2", now).await.unwrap();
+    store.write_probe(now).await.unwrap();
+    assert_eq!(store.integrity_check().await.unwrap(), "ok");
+    let sources = [SourceRef {
+        name: "form".into(),
+        kind: crate::digest::SourceKind::Webhook,
+    }];
+    let input = store
+        .digest_input(&sources, now - chrono::TimeDelta::days(1), now + chrono::TimeDelta::hours(1))
+        .await
+        .unwrap();
+    assert_eq!(input.sources.len(), 1);
+    assert_eq!(input.new_messages.iter().map(|r| r.messages).sum::<u64>(), 3, "{:?}", input.new_messages);
+    let samples = store.metrics_samples().await.unwrap();
+    let text = metrics::render(&samples);
+    assert!(text.contains("frontdesk_messages_pending 3"), "{text}");
+    assert!(text.contains("frontdesk_source_healthy{source=\"form\"} 0"), "{text}");
+    assert_eq!(store.source_health().await.unwrap().len(), 1);
+    assert_eq!(store.source_events("form", "uidvalidity").await.unwrap().len(), 1);
+    assert!(store.imap_ledger().await.unwrap().is_empty());
+    assert!(store.webhook_counters().await.unwrap().is_empty());
+    assert!(store.digest_open().await.unwrap().is_empty());
+    assert!(store.digest_replies(now - chrono::TimeDelta::days(1), now).await.unwrap().is_empty());
+    assert!(store.fulfilled_targets(now - chrono::TimeDelta::days(1), now).await.unwrap().is_empty());
+    assert_eq!(store.next_core_deadline().await.unwrap(), None);
+    assert!(store.outbox_list(10).await.unwrap().is_empty());
+    assert_eq!(store.outbox_next_due().await.unwrap(), None);
+    assert!(store.outbox_failed_since(now - chrono::TimeDelta::days(1)).await.unwrap().is_empty());
+    // One unhealthy flip: one alert event waiting to be grouped.
+    assert_eq!(store.alert_events_pending().await.unwrap().len(), 1);
+    assert_eq!(store.alert_oldest_pending().await.unwrap(), Some(now));
+}
+
 async fn same_origin_twice_is_one_row(store: Store) {
     let now = Utc::now();
     let a = store

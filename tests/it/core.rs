@@ -4,7 +4,33 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{TestDaemon, frontdesk, http_request, send_signal};
+use crate::support::{Backend, TestDaemon, frontdesk, http_get, http_request, send_signal};
+
+/// `YAML` with its storage on `backend`; the PostgreSQL URL when there.
+fn yaml_on(backend: Backend, first: &str) -> (String, Option<String>) {
+    let yaml = YAML.replace("FIRST", first);
+    match backend {
+        Backend::Sqlite => (yaml, None),
+        Backend::Postgres => {
+            let url = crate::support::pg_cluster().fresh_database();
+            let yaml = yaml.replace(
+                "storage:\n  sqlite: {dir}/frontdesk.db\n",
+                &format!("storage:\n  postgres: {url}\n"),
+            );
+            (yaml, Some(url))
+        }
+    }
+}
+
+/// The daemon's store, opened from outside (SQLite file or PostgreSQL URL).
+async fn open_store(db: &std::path::Path, pg_url: Option<&str>) -> frontdesk::store::Store {
+    match pg_url {
+        Some(url) => frontdesk::store::Store::open_postgres(url, None)
+            .await
+            .unwrap(),
+        None => frontdesk::store::Store::open(db).await.unwrap(),
+    }
+}
 
 const YAML: &str = r#"storage:
   sqlite: {dir}/frontdesk.db
@@ -99,8 +125,18 @@ fn rfc3339(v: &serde_json::Value) -> chrono::DateTime<chrono::Utc> {
 }
 
 #[test]
-fn webhook_messages_become_conversations_with_owner_and_due_time() {
-    let d = TestDaemon::start(&YAML.replace("FIRST", "1h"));
+fn webhook_messages_become_conversations_with_owner_and_due_time_sqlite() {
+    webhook_messages_become_conversations_with_owner_and_due_time(Backend::Sqlite);
+}
+
+#[test]
+fn webhook_messages_become_conversations_with_owner_and_due_time_postgres() {
+    webhook_messages_become_conversations_with_owner_and_due_time(Backend::Postgres);
+}
+
+fn webhook_messages_become_conversations_with_owner_and_due_time(backend: Backend) {
+    let (yaml, _) = yaml_on(backend, "1h");
+    let d = TestDaemon::start(&yaml);
     post(
         &d,
         "a",
@@ -131,11 +167,36 @@ fn webhook_messages_become_conversations_with_owner_and_due_time() {
     );
     // Most urgent first.
     assert_eq!(rows[0]["client"], "ACME Ltd");
+    // The read side works on this backend too: sources and metrics.
+    let (code, out, err) = frontdesk(
+        &["sources", "--json", "--config", d.config.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"form\""), "{out}");
+    let (code, metrics) = http_get(d.port, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains(
+            "frontdesk_messages_total{source=\"form\",direction=\"inbound\",parse=\"ok\"} 2"
+        ),
+        "{metrics}"
+    );
 }
 
 #[test]
-fn breach_is_recorded_exactly_once_across_sigkill_and_restart() {
-    let mut d = TestDaemon::start(&YAML.replace("FIRST", "3s"));
+fn breach_is_recorded_exactly_once_across_sigkill_and_restart_sqlite() {
+    breach_is_recorded_exactly_once_across_sigkill_and_restart(Backend::Sqlite);
+}
+
+#[test]
+fn breach_is_recorded_exactly_once_across_sigkill_and_restart_postgres() {
+    breach_is_recorded_exactly_once_across_sigkill_and_restart(Backend::Postgres);
+}
+
+fn breach_is_recorded_exactly_once_across_sigkill_and_restart(backend: Backend) {
+    let (yaml, pg_url) = yaml_on(backend, "3s");
+    let mut d = TestDaemon::start(&yaml);
     post(&d, "k", "name=Bob&email=bob@acme.example&message=Down");
     let since = Instant::now();
     // Kill the daemon hard around the warning (1.5 s) and the breach (3 s), restarting each time.
@@ -153,7 +214,7 @@ fn breach_is_recorded_exactly_once_across_sigkill_and_restart() {
         .unwrap();
     let keys = wait_for(Duration::from_secs(15), || {
         let keys = rt.block_on(async {
-            let store = frontdesk::store::Store::open(&db).await.unwrap();
+            let store = open_store(&db, pg_url.as_deref()).await;
             let k = store.sla_alert_keys().await.unwrap();
             store.close().await;
             k
@@ -165,7 +226,7 @@ fn breach_is_recorded_exactly_once_across_sigkill_and_restart() {
     // Give a restarted core time to (wrongly) write a second one.
     std::thread::sleep(Duration::from_millis(1500));
     let keys_after = rt.block_on(async {
-        let store = frontdesk::store::Store::open(&db).await.unwrap();
+        let store = open_store(&db, pg_url.as_deref()).await;
         store.sla_alert_keys().await.unwrap()
     });
     assert_eq!(keys, keys_after);

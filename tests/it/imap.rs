@@ -11,6 +11,7 @@ use sqlx::sqlite::SqlitePoolOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::rig::Rig;
+use crate::support::Backend;
 
 /// A config with one IMAP source `mail` for `user` on the rig; `extra` adds keys to `imap:`.
 fn yaml(rig: &Rig, user: &str, dir: &Path, extra: &str) -> String {
@@ -44,10 +45,17 @@ struct Setup {
     dir: tempfile::TempDir,
     config: Config,
     store: Store,
+    /// The PostgreSQL database, when the store is on one.
+    pg_url: Option<String>,
 }
 
 impl Setup {
     async fn new(rig: &Rig, user: &str, extra: &str) -> Setup {
+        Setup::new_on(Backend::Sqlite, rig, user, extra).await
+    }
+
+    /// Like `new`, with the store on `backend`.
+    async fn new_on(backend: Backend, rig: &Rig, user: &str, extra: &str) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let text = yaml(rig, user, dir.path(), extra);
         let file = dir.path().join("frontdesk.yaml");
@@ -55,8 +63,22 @@ impl Setup {
         let config = config::load_str(&file, &text)
             .unwrap_or_else(|e| panic!("{e}"))
             .config;
-        let store = Store::open(&dir.path().join("frontdesk.db")).await.unwrap();
-        Setup { dir, config, store }
+        let (store, pg_url) = match backend {
+            Backend::Sqlite => (
+                Store::open(&dir.path().join("frontdesk.db")).await.unwrap(),
+                None,
+            ),
+            Backend::Postgres => {
+                let url = crate::support::pg_cluster().fresh_database();
+                (Store::open_postgres(&url, None).await.unwrap(), Some(url))
+            }
+        };
+        Setup {
+            dir,
+            config,
+            store,
+            pg_url,
+        }
     }
 
     fn ctx(&self) -> SourceCtx {
@@ -77,6 +99,14 @@ impl Setup {
 
     /// (message_id, direction, in_reply_to JSON, automation) of every row.
     async fn rows(&self) -> Vec<(Option<String>, String, String, String)> {
+        const SQL: &str =
+            "SELECT message_id, direction, in_reply_to, automation FROM messages ORDER BY id";
+        if let Some(url) = &self.pg_url {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            let rows = sqlx::query_as(SQL).fetch_all(&pool).await.unwrap();
+            pool.close().await;
+            return rows;
+        }
         let pool = SqlitePoolOptions::new()
             .connect(&format!(
                 "sqlite://{}/frontdesk.db",
@@ -133,11 +163,26 @@ fn no_seen_added(rig: &Rig, user: &str, folder: &str) {
 }
 
 #[tokio::test]
-async fn five_hundred_varied_messages_exactly_once_then_five_more() {
+async fn five_hundred_varied_messages_exactly_once_then_five_more_sqlite() {
+    five_hundred_varied_messages_exactly_once_then_five_more_on(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn five_hundred_varied_messages_exactly_once_then_five_more_postgres() {
+    five_hundred_varied_messages_exactly_once_then_five_more_on(Backend::Postgres).await;
+}
+
+async fn five_hundred_varied_messages_exactly_once_then_five_more_on(backend: Backend) {
     let rig = Rig::shared();
     let user = rig.new_mailbox("varied");
     rig.append_many(&user, "INBOX", varied(500, "v"));
-    let s = Setup::new(rig, &user, "      backfill: all\n      batch_size: 64\n").await;
+    let s = Setup::new_on(
+        backend,
+        rig,
+        &user,
+        "      backfill: all\n      batch_size: 64\n",
+    )
+    .await;
 
     assert_eq!(s.inserted().await, 500);
     assert_eq!(s.count().await, 500);
@@ -239,7 +284,16 @@ async fn idle_delivers_an_appended_message_within_two_seconds() {
 }
 
 #[tokio::test]
-async fn uid_validity_change_loses_nothing_and_duplicates_nothing() {
+async fn uid_validity_change_loses_nothing_and_duplicates_nothing_sqlite() {
+    uid_validity_change_loses_nothing_and_duplicates_nothing_on(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn uid_validity_change_loses_nothing_and_duplicates_nothing_postgres() {
+    uid_validity_change_loses_nothing_and_duplicates_nothing_on(Backend::Postgres).await;
+}
+
+async fn uid_validity_change_loses_nothing_and_duplicates_nothing_on(backend: Backend) {
     let rig = Rig::shared();
     let user = rig.new_mailbox("uidv");
     let mut msgs: Vec<Vec<u8>> = (0..95).map(|i| simple(i, "uidv")).collect();
@@ -248,7 +302,7 @@ async fn uid_validity_change_loses_nothing_and_duplicates_nothing() {
         format!("From: n{i}@client.test\r\nSubject: no id {i}\r\n\r\nbody\r\n").into_bytes()
     }));
     rig.append_many(&user, "INBOX", &msgs);
-    let s = Setup::new(rig, &user, "      backfill: all\n").await;
+    let s = Setup::new_on(backend, rig, &user, "      backfill: all\n").await;
     assert_eq!(s.inserted().await, 100);
 
     let before = rig.status(&user, "INBOX").uid_validity;
@@ -283,7 +337,16 @@ async fn uid_validity_change_loses_nothing_and_duplicates_nothing() {
 }
 
 #[tokio::test]
-async fn sent_reply_is_outbound_and_linked_to_the_client_message() {
+async fn sent_reply_is_outbound_and_linked_to_the_client_message_sqlite() {
+    sent_reply_is_outbound_and_linked_to_the_client_message_on(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn sent_reply_is_outbound_and_linked_to_the_client_message_postgres() {
+    sent_reply_is_outbound_and_linked_to_the_client_message_on(Backend::Postgres).await;
+}
+
+async fn sent_reply_is_outbound_and_linked_to_the_client_message_on(backend: Backend) {
     let rig = Rig::shared();
     let user = rig.new_mailbox("sent");
     rig.append(&user, "INBOX", &simple(1, "ask"));
@@ -297,7 +360,8 @@ async fn sent_reply_is_outbound_and_linked_to_the_client_message() {
         "Sent",
         b"From: someone@shop.test\r\nTo: c1@client.test\r\nSubject: Re: ask 1\r\nMessage-ID: <reply-1@shop.test>\r\nIn-Reply-To: <ask-1@client.test>\r\n\r\nanswer\r\n",
     );
-    let s = Setup::new(
+    let s = Setup::new_on(
+        backend,
         rig,
         &user,
         "      backfill: all\n      folders: [{name: INBOX, role: inbound}, {name: Sent, role: sent}]\n",
@@ -320,11 +384,20 @@ async fn sent_reply_is_outbound_and_linked_to_the_client_message() {
 }
 
 #[tokio::test]
-async fn an_empty_folder_syncs_to_nothing_and_is_fully_accounted() {
+async fn an_empty_folder_syncs_to_nothing_and_is_fully_accounted_sqlite() {
+    an_empty_folder_syncs_to_nothing_and_is_fully_accounted_on(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn an_empty_folder_syncs_to_nothing_and_is_fully_accounted_postgres() {
+    an_empty_folder_syncs_to_nothing_and_is_fully_accounted_on(Backend::Postgres).await;
+}
+
+async fn an_empty_folder_syncs_to_nothing_and_is_fully_accounted_on(backend: Backend) {
     let rig = Rig::shared();
     let user = rig.new_mailbox("empty");
     rig.create_folder(&user, "INBOX");
-    let s = Setup::new(rig, &user, "").await;
+    let s = Setup::new_on(backend, rig, &user, "").await;
     assert_eq!(s.inserted().await, 0);
     assert_eq!(s.inserted().await, 0);
     let l = &imap::ledger(&s.config, &s.store).await.unwrap()[0];
@@ -337,7 +410,16 @@ async fn an_empty_folder_syncs_to_nothing_and_is_fully_accounted() {
 }
 
 #[tokio::test]
-async fn own_digests_are_never_ingested() {
+async fn own_digests_are_never_ingested_sqlite() {
+    own_digests_are_never_ingested_on(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn own_digests_are_never_ingested_postgres() {
+    own_digests_are_never_ingested_on(Backend::Postgres).await;
+}
+
+async fn own_digests_are_never_ingested_on(backend: Backend) {
     let rig = Rig::shared();
     let user = rig.new_mailbox("loop");
     let digest = std::fs::read(
@@ -346,7 +428,7 @@ async fn own_digests_are_never_ingested() {
     .unwrap();
     rig.append(&user, "INBOX", &digest);
     rig.append(&user, "INBOX", &simple(1, "loop"));
-    let s = Setup::new(rig, &user, "      backfill: all\n").await;
+    let s = Setup::new_on(backend, rig, &user, "      backfill: all\n").await;
     assert_eq!(s.inserted().await, 1);
     let ledger = imap::ledger(&s.config, &s.store).await.unwrap();
     assert_eq!(ledger[0].folder.own, 1);
@@ -354,7 +436,16 @@ async fn own_digests_are_never_ingested() {
 }
 
 #[tokio::test]
-async fn backfill_duration_and_none_skip_old_mail_and_count_it() {
+async fn backfill_duration_and_none_skip_old_mail_and_count_it_sqlite() {
+    backfill_duration_and_none_skip_old_mail_and_count_it_on(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn backfill_duration_and_none_skip_old_mail_and_count_it_postgres() {
+    backfill_duration_and_none_skip_old_mail_and_count_it_on(Backend::Postgres).await;
+}
+
+async fn backfill_duration_and_none_skip_old_mail_and_count_it_on(backend: Backend) {
     let rig = Rig::shared();
     let old = SystemTime::now() - Duration::from_secs(60 * 86400);
     let recent = SystemTime::now() - Duration::from_secs(86400);
@@ -366,7 +457,7 @@ async fn backfill_duration_and_none_skip_old_mail_and_count_it() {
 
     let user = rig.new_mailbox("bf");
     rig.append_many_dated(&user, "INBOX", dated("bf"));
-    let s = Setup::new(rig, &user, "      backfill: 30d\n").await;
+    let s = Setup::new_on(backend, rig, &user, "      backfill: 30d\n").await;
     assert_eq!(s.inserted().await, 2);
     let l = &imap::ledger(&s.config, &s.store).await.unwrap()[0];
     assert_eq!(
@@ -376,7 +467,7 @@ async fn backfill_duration_and_none_skip_old_mail_and_count_it() {
 
     let user = rig.new_mailbox("bfnone");
     rig.append_many_dated(&user, "INBOX", dated("bfnone"));
-    let s = Setup::new(rig, &user, "      backfill: none\n").await;
+    let s = Setup::new_on(backend, rig, &user, "      backfill: none\n").await;
     assert_eq!(s.inserted().await, 0);
     rig.append(&user, "INBOX", &simple(9, "bfnone"));
     assert_eq!(s.inserted().await, 1);
@@ -440,10 +531,19 @@ async fn untrusted_certificate_is_refused() {
 }
 
 #[tokio::test]
-async fn unreachable_host_retries_with_backoff_and_turns_unhealthy() {
+async fn unreachable_host_retries_with_backoff_and_turns_unhealthy_sqlite() {
+    unreachable_host_retries_with_backoff_and_turns_unhealthy_on(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn unreachable_host_retries_with_backoff_and_turns_unhealthy_postgres() {
+    unreachable_host_retries_with_backoff_and_turns_unhealthy_on(Backend::Postgres).await;
+}
+
+async fn unreachable_host_retries_with_backoff_and_turns_unhealthy_on(backend: Backend) {
     let rig = Rig::shared();
     let user = rig.new_mailbox("down");
-    let s = Setup::new(rig, &user, "").await;
+    let s = Setup::new_on(backend, rig, &user, "").await;
     let mut ctx = s.ctx();
     ctx.cfg.port = crate::support::free_port(); // nothing listens there
     let stop = CancellationToken::new();

@@ -16,6 +16,7 @@ mod replicas;
 mod rig;
 mod rig_smoke;
 mod secrets;
+mod store_copy;
 mod support;
 mod systemd;
 mod webhook;

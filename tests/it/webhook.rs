@@ -181,6 +181,37 @@ impl Daemon {
         self.state.join("fd.db")
     }
 
+    /// `PRAGMA integrity_check` (`ok` on PostgreSQL, which checks its own pages) and
+    /// `(id, origin_key, raw)` of every row of `source`.
+    async fn stored_rows(&self, source: &str) -> (String, Vec<(i64, String, Vec<u8>)>) {
+        const SQL: &str = "SELECT id, origin_key, raw FROM messages WHERE source = $1";
+        if let Some(url) = &self.pg_url {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            let rows = sqlx::query_as(SQL)
+                .bind(source)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+            return ("ok".into(), rows);
+        }
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(self.db()))
+            .await
+            .unwrap();
+        let (integrity,): (String,) = sqlx::query_as("PRAGMA integrity_check")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let rows = sqlx::query_as(SQL)
+            .bind(source)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        (integrity, rows)
+    }
+
     /// Rows stored for `source`, read from whichever backend the daemon uses.
     async fn row_count(&self, source: &str) -> i64 {
         let Some(url) = &self.pg_url else {
@@ -1001,6 +1032,16 @@ async fn bad_input_catalogue() {
 /// each restart listening again within 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_flood_loses_and_duplicates_nothing() {
+    sigkill_during_flood_on(Backend::Sqlite).await;
+}
+
+/// The same on PostgreSQL: the daemon dies, the server keeps what was committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_flood_loses_and_duplicates_nothing_postgres() {
+    sigkill_during_flood_on(Backend::Postgres).await;
+}
+
+async fn sigkill_during_flood_on(backend: Backend) {
     use rand::Rng;
     let long = crate::support::long_run();
     let (total, kills, pad_range, ready_limit) = if long {
@@ -1014,7 +1055,9 @@ async fn sigkill_during_flood_loses_and_duplicates_nothing() {
         "  - name: sw\n    webhook:\n      preset: standard-webhooks\n      max_body: 1MiB\n      auth: {{ scheme: standard-webhooks, secret_file: {}/sw }}\n",
         tmp.path().display()
     );
-    let daemon = Arc::new(tokio::sync::Mutex::new(Daemon::start(&sources, None, "")));
+    let daemon = Arc::new(tokio::sync::Mutex::new(Daemon::start_on(
+        backend, &sources, None, "",
+    )));
     let port = daemon.lock().await.port;
     let mut bodies = Vec::with_capacity(total);
     {
@@ -1093,19 +1136,7 @@ async fn sigkill_during_flood_loses_and_duplicates_nothing() {
     let mut d = daemon.lock().await;
     d.stop();
     let acked = acked.lock().unwrap().clone();
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(d.db()))
-        .await
-        .unwrap();
-    let (integrity,): (String,) = sqlx::query_as("PRAGMA integrity_check")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let rows: Vec<(i64, String, Vec<u8>)> =
-        sqlx::query_as("SELECT id, origin_key, raw FROM messages WHERE source = 'sw'")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let (integrity, rows) = d.stored_rows("sw").await;
     let mut by_key: HashMap<String, Vec<(i64, Vec<u8>)>> = HashMap::new();
     for (id, key, raw) in rows {
         by_key.entry(key).or_default().push((id, raw));
@@ -1125,7 +1156,11 @@ async fn sigkill_during_flood_loses_and_duplicates_nothing() {
     }
     let max_ready = ready.iter().max().copied().unwrap_or_default();
     crate::support::figure(
-        "D1",
+        if backend == Backend::Postgres {
+            "D1-pg"
+        } else {
+            "D1"
+        },
         &format!("{total} msgs, {kills} SIGKILLs ({during_flood} during the flood), 4 clients"),
         &format!(
             "{} acked, {lost} lost, {dups} dup, {differ} differ, {} stored, integrity {integrity}, {} retries, max ready {:.2} s, flood {:.0} s",
