@@ -2332,6 +2332,31 @@ mod tests {
     }
 
     #[test]
+    fn replica_names_are_checked_and_default_to_host_pid() {
+        let base = "storage: {sqlite: /tmp/fd.db}\nchannels:\n  - name: out\n    email: { file: /tmp/out, from: fd@example.com, to: [a@example.com] }\n";
+        let file = Path::new("frontdesk.yaml");
+        let default = load_str(file, base).unwrap().config.server.replica;
+        assert!(
+            default.ends_with(&format!("-{}", std::process::id())),
+            "{default}"
+        );
+        let named = format!("{base}server:\n  replica: web-1\n");
+        assert_eq!(
+            load_str(file, &named).unwrap().config.server.replica,
+            "web-1"
+        );
+        let bad = format!("{base}server:\n  replica: \"web 1\\n\"\n");
+        let err = load_str(file, &bad).unwrap_err();
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.to_string().contains("server.replica")),
+            "{:?}",
+            err.problems
+        );
+    }
+
+    #[test]
     fn email_shapes() {
         assert!(looks_like_email("a@example.com"));
         assert!(looks_like_email("frontdesk <frontdesk@example.com>"));
