@@ -812,9 +812,9 @@ async fn sync(config: &config::Config, only: Option<&str>) -> Result<(), Failure
         }
         match result {
             Ok(reports) => {
-                for r in reports {
+                for r in &reports {
                     emit(&format!(
-                        "{}/{}: {} new, {} already stored, {} accounted without a row{}\n",
+                        "{}/{}: {} new, {} already stored, {} accounted without a row{}{}\n",
                         ctx.name,
                         r.folder,
                         r.inserted,
@@ -824,8 +824,21 @@ async fn sync(config: &config::Config, only: Option<&str>) -> Result<(), Failure
                             " (UIDVALIDITY changed)"
                         } else {
                             ""
+                        },
+                        if r.lease_lost {
+                            " (stopped: another replica took the folder over)"
+                        } else {
+                            ""
                         }
                     ));
+                }
+                for f in &ctx.cfg.folders {
+                    if !reports.iter().any(|r| r.folder == f.name) {
+                        emit(&format!(
+                            "{}/{}: skipped, a running replica syncs it\n",
+                            ctx.name, f.name
+                        ));
+                    }
                 }
             }
             Err(e) => failed.push(format!("source {}: {e}", ctx.name)),

@@ -283,6 +283,20 @@ async fn imap_folder_moves_when_its_holder_dies() {
         .find(|l| l["folder"] == "INBOX")
         .expect("INBOX line");
     assert_eq!(inbox["holder"], holder.as_str(), "{out}");
+    // A one-off `frontdesk sync` leaves folders a running replica holds alone.
+    let (code, out, err) = crate::support::frontdesk(
+        &[
+            "sync",
+            "--config",
+            replicas[survivor].config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("mail/INBOX: skipped, a running replica syncs it"),
+        "{out}"
+    );
     let (status, metrics) = http_get(replicas[survivor].port, "/metrics").unwrap();
     assert_eq!(status, 200);
     assert!(
