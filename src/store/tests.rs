@@ -283,8 +283,7 @@ async fn postgres_tls_verifies_the_server_certificate() {
     assert!(trusted.is_ok(), "{:?}", trusted.err());
     assert!(ssl.unwrap().0, "the connection is not encrypted");
     let err = untrusted
-        .err()
-        .expect("an unknown CA must be refused")
+        .expect_err("an unknown CA must be refused")
         .to_string();
     assert!(
         err.to_lowercase().contains("certificate") || err.contains("tls"),
