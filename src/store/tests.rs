@@ -253,13 +253,17 @@ async fn the_checkpointer_keeps_the_wal_bounded_under_steady_writes() {
 
 /// A server that may lose acknowledged commits is refused, naming the setting.
 #[tokio::test]
-async fn postgres_without_synchronous_commit_is_refused() {
+async fn postgres_without_synchronous_commit_or_fsync_is_refused() {
     let (dir, url) = test_pg::start_cluster(&["synchronous_commit=off"]);
     let err = Store::open_postgres(&url, None).await.unwrap_err();
     let text = err.to_string();
     let _ = Command::new(test_pg::SCRIPT).args(["stop", &dir]).output();
     assert!(text.contains("synchronous_commit"), "{text}");
     assert!(!text.contains('\n'), "{text}");
+    let (dir, url) = test_pg::start_cluster(&["fsync=off"]);
+    let err = Store::open_postgres(&url, None).await.unwrap_err();
+    let _ = Command::new(test_pg::SCRIPT).args(["stop", &dir]).output();
+    assert!(err.to_string().contains("fsync=off"), "{err}");
 }
 
 /// `sslmode` in the URL is honoured: verify-full against the cluster's CA connects over TLS;
