@@ -850,10 +850,17 @@ async fn postgres_outage_answers_503_then_recovers_without_restart() {
     let first = send("msg_before").await.unwrap();
     assert_eq!(first.status, 200, "{first:?}");
     cluster.control("crash");
+    let asked = Instant::now();
     let during = send("msg_during").await;
     if let Ok(r) = &during {
         assert_eq!(r.status, 503, "a delivery during the outage: {r:?}");
     }
+    // A provider must hear "retry later" quickly, not time out (reliability.md L1: never > 3 s).
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "the outage answer took {:?}",
+        asked.elapsed()
+    );
     cluster.control("restart");
     let deadline = Instant::now() + Duration::from_secs(30);
     let stored = loop {
