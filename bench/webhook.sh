@@ -173,13 +173,13 @@ if [ "${PG_REPLICAS:-0}" -gt 0 ]; then
     pg_rows() { psql -qtA "$PG_URL" -c 'select count(*) from messages'; }
     conns=$((CONNS / PG_REPLICAS))
     for port in "${PG_PORTS[@]}"; do
-        wrk -t1 -c"$conns" -d2s -s "$BENCH_DIR/wrk_signed.lua" "http://127.0.0.1:$port/hooks/bench" >/dev/null 2>&1 || true
+        wrk -t1 -c"$conns" -d2s -s "$BENCH_DIR/wrk_signed.lua" "http://127.0.0.1:$port/hooks/bench" -- "w$port" >/dev/null 2>&1 || true
     done
     before=$(pg_rows)
     WRK_PIDS=()
     for port in "${PG_PORTS[@]}"; do
         wrk -t1 -c"$conns" -d"${DURATION}s" --timeout 5s -s "$BENCH_DIR/wrk_signed.lua" \
-            "http://127.0.0.1:$port/hooks/bench" >"$WORK/pg-$port.log" 2>&1 &
+            "http://127.0.0.1:$port/hooks/bench" -- "r$port" >"$WORK/pg-$port.log" 2>&1 &
         WRK_PIDS+=($!)
     done
     wait "${WRK_PIDS[@]}"
@@ -196,7 +196,7 @@ non2xx = sum(j["non2xx"] for j in js)
 acked_rps = sum((j["requests"] - j["non2xx"]) / j["duration_s"] for j in js)
 print("\t".join(str(x) for x in [f"pg-{n}-replicas", req, f"{acked_rps:.0f}", f'{max(j["p50_ms"] for j in js):.2f}',
       f'{max(j["p99_ms"] for j in js):.2f}', non2xx, sum(j["socket_errors"] for j in js),
-      sum(j["timeouts"] for j in js), stored, "-", sum(j["body_bytes"] for j in js)]))
+      sum(j["timeouts"] for j in js), stored, "-", js[0]["body_bytes"]]))
 EOF
 )
     printf '%s\n' "$PG_ROW"
@@ -208,6 +208,8 @@ print(f"ratio frontdesk/nginx acked req/s: {float(f[2]) / float(n[2]):.1%}")
 if len(sys.argv) > 3 and sys.argv[3]:
     g = sys.argv[3].split("\t")
     print(f"ratio {g[0]} (PostgreSQL) / one replica on SQLite, acked req/s: {float(g[2]) / float(f[2]):.2f}x")
+    if int(g[8]) < int(g[1]) - int(g[5]):
+        print(f"WARNING: {g[0]}: fewer rows stored than 2xx answers")
 if f[8] != "-" and int(f[8]) < int(f[1]) - int(f[5]):
     print("WARNING: fewer rows stored than 2xx answers")
 EOF
