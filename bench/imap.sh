@@ -2,18 +2,22 @@
 # IMAP sync benchmark: frontdesk next to mbsync (Debian isync) on the same private Dovecot, same run.
 #
 #   bench/imap.sh [N]        # default N=10000 messages (gen_mail.py: 2-20 KB text/HTML, 3% with 200 KiB attachments)
+#   STORAGE=both bench/imap.sh   # also frontdesk on PostgreSQL 15 (a private cluster, tests/servers/pg.sh);
+#                                # STORAGE=postgres: frontdesk on PostgreSQL only; default: sqlite
 #
 # Phases, each peer with its own empty state first:
 #   initial  full pull of N messages over implicit TLS (verified against the rig CA)
 #   incr     NEW (default 10) messages arrive, then each peer syncs again (median of RUNS)
 #   noop     nothing new, each peer syncs again (median of RUNS)
 # Peers: frontdesk (`frontdesk sync`: parses every message, SQLite synchronous=FULL, fsync per batch),
+#        frontdesk-pg (the same on PostgreSQL, fsync=on, synchronous_commit=on, same machine),
 #        mbsync with FSync yes (its default) and with FSync no (Maildir copy only).
 # Prints wall time, messages/s and peak RSS (/usr/bin/time) per peer and phase, and the ratios.
 # Needs root (the rig's Dovecot delivers as nobody) and a release build (built if missing).
 set -euo pipefail
 N=${1:-10000}
 NEW=${NEW:-10}
+STORAGE=${STORAGE:-sqlite}
 RUNS=${RUNS:-3}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=/usr/bin/python3
@@ -27,7 +31,17 @@ command -v mbsync >/dev/null || apt-get install -y -q --no-install-recommends is
 
 W=$(mktemp -d /tmp/frontdesk-bench.XXXXXX)
 eval "$("$ROOT/tests/servers/rig.sh" start --owner $$)"
-cleanup() { "$ROOT/tests/servers/rig.sh" stop "$RIG_DIR" >/dev/null 2>&1 || true; rm -rf "$W"; }
+PG_DIR=""
+if [ "$STORAGE" != sqlite ]; then
+    eval "$("$ROOT/tests/servers/pg.sh" start --owner $$)"
+    psql "$PG_URL" -qc "CREATE DATABASE bench" >/dev/null
+    PG_BENCH_URL=${PG_URL%/*}/bench
+fi
+cleanup() {
+    "$ROOT/tests/servers/rig.sh" stop "$RIG_DIR" >/dev/null 2>&1 || true
+    if [ -n "$PG_DIR" ]; then "$ROOT/tests/servers/pg.sh" stop "$PG_DIR" >/dev/null 2>&1 || true; fi
+    rm -rf "$W"
+}
 trap cleanup EXIT
 DOVEADM=(doveadm -c "$RIG_DOVECOT_CONF")
 MAILDIR=$RIG_MAIL_DIR/alice/Maildir
@@ -74,6 +88,11 @@ channels:
 YAML
 printf 'secret' >"$W/fd/password"
 chmod 600 "$W/fd/password"
+if [ "$STORAGE" != sqlite ]; then
+    mkdir -p "$W/fd-pg"
+    sed -e "s|^  sqlite: .*|  postgres: $PG_BENCH_URL|" -e "s|$W/fd/outbox|$W/fd-pg/outbox|" \
+        "$W/fd/frontdesk.yaml" >"$W/fd-pg/frontdesk.yaml"
+fi
 
 mbsync_conf() { # mbsync_conf NAME FSYNC
     mkdir -p "$W/$1/mail"
@@ -113,12 +132,14 @@ mbsync_conf mbsync-nofsync no
 peer_cmd() {
     case $1 in
     frontdesk) echo "$FD --config $W/fd/frontdesk.yaml sync" ;;
+    frontdesk-pg) echo "$FD --config $W/fd-pg/frontdesk.yaml sync" ;;
     mbsync-fsync | mbsync-nofsync) echo "mbsync -q -c $W/$1/mbsyncrc -a" ;;
     esac
 }
 peer_count() {
     case $1 in
     frontdesk) "$PY" -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*) from messages").fetchone()[0])' "$W/fd/frontdesk.db" ;;
+    frontdesk-pg) psql "$PG_BENCH_URL" -Atc "select count(*) from messages" ;;
     *) find "$W/$1/mail/INBOX" -type f \( -path '*/cur/*' -o -path '*/new/*' \) 2>/dev/null | wc -l ;;
     esac
 }
@@ -139,7 +160,12 @@ measure() { # measure PHASE PEER EXPECTED_TOTAL MSGS
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$phase" "$peer" "$wall" "$rss" "$msgs" "$got" >>"$RESULTS"
 }
 
-PEERS=(frontdesk mbsync-fsync mbsync-nofsync)
+case $STORAGE in
+sqlite) PEERS=(frontdesk mbsync-fsync mbsync-nofsync) ;;
+postgres) PEERS=(frontdesk-pg mbsync-fsync mbsync-nofsync) ;;
+both) PEERS=(frontdesk frontdesk-pg mbsync-fsync mbsync-nofsync) ;;
+*) echo "STORAGE must be sqlite, postgres or both" >&2; exit 2 ;;
+esac
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 for p in "${PEERS[@]}"; do measure initial "$p" "$N" "$N"; done
 total=$N
@@ -160,14 +186,16 @@ med = {}
 for phase, peer, wall, rss, msgs, got in rows:
     med.setdefault((phase, peer), []).append((float(wall), int(rss), int(msgs)))
 print(f"IMAP sync, {n} messages in INBOX, implicit TLS on loopback (median of runs for incr/noop)\n")
-print("| phase | peer | wall s | msgs/s | peak RSS MB | wall vs mbsync FSync no | wall vs mbsync FSync yes |")
-print("|---|---|---:|---:|---:|---:|---:|")
+print("| phase | peer | wall s | msgs/s | peak RSS MB | wall vs mbsync FSync no | wall vs mbsync FSync yes | wall vs frontdesk SQLite |")
+print("|---|---|---:|---:|---:|---:|---:|---:|")
 for phase in ("initial", "incr", "noop"):
     base = {}
     for peer in ("mbsync-nofsync", "mbsync-fsync"):
         if (phase, peer) in med:
             base[peer] = statistics.median(w for w, _, _ in med[(phase, peer)])
-    for peer in ("frontdesk", "mbsync-fsync", "mbsync-nofsync"):
+    lite = med.get((phase, "frontdesk"))
+    base["frontdesk"] = statistics.median(w for w, _, _ in lite) if lite else None
+    for peer in ("frontdesk", "frontdesk-pg", "mbsync-fsync", "mbsync-nofsync"):
         runs = med.get((phase, peer))
         if not runs:
             continue
@@ -176,5 +204,5 @@ for phase in ("initial", "incr", "noop"):
         msgs = runs[0][2]
         rate = f"{msgs / wall:.0f}" if msgs and wall > 0 else "-"
         ratio = lambda b: f"{wall / b:.2f}x" if b else "-"
-        print(f"| {phase} | {peer} | {wall:.2f} | {rate} | {rss:.1f} | {ratio(base.get('mbsync-nofsync'))} | {ratio(base.get('mbsync-fsync'))} |")
+        print(f"| {phase} | {peer} | {wall:.2f} | {rate} | {rss:.1f} | {ratio(base.get('mbsync-nofsync'))} | {ratio(base.get('mbsync-fsync'))} | {ratio(base.get('frontdesk'))} |")
 PYEOF

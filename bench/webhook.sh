@@ -12,6 +12,10 @@
 # Both targets get the same Lua script, so the signing cost on the client side is the same.
 # Prints acknowledged req/s, p50, p99, errors, rows stored, and the frontdesk/nginx ratio.
 # Knobs: DURATION THREADS CONNS FRONTDESK_BIN WORK (scratch dir, default a fresh mktemp -d).
+# PG_REPLICAS=2 adds a third target in the same run: two `frontdesk run` replicas sharing one
+# private PostgreSQL 15 (tests/servers/pg.sh), each loaded by its own wrk with half the
+# connections (a load balancer's even split); their acked req/s are summed and compared with the
+# one SQLite replica.
 set -euo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
@@ -152,10 +156,60 @@ print(f"# core backlog at the end: {backlog} messages; conversations: {convs}; W
 EOF
 printf 'target\trequests\tacked_rps\tp50_ms\tp99_ms\tnon2xx\tsocket_errors\ttimeouts\trows_stored\tserver_cpu_us_per_req\tbody_bytes\n'
 printf '%s\n%s\n' "$NGINX_ROW" "$FD_ROW"
-python3 - "$NGINX_ROW" "$FD_ROW" <<'EOF'
+if [ "${PG_REPLICAS:-0}" -gt 0 ]; then
+    PG_ENV=$("$ROOT/tests/servers/pg.sh" start --owner $$)
+    eval "$PG_ENV"
+    trap 'cleanup; "$ROOT/tests/servers/pg.sh" stop "$PG_DIR" >/dev/null 2>&1' EXIT
+    PG_PORTS=()
+    for n in $(seq 1 "$PG_REPLICAS"); do
+        port=$(free_port)
+        sed -e "s|^  sqlite: .*|  postgres: $PG_URL|" -e "s|^  listen: .*|  listen: 127.0.0.1:$port\n  replica: bench-$n|" \
+            "$WORK/frontdesk.yaml" >"$WORK/frontdesk-pg-$n.yaml"
+        FRONTDESK_LOG=warn "$FRONTDESK_BIN" run --config "$WORK/frontdesk-pg-$n.yaml" </dev/null >"$WORK/frontdesk-pg-$n.log" 2>&1 &
+        PIDS+=($!)
+        wait_port "$port"
+        PG_PORTS+=("$port")
+    done
+    pg_rows() { psql -qtA "$PG_URL" -c 'select count(*) from messages'; }
+    conns=$((CONNS / PG_REPLICAS))
+    for port in "${PG_PORTS[@]}"; do
+        wrk -t1 -c"$conns" -d2s -s "$BENCH_DIR/wrk_signed.lua" "http://127.0.0.1:$port/hooks/bench" -- "w$port" >/dev/null 2>&1 || true
+    done
+    before=$(pg_rows)
+    WRK_PIDS=()
+    for port in "${PG_PORTS[@]}"; do
+        wrk -t1 -c"$conns" -d"${DURATION}s" --timeout 5s -s "$BENCH_DIR/wrk_signed.lua" \
+            "http://127.0.0.1:$port/hooks/bench" -- "r$port" >"$WORK/pg-$port.log" 2>&1 &
+        WRK_PIDS+=($!)
+    done
+    wait "${WRK_PIDS[@]}"
+    after=$(pg_rows)
+    PG_ROW=$(python3 - "$PG_REPLICAS" "$((after - before))" "$WORK" "${PG_PORTS[@]}" <<'EOF'
+import json, sys
+n, stored, work, ports = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+js = []
+for p in ports:
+    line = [l for l in open(f"{work}/pg-{p}.log") if l.startswith("WRKJSON ")][-1]
+    js.append(json.loads(line.split(" ", 1)[1]))
+req = sum(j["requests"] for j in js)
+non2xx = sum(j["non2xx"] for j in js)
+acked_rps = sum((j["requests"] - j["non2xx"]) / j["duration_s"] for j in js)
+print("\t".join(str(x) for x in [f"pg-{n}-replicas", req, f"{acked_rps:.0f}", f'{max(j["p50_ms"] for j in js):.2f}',
+      f'{max(j["p99_ms"] for j in js):.2f}', non2xx, sum(j["socket_errors"] for j in js),
+      sum(j["timeouts"] for j in js), stored, "-", js[0]["body_bytes"]]))
+EOF
+)
+    printf '%s\n' "$PG_ROW"
+fi
+python3 - "$NGINX_ROW" "$FD_ROW" "${PG_ROW:-}" <<'EOF'
 import sys
 n, f = (r.split("\t") for r in sys.argv[1:3])
 print(f"ratio frontdesk/nginx acked req/s: {float(f[2]) / float(n[2]):.1%}")
+if len(sys.argv) > 3 and sys.argv[3]:
+    g = sys.argv[3].split("\t")
+    print(f"ratio {g[0]} (PostgreSQL) / one replica on SQLite, acked req/s: {float(g[2]) / float(f[2]):.2f}x")
+    if int(g[8]) < int(g[1]) - int(g[5]):
+        print(f"WARNING: {g[0]}: fewer rows stored than 2xx answers")
 if f[8] != "-" and int(f[8]) < int(f[1]) - int(f[5]):
     print("WARNING: fewer rows stored than 2xx answers")
 EOF

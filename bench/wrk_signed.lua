@@ -100,7 +100,9 @@ function init(args)
   compress(inner_mid, ipad, 1)
   for off = 1, full, 64 do compress(inner_mid, prefix, off) end
   rest = prefix:sub(full + 1)
-  thread_tag = tag or thread_tag
+  -- LuaJIT's random starts from the same seed in every wrk process: a salt after `--` keeps the
+  -- ids of concurrent wrk processes apart (otherwise they collide and are deduplicated).
+  thread_tag = (args[1] or "") .. (tag or thread_tag)
   counter = 0
 end
 

@@ -170,6 +170,9 @@ pub struct Server {
     pub max_concurrency: usize,
     /// How long shutdown waits for in-flight work.
     pub drain_timeout: Duration,
+    /// This replica's name where several share one PostgreSQL database (`server.replica`,
+    /// default HOST-PID).
+    pub replica: String,
 }
 
 /// A person on the team.
@@ -965,7 +968,29 @@ fn validate_server(raw: RawServer, ctx: &mut Ctx) -> Server {
             "server.drain_timeout",
             ctx,
         ),
+        replica: replica_name(raw.replica, ctx),
     }
+}
+
+/// `server.replica`: printable and short, since it appears in tables, logs and metric labels.
+fn replica_name(raw: Option<String>, ctx: &mut Ctx) -> String {
+    let Some(name) = raw else {
+        return crate::store::lease::default_replica_name();
+    };
+    let fine = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+    if !fine {
+        ctx.problem(
+            "server.replica",
+            format!("`{name}` is not a usable replica name"),
+            Some("use 1 to 64 letters, digits, `-`, `_`, `.` or `:`, e.g. the host name".into()),
+        );
+        return crate::store::lease::default_replica_name();
+    }
+    name
 }
 
 fn check_name(name: &str, path: &str, ctx: &mut Ctx) {
@@ -2304,6 +2329,31 @@ mod tests {
         assert!(is_loopback_host("[::1]"));
         assert!(!is_loopback_host("imap.example.com"));
         assert!(!is_loopback_host("10.0.0.1"));
+    }
+
+    #[test]
+    fn replica_names_are_checked_and_default_to_host_pid() {
+        let base = "storage: {sqlite: /tmp/fd.db}\nchannels:\n  - name: out\n    email: { file: /tmp/out, from: fd@example.com, to: [a@example.com] }\n";
+        let file = Path::new("frontdesk.yaml");
+        let default = load_str(file, base).unwrap().config.server.replica;
+        assert!(
+            default.ends_with(&format!("-{}", std::process::id())),
+            "{default}"
+        );
+        let named = format!("{base}server:\n  replica: web-1\n");
+        assert_eq!(
+            load_str(file, &named).unwrap().config.server.replica,
+            "web-1"
+        );
+        let bad = format!("{base}server:\n  replica: \"web 1\\n\"\n");
+        let err = load_str(file, &bad).unwrap_err();
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.to_string().contains("server.replica")),
+            "{:?}",
+            err.problems
+        );
     }
 
     #[test]

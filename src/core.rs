@@ -273,6 +273,9 @@ pub struct Core {
     store: Store,
     routing: Arc<Routing>,
     health: Option<Arc<crate::health::Health>>,
+    /// The leader lease (several replicas): proven alive before each step; when it is lost the
+    /// loop cancels `lost` and stops.
+    leader: Option<(crate::store::lease::SharedLease, CancellationToken)>,
 }
 
 /// How long the core waits after a wake-up from ingest before it steps (see `Core::run`).
@@ -295,12 +298,23 @@ impl Core {
             store,
             routing,
             health: None,
+            leader: None,
         }
     }
 
     /// Reports each step to `health`: a step past its deadline withholds the systemd watchdog.
     pub fn with_health(mut self, health: Arc<crate::health::Health>) -> Self {
         self.health = Some(health);
+        self
+    }
+
+    /// Steps only while `lease` is alive; cancels `lost` and stops when it is not.
+    pub fn with_leader(
+        mut self,
+        lease: crate::store::lease::SharedLease,
+        lost: CancellationToken,
+    ) -> Self {
+        self.leader = Some((lease, lost));
         self
     }
 
@@ -313,6 +327,12 @@ impl Core {
             // Registered before the step so a wake-up during it is not lost.
             let notified = wake.notified();
             let mut busy = false;
+            if let Some((lease, lost)) = &self.leader
+                && lease.lock().await.alive().await.is_err()
+            {
+                lost.cancel();
+                return;
+            }
             if let Some(h) = &self.health {
                 h.busy_until("core", std::time::Instant::now() + STEP_DEADLINE);
             }

@@ -16,6 +16,7 @@ use crate::config::{self, ChannelKind, Config, SourceKind, Storage};
 use crate::health::Health;
 use crate::http::{self, AppState};
 use crate::store::Store;
+use crate::store::lease::{LeaseName, Leases, Role, SharedLease};
 
 /// What the daemon's long-running tasks share.
 #[derive(Clone)]
@@ -32,10 +33,17 @@ pub struct Shared {
     pub wake_sender: Arc<Notify>,
     /// Cancelled when the daemon stops.
     pub shutdown: CancellationToken,
+    /// This replica's leases (always held on SQLite).
+    pub leases: Leases,
+    /// The leader lease while running a leader-only task (`lead`).
+    pub leader: Option<SharedLease>,
 }
 
 /// How often the main loop probes health when systemd asks for no watchdog.
 const PROBE_EVERY: Duration = Duration::from_secs(10);
+/// How often a leader proves its lease alive, and a follower tries to take it: a dead leader's
+/// role moves within about this long once PostgreSQL has noticed its session is gone.
+const LEADER_CHECK: Duration = Duration::from_secs(1);
 
 /// Runs the daemon until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -64,6 +72,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         wake_core: Arc::new(Notify::new()),
         wake_sender: Arc::new(Notify::new()),
         shutdown: shutdown.clone(),
+        leases: store.leases(&config_rx.borrow().server.replica),
+        leader: None,
     };
     let state = AppState {
         store: store.clone(),
@@ -91,12 +101,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Build the channels once up front so a broken channel fails the start, not the first send.
     crate::notify::Sender::new(store.clone(), config_rx.borrow().clone())
         .context("cannot set up the output channels")?;
-    tracker.spawn(sender_task(shared.clone()));
+    tracker.spawn(lead(shared.clone(), Role::Sender, sender_task));
 
     // The core loop: the only writer of conversations and SLA targets. Its rules are checked
     // here so that a config the core cannot use fails the start.
     crate::core::Routing::from_config(&config_rx.borrow()).context("cannot build the sla rules")?;
-    tracker.spawn(core_task(shared.clone()));
+    tracker.spawn(lead(shared.clone(), Role::Core, core_task));
 
     let app = http::router(state);
     let server_shutdown = shutdown.clone();
@@ -224,6 +234,86 @@ async fn imap_supervisor(shared: Shared) {
     }
 }
 
+/// Runs `task` only while this replica holds the lease of `role` (always, on SQLite).
+///
+/// A follower tries the lease every [`LEADER_CHECK`]; the leader proves it alive as often, and
+/// when the proof fails it aborts the task at once: another replica may already hold the role.
+/// Aborting between or inside transactions is safe, since every step commits atomically. With
+/// shared leases the leader also wakes its loop every check, because messages committed by
+/// other replicas do not reach this process's wake-up signal.
+async fn lead<F, Fut>(shared: Shared, role: Role, task: F)
+where
+    F: Fn(Shared) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let lease: SharedLease = Arc::new(tokio::sync::Mutex::new(
+        shared.leases.lease(LeaseName::Role(role)),
+    ));
+    let wake = match role {
+        Role::Core => shared.wake_core.clone(),
+        Role::Sender => shared.wake_sender.clone(),
+    };
+    loop {
+        let taken = lease.lock().await.try_take().await;
+        if let Err(e) = &taken {
+            tracing::debug!(role = role.as_str(), error = %e, "leader lease not taken");
+        }
+        if !matches!(taken, Ok(true)) {
+            tokio::select! {
+                _ = tokio::time::sleep(LEADER_CHECK) => continue,
+                _ = shared.shutdown.cancelled() => return,
+            }
+        }
+        if shared.leases.shared() {
+            tracing::info!(
+                role = role.as_str(),
+                replica = shared.leases.replica(),
+                "leading"
+            );
+        }
+        let generation = shared.shutdown.child_token();
+        let mut handle = tokio::spawn(task(Shared {
+            shutdown: generation.clone(),
+            leader: Some(lease.clone()),
+            ..shared.clone()
+        }));
+        let mut check = tokio::time::interval(LEADER_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        check.tick().await;
+        loop {
+            tokio::select! {
+                _ = &mut handle => {
+                    lease.lock().await.release().await;
+                    if shared.shutdown.is_cancelled() {
+                        return;
+                    }
+                    // The task stopped itself (the core found its lease lost before a step)
+                    // or panicked: give the role up so any replica, this one included, can
+                    // take it again.
+                    shared.health.remove(role.as_str());
+                    tracing::warn!(role = role.as_str(), "leader task stopped; competing for the role again");
+                    tokio::time::sleep(LEADER_CHECK).await;
+                    break;
+                }
+                _ = check.tick() => {
+                    if !shared.leases.shared() {
+                        continue;
+                    }
+                    if lease.lock().await.check().await.is_err() {
+                        generation.cancel();
+                        handle.abort();
+                        let _ = handle.await;
+                        shared.health.remove(role.as_str());
+                        tracing::warn!(role = role.as_str(), "leadership lost; stopped");
+                        break;
+                    }
+                    wake.notify_one();
+                }
+            }
+        }
+    }
+}
+
 /// Runs one generation of a task per configuration, replacing it when a reload changes the config.
 ///
 /// `start` builds the generation from the config in force, or says why it cannot (the task then
@@ -279,10 +369,15 @@ async fn core_task(shared: Shared) {
         shared.wake_core.clone(),
         shared.health.clone(),
     );
+    let (leader, lost) = (shared.leader.clone(), shared.shutdown.clone());
     supervise(shared, "core", move |config, stop| {
         let routing = crate::core::Routing::from_config(&config)?;
-        let core =
+        let mut core =
             crate::core::Core::new(store.clone(), Arc::new(routing)).with_health(health.clone());
+        if let Some(lease) = &leader {
+            // Cancelling the generation's parent makes `lead` give the role up.
+            core = core.with_leader(lease.clone(), lost.clone());
+        }
         let wake = wake.clone();
         Ok::<_, crate::core::RoutingError>(async move { core.run(wake, stop).await })
     })

@@ -86,6 +86,13 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             String::new()
         }
     };
+    let replica = state.config.borrow().server.replica.clone();
+    match state.store.lease_holders().await {
+        Ok(holders) => body.push_str(&crate::store::metrics::render(
+            &crate::store::lease::lease_samples(holders.as_deref(), &replica),
+        )),
+        Err(e) => tracing::warn!(error = %e, "metrics: lease holders unavailable"),
+    }
     let (healthy, total) = state.health.count("");
     body.push_str(&format!(
         "# HELP frontdesk_tasks Daemon tasks reporting health.\n# TYPE frontdesk_tasks gauge\nfrontdesk_tasks {total}\n\

@@ -36,6 +36,25 @@ enum LogFormat {
     Journald,
 }
 
+/// `frontdesk store ...`.
+#[derive(Subcommand, Debug)]
+enum StoreAction {
+    /// Copy every table from a SQLite file into an empty PostgreSQL database and verify row
+    /// counts and per-table SHA-256 checksums (stop the daemon first; the password may come
+    /// from PGPASSWORD)
+    Copy {
+        /// sqlite:PATH (the source database file)
+        #[arg(long)]
+        from: String,
+        /// postgres:URL (an empty database; e.g. postgres:postgres://frontdesk@db/frontdesk)
+        #[arg(long)]
+        to: String,
+        /// One JSON array of {table, rows, sha256} on stdout
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon: sources, core, sender and the HTTP server
@@ -63,6 +82,11 @@ enum Command {
     Backup {
         /// The new database file (must not exist)
         path: PathBuf,
+    },
+    /// Move the queue between storage backends
+    Store {
+        #[command(subcommand)]
+        action: StoreAction,
     },
     /// List conversations with their SLA state, most urgent first
     Conversations {
@@ -372,6 +396,59 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                     path.display(),
                     copy.message_count().await.map_err(anyhow::Error::from)?
                 ));
+                Ok(())
+            })
+        }
+        Command::Store {
+            action: StoreAction::Copy { from, to, json },
+        } => {
+            let usage = |m: String| Failure {
+                code: 1,
+                message: m,
+            };
+            let from = from
+                .strip_prefix("sqlite:")
+                .ok_or_else(|| usage(format!("--from {from}: write sqlite:PATH")))?
+                .to_string();
+            let to = match to.strip_prefix("postgres:") {
+                Some(rest)
+                    if rest.starts_with("postgres://") || rest.starts_with("postgresql://") =>
+                {
+                    rest.to_string()
+                }
+                _ => {
+                    return Err(usage(format!(
+                        "--to {}: write postgres:postgres://USER@HOST/DATABASE",
+                        frontdesk::store::redact_url(&to)
+                    )));
+                }
+            };
+            runtime()?.block_on(async move {
+                let copied = frontdesk::store::copy::sqlite_to_postgres(
+                    std::path::Path::new(&from),
+                    &to,
+                    None,
+                )
+                .await
+                .map_err(|e| usage(e.to_string()))?;
+                if json {
+                    emit(&format!(
+                        "{}\n",
+                        serde_json::to_string_pretty(&copied).map_err(anyhow::Error::from)?
+                    ));
+                } else {
+                    let mut out = String::new();
+                    for c in &copied {
+                        out +=
+                            &format!("{:<22} {:>10} rows  sha256 {}\n", c.table, c.rows, c.sha256);
+                    }
+                    out += &format!(
+                        "copied {} rows into {}; counts and checksums match\n",
+                        copied.iter().map(|c| c.rows).sum::<u64>(),
+                        frontdesk::store::redact_url(&to)
+                    );
+                    emit(&out);
+                }
                 Ok(())
             })
         }
@@ -753,9 +830,9 @@ async fn sync(config: &config::Config, only: Option<&str>) -> Result<(), Failure
         }
         match result {
             Ok(reports) => {
-                for r in reports {
+                for r in &reports {
                     emit(&format!(
-                        "{}/{}: {} new, {} already stored, {} accounted without a row{}\n",
+                        "{}/{}: {} new, {} already stored, {} accounted without a row{}{}\n",
                         ctx.name,
                         r.folder,
                         r.inserted,
@@ -765,8 +842,21 @@ async fn sync(config: &config::Config, only: Option<&str>) -> Result<(), Failure
                             " (UIDVALIDITY changed)"
                         } else {
                             ""
+                        },
+                        if r.lease_lost {
+                            " (stopped: another replica took the folder over)"
+                        } else {
+                            ""
                         }
                     ));
+                }
+                for f in &ctx.cfg.folders {
+                    if !reports.iter().any(|r| r.folder == f.name) {
+                        emit(&format!(
+                            "{}/{}: skipped, a running replica syncs it\n",
+                            ctx.name, f.name
+                        ));
+                    }
                 }
             }
             Err(e) => failed.push(format!("source {}: {e}", ctx.name)),

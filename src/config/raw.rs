@@ -115,6 +115,8 @@ pub struct RawServer {
     pub max_concurrency: Option<usize>,
     /// How long shutdown waits for in-flight work (default 20s).
     pub drain_timeout: Option<String>,
+    /// This replica's name in leases, `frontdesk sources` and `/metrics` (default HOST-PID).
+    pub replica: Option<String>,
 }
 
 /// A team member.

@@ -37,6 +37,7 @@ use crate::config::{Backfill, Config, Folder, FolderRole, ImapSource, Login, Sou
 use crate::ingest::email;
 use crate::ingest::imap_guard::Guarded;
 use crate::message::{Automation, Direction, Message, Origin};
+use crate::store::lease::{Lease, LeaseName, Leases};
 use crate::store::{self, AccountedKind, AccountedUid, FolderLedger, ImapCursor, Store};
 
 /// A socket whose every read and write times out.
@@ -427,6 +428,77 @@ pub struct SourceCtx {
     pub team: Arc<HashSet<String>>,
     /// The store.
     pub store: Store,
+    /// This replica's leases: a folder is synced only while its lease is held.
+    pub leases: Leases,
+}
+
+/// The leases of one source's folders, kept across reconnects: with several replicas on one
+/// PostgreSQL database, each folder is synced by one replica at a time.
+#[derive(Debug)]
+pub struct FolderLeases {
+    by_folder: Vec<(String, Lease)>,
+}
+
+impl FolderLeases {
+    /// One lease per configured folder of `ctx`, none taken yet.
+    pub fn new(ctx: &SourceCtx) -> FolderLeases {
+        let by_folder = ctx
+            .cfg
+            .folders
+            .iter()
+            .map(|f| {
+                let name = LeaseName::Folder {
+                    source: ctx.name.clone(),
+                    folder: f.name.clone(),
+                };
+                (f.name.clone(), ctx.leases.lease(name))
+            })
+            .collect();
+        FolderLeases { by_folder }
+    }
+
+    /// Tries to take every folder not held yet; returns how many are held afterwards. A
+    /// database that does not answer counts as "not taken" (logged, retried next time).
+    pub async fn take_free(&mut self) -> usize {
+        let mut held = 0;
+        for (_, lease) in &mut self.by_folder {
+            if lease.is_held() {
+                held += 1;
+                continue;
+            }
+            match lease.try_take().await {
+                Ok(true) => held += 1,
+                Ok(false) => {}
+                Err(e) => debug!(lease = %lease.name(), error = %e, "folder lease not taken"),
+            }
+        }
+        held
+    }
+
+    /// Whether this replica holds every folder (then nothing needs retrying between syncs).
+    pub fn all_held(&self) -> bool {
+        self.by_folder.iter().all(|(_, l)| l.is_held())
+    }
+
+    fn held_mut(&mut self, folder: &str) -> Option<&mut Lease> {
+        self.by_folder
+            .iter_mut()
+            .find(|(f, l)| f == folder && l.is_held())
+            .map(|(_, l)| l)
+    }
+
+    fn is_held(&self, folder: &str) -> bool {
+        self.by_folder
+            .iter()
+            .any(|(f, l)| f == folder && l.is_held())
+    }
+
+    /// Gives every lease back (shutdown, end of a CLI sync).
+    pub async fn release_all(&mut self) {
+        for (_, lease) in &mut self.by_folder {
+            lease.release().await;
+        }
+    }
 }
 
 /// Progress of a sync, for the CLI's progress bar.
@@ -453,6 +525,8 @@ pub struct FolderReport {
     pub accounted: u64,
     /// The UIDVALIDITY changed and was reconciled in this pass.
     pub uid_validity_changed: bool,
+    /// The folder's lease was lost during the pass, which then stopped.
+    pub lease_lost: bool,
 }
 
 /// Failure counts per (folder, UID) across reconnects: how poison messages are found.
@@ -499,25 +573,36 @@ impl SourceCtx {
         }
     }
 
-    /// One pass over every folder on an open session.
+    /// One pass over every folder this replica holds the lease of, on an open session.
     pub async fn sync_folders(
         &self,
         session: &mut Session,
+        leases: &mut FolderLeases,
         poison: &mut PoisonTracker,
         progress: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<Vec<FolderReport>, ImapError> {
         let mut reports = Vec::new();
         for folder in &self.cfg.folders {
-            reports.push(self.sync_folder(session, folder, poison, progress).await?);
+            let Some(lease) = leases.held_mut(&folder.name) else {
+                continue;
+            };
+            reports.push(
+                self.sync_folder(session, folder, lease, poison, progress)
+                    .await?,
+            );
         }
         Ok(reports)
     }
 
     /// Syncs one folder: first-run backfill, UIDVALIDITY reconciliation, then new UIDs in batches.
+    ///
+    /// The folder's lease is checked before the folder is opened and before each fetch batch;
+    /// once it is lost the pass stops (`lease_lost`), since another replica may now hold it.
     pub async fn sync_folder(
         &self,
         session: &mut Session,
         folder: &Folder,
+        lease: &mut Lease,
         poison: &mut PoisonTracker,
         progress: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<FolderReport, ImapError> {
@@ -526,6 +611,10 @@ impl SourceCtx {
             folder: folder.name.clone(),
             ..FolderReport::default()
         };
+        if lease.check().await.is_err() {
+            report.lease_lost = true;
+            return Ok(report);
+        }
         let mailbox = session
             .examine(&folder.name)
             .await
@@ -584,6 +673,10 @@ impl SourceCtx {
                     .copied()
                     .collect();
                 let last = batch.last().map_or(cursor.last_uid, |l| l.uid);
+                if lease.check().await.is_err() {
+                    report.lease_lost = true;
+                    break;
+                }
                 let started = std::time::Instant::now();
                 let fetched = self
                     .fetch_batch(session, folder, uid_validity, &todo, &cursor, last, poison)
@@ -1104,16 +1197,26 @@ pub async fn sync_once(
     poison: &mut PoisonTracker,
     progress: &mut (dyn FnMut(Progress) + Send),
 ) -> Result<Vec<FolderReport>, ImapError> {
+    let mut leases = FolderLeases::new(ctx);
+    if leases.take_free().await == 0 {
+        // Another replica holds every folder and syncs them; nothing to do here.
+        return Ok(Vec::new());
+    }
     let result = async {
         let (mut session, _) = connect(&ctx.cfg).await?;
-        let reports = ctx.sync_folders(&mut session, poison, progress).await?;
+        let reports = ctx
+            .sync_folders(&mut session, &mut leases, poison, progress)
+            .await?;
         for folder in &ctx.cfg.folders {
-            ctx.reconcile(&mut session, folder).await?;
+            if leases.is_held(&folder.name) {
+                ctx.reconcile(&mut session, folder).await?;
+            }
         }
         let _ = session.logout().await;
         Ok(reports)
     }
     .await;
+    leases.release_all().await;
     record_health(ctx, result.as_ref().err()).await;
     result
 }
@@ -1268,13 +1371,33 @@ async fn list_uids_above(
 
 /// The source task of `frontdesk run`: sync, then IDLE (or poll), forever; reconnects with
 /// backoff; records health; wakes the core after new rows; stops on `shutdown`.
+///
+/// With several replicas, only the folders whose lease this replica holds are synced; a replica
+/// holding none does not connect and tries the leases again every poll interval, so it takes a
+/// folder over within one interval of its holder's death.
 pub async fn run(ctx: SourceCtx, core: Arc<Notify>, shutdown: CancellationToken) {
     let mut backoff = Backoff::default();
     let mut poison = PoisonTracker::default();
+    let mut leases = FolderLeases::new(&ctx);
     loop {
-        let result = watch(&ctx, &core, &mut poison, &mut backoff, &shutdown).await;
+        if leases.take_free().await == 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(ctx.cfg.poll_interval) => continue,
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        let result = watch(
+            &ctx,
+            &mut leases,
+            &core,
+            &mut poison,
+            &mut backoff,
+            &shutdown,
+        )
+        .await;
         match result {
-            Ok(()) => return,
+            Ok(Exit::Shutdown) => break,
+            Ok(Exit::NoLease) => continue,
             Err(e) => {
                 warn!(source = %ctx.name, error = %e, "imap source failed; reconnecting");
                 record_health(&ctx, Some(&e)).await;
@@ -1284,23 +1407,34 @@ pub async fn run(ctx: SourceCtx, core: Arc<Notify>, shutdown: CancellationToken)
         debug!(source = %ctx.name, delay_ms = delay.as_millis() as u64, "reconnect backoff");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
         }
     }
+    leases.release_all().await;
 }
 
-/// One connection's life: returns Ok on shutdown, Err when the connection failed.
+/// Why a connection's life ended without an error.
+enum Exit {
+    /// The daemon is stopping.
+    Shutdown,
+    /// Every folder lease was lost: wait for one without a connection.
+    NoLease,
+}
+
+/// One connection's life: returns Ok on shutdown or when no lease is left, Err when the
+/// connection failed.
 async fn watch(
     ctx: &SourceCtx,
+    leases: &mut FolderLeases,
     core: &Notify,
     poison: &mut PoisonTracker,
     backoff: &mut Backoff,
     shutdown: &CancellationToken,
-) -> Result<(), ImapError> {
+) -> Result<Exit, ImapError> {
     let t = ctx.cfg.timeout;
     let (mut session, has_idle) = tokio::select! {
         r = connect(&ctx.cfg) => r?,
-        _ = shutdown.cancelled() => return Ok(()),
+        _ = shutdown.cancelled() => return Ok(Exit::Shutdown),
     };
     info!(source = %ctx.name, idle = has_idle && ctx.cfg.idle, "imap connected");
     let idle_folder = ctx
@@ -1313,26 +1447,35 @@ async fn watch(
     let mut last_reconcile: Option<tokio::time::Instant> = None;
     let mut no_progress = |_: Progress| {};
     loop {
+        if leases.take_free().await == 0 {
+            let _ = tokio::time::timeout(t, session.logout()).await;
+            return Ok(Exit::NoLease);
+        }
         let reports = tokio::select! {
-            r = ctx.sync_folders(&mut session, poison, &mut no_progress) => r?,
-            _ = shutdown.cancelled() => return Ok(()),
+            r = ctx.sync_folders(&mut session, leases, poison, &mut no_progress) => r?,
+            _ = shutdown.cancelled() => return Ok(Exit::Shutdown),
         };
         if reports.iter().any(|r| r.inserted > 0) {
             core.notify_one();
         }
         if last_reconcile.is_none_or(|at| at.elapsed() >= RECONCILE_EVERY) {
             for folder in &ctx.cfg.folders {
-                ctx.reconcile(&mut session, folder).await?;
+                if leases.is_held(&folder.name) {
+                    ctx.reconcile(&mut session, folder).await?;
+                }
             }
             last_reconcile = Some(tokio::time::Instant::now());
         }
         record_health(ctx, None).await;
         backoff.reset();
 
-        match (&idle_folder, has_idle && ctx.cfg.idle) {
+        // IDLE only on a folder this replica holds; with leases shared between replicas, wake
+        // at least every poll interval to prove the leases alive and to try the free ones.
+        let idle_folder = idle_folder.as_ref().filter(|f| leases.is_held(f));
+        match (idle_folder, has_idle && ctx.cfg.idle) {
             (Some(folder), true) => {
                 // with several folders, IDLE watches the inbound one; the others are polled
-                let segment = if ctx.cfg.folders.len() > 1 {
+                let segment = if ctx.cfg.folders.len() > 1 || ctx.leases.shared() {
                     ctx.cfg.poll_interval.min(IDLE_REFRESH)
                 } else {
                     IDLE_REFRESH
@@ -1346,7 +1489,7 @@ async fn watch(
                 session = s;
                 if let Wake::Shutdown = wake {
                     let _ = tokio::time::timeout(t, session.logout()).await;
-                    return Ok(());
+                    return Ok(Exit::Shutdown);
                 }
             }
             _ => {
@@ -1354,7 +1497,7 @@ async fn watch(
                     _ = tokio::time::sleep(ctx.cfg.poll_interval) => {}
                     _ = shutdown.cancelled() => {
                         let _ = tokio::time::timeout(t, session.logout()).await;
-                        return Ok(());
+                        return Ok(Exit::Shutdown);
                     }
                 }
                 // a NOOP keeps the link honest between polls
@@ -1383,6 +1526,7 @@ pub fn sources(config: &Config, store: &Store, only: Option<&str>) -> Vec<Source
                 cfg: cfg.clone(),
                 team: team.clone(),
                 store: store.clone(),
+                leases: store.leases(&config.server.replica),
             }),
             SourceKind::Webhook(_) => None,
         })
@@ -1405,6 +1549,9 @@ pub struct LedgerLine {
     pub last_error_at: Option<DateTime<Utc>>,
     /// Why reconciling against the server failed just now, if it did.
     pub reconcile_error: Option<String>,
+    /// The replica syncing the folder now (PostgreSQL); `None` on SQLite, where the daemon
+    /// does, or when no replica holds it.
+    pub holder: Option<String>,
 }
 
 /// Reconciles every IMAP source against its server (errors are reported, not fatal) and returns
@@ -1417,6 +1564,7 @@ pub async fn ledger(config: &Config, store: &Store) -> Result<Vec<LedgerLine>, s
         }
     }
     let health = store.source_health().await?;
+    let holders = store.lease_holders().await?.unwrap_or_default();
     let lines = store
         .imap_ledger()
         .await?
@@ -1429,6 +1577,13 @@ pub async fn ledger(config: &Config, store: &Store) -> Result<Vec<LedgerLine>, s
                 last_error: h.and_then(|h| h.last_error.clone()),
                 last_error_at: h.and_then(|h| h.last_error_at),
                 reconcile_error: errors.get(&folder.source).cloned(),
+                holder: holders
+                    .iter()
+                    .find(|h| {
+                        h.source.as_deref() == Some(folder.source.as_str())
+                            && h.folder.as_deref() == Some(folder.folder.as_str())
+                    })
+                    .map(|h| h.holder.clone()),
                 folder,
             }
         })
@@ -1439,7 +1594,7 @@ pub async fn ledger(config: &Config, store: &Store) -> Result<Vec<LedgerLine>, s
 /// The ledger as aligned text for a terminal.
 pub fn ledger_text(lines: &[LedgerLine]) -> String {
     let mut out = format!(
-        "{:<16} {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<7} {}\n",
+        "{:<16} {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<7} {:<16} {}\n",
         "SOURCE",
         "FOLDER",
         "SERVER",
@@ -1449,13 +1604,14 @@ pub fn ledger_text(lines: &[LedgerLine]) -> String {
         "OWN",
         "UNACCT",
         "HEALTH",
+        "HOLDER",
         "LAST ERROR"
     );
     let n = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     for l in lines {
         let f = &l.folder;
         out.push_str(&format!(
-            "{:<16} {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<7} {}\n",
+            "{:<16} {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<7} {:<16} {}\n",
             f.source,
             f.folder,
             n(f.server_messages),
@@ -1465,6 +1621,7 @@ pub fn ledger_text(lines: &[LedgerLine]) -> String {
             f.own,
             n(f.unaccounted),
             if l.healthy { "ok" } else { "FAILING" },
+            l.holder.as_deref().unwrap_or("-"),
             l.reconcile_error
                 .as_deref()
                 .or(l.last_error.as_deref())

@@ -217,6 +217,14 @@ pub fn render(samples: &[Sample]) -> String {
             "gauge",
             "SLA target instances by metric and state (active, at_risk, met, breached, met_late).",
         ),
+        "frontdesk_replica_leader" => (
+            "gauge",
+            "1 when this replica runs the role (core, sender); on SQLite always 1.",
+        ),
+        "frontdesk_lease_holder" => (
+            "gauge",
+            "Leases held now (PostgreSQL): IMAP folders and roles, by holding replica.",
+        ),
         _ => ("gauge", ""),
     };
     let mut out = String::new();

@@ -15,12 +15,14 @@
 
 #[macro_use]
 mod backend;
+pub mod copy;
 #[cfg(test)]
 #[macro_use]
 pub(crate) mod test_pg;
 pub mod core;
 mod digest;
 mod imap;
+pub mod lease;
 mod messages;
 pub mod metrics;
 mod outbox;
@@ -177,7 +179,9 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .min_connections(0)
-            .acquire_timeout(Duration::from_secs(5))
+            // While the server is down, acquiring retries the connection until this timeout: the
+            // bound on how long a webhook waits for its 503 (reliability.md L1: never > 3 s).
+            .acquire_timeout(Duration::from_secs(2))
             // A server restart leaves dead connections in the pool; test before handing out so
             // the first request after an outage does not fail on a stale socket.
             .test_before_acquire(true)

@@ -15,10 +15,17 @@ pub(crate) const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/serv
 
 /// Starts a cluster owned by this process with `settings` (`NAME=VALUE`); returns (dir, URL).
 pub(crate) fn start_cluster(settings: &[&str]) -> (String, String) {
+    let env = start_cluster_with(settings, &[]);
+    (env("PG_DIR="), env("PG_URL="))
+}
+
+/// Starts a cluster with `settings` and extra `pg.sh start` flags; returns its printed env.
+pub(crate) fn start_cluster_with(settings: &[&str], flags: &[&str]) -> impl Fn(&str) -> String {
     let mut cmd = Command::new(SCRIPT);
     cmd.arg("start")
         .arg("--owner")
-        .arg(std::process::id().to_string());
+        .arg(std::process::id().to_string())
+        .args(flags);
     for s in settings {
         cmd.arg("--set").arg(s);
     }
@@ -28,14 +35,13 @@ pub(crate) fn start_cluster(settings: &[&str]) -> (String, String) {
         "pg.sh start failed (needs Debian postgresql 15): {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let get = |k: &str| {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    move |k: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(k))
             .expect("pg.sh prints its env")
             .to_string()
-    };
-    (get("PG_DIR="), get("PG_URL="))
+    }
 }
 
 /// `postgres://postgres@127.0.0.1:PORT/postgres` of this process's shared cluster.

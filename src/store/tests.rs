@@ -253,13 +253,46 @@ async fn the_checkpointer_keeps_the_wal_bounded_under_steady_writes() {
 
 /// A server that may lose acknowledged commits is refused, naming the setting.
 #[tokio::test]
-async fn postgres_without_synchronous_commit_is_refused() {
+async fn postgres_without_synchronous_commit_or_fsync_is_refused() {
     let (dir, url) = test_pg::start_cluster(&["synchronous_commit=off"]);
     let err = Store::open_postgres(&url, None).await.unwrap_err();
     let text = err.to_string();
     let _ = Command::new(test_pg::SCRIPT).args(["stop", &dir]).output();
     assert!(text.contains("synchronous_commit"), "{text}");
     assert!(!text.contains('\n'), "{text}");
+    let (dir, url) = test_pg::start_cluster(&["fsync=off"]);
+    let err = Store::open_postgres(&url, None).await.unwrap_err();
+    let _ = Command::new(test_pg::SCRIPT).args(["stop", &dir]).output();
+    assert!(err.to_string().contains("fsync=off"), "{err}");
+}
+
+/// `sslmode` in the URL is honoured: verify-full against the cluster's CA connects over TLS;
+/// without that CA (webpki roots only) the certificate is refused.
+#[tokio::test]
+async fn postgres_tls_verifies_the_server_certificate() {
+    let env = test_pg::start_cluster_with(&[], &["--tls"]);
+    let (dir, port, ca) = (env("PG_DIR="), env("PG_PORT="), env("PG_CA="));
+    let base = format!("postgres://postgres@localhost:{port}/postgres?sslmode=verify-full");
+    let trusted = Store::open_postgres(&format!("{base}&sslrootcert={ca}"), None).await;
+    let untrusted = Store::open_postgres(&base, None).await;
+    let ssl: Result<(bool,), _> = match &trusted {
+        Ok(store) => {
+            sqlx::query_as("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(store.pg_pool().unwrap())
+                .await
+        }
+        Err(_) => Ok((false,)),
+    };
+    let _ = Command::new(test_pg::SCRIPT).args(["stop", &dir]).output();
+    assert!(trusted.is_ok(), "{:?}", trusted.err());
+    assert!(ssl.unwrap().0, "the connection is not encrypted");
+    let err = untrusted
+        .expect_err("an unknown CA must be refused")
+        .to_string();
+    assert!(
+        err.to_lowercase().contains("certificate") || err.contains("tls"),
+        "{err}"
+    );
 }
 
 /// An unreachable server is a clear open error, and a password in the URL is not shown.

@@ -713,7 +713,7 @@ mod batch_tests {
 }
 
 #[cfg(test)]
-mod tests_support {
+pub(crate) mod tests_support {
     use crate::message::{Automation, Direction, Message, Origin, ParseStatus};
     use chrono::Utc;
 

@@ -2,10 +2,12 @@
 # A private PostgreSQL 15 cluster for the tests: initdb in a temp dir, one free loopback port,
 # trust authentication on 127.0.0.1 only. Several clusters can run on one machine at once.
 #
-#   pg.sh start [--owner PID] [--set NAME=VALUE]... [DIR]
+#   pg.sh start [--owner PID] [--set NAME=VALUE]... [--tls] [DIR]
 #                          start a cluster (DIR default: a new mktemp dir) and print its env
 #                          (PG_DIR, PG_PORT, PG_URL); with --owner the cluster stops itself once
-#                          PID has exited; --set passes a server setting (e.g. synchronous_commit=off)
+#                          PID has exited; --set passes a server setting (e.g. synchronous_commit=off);
+#                          --tls also serves TLS with a certificate for 127.0.0.1 and localhost
+#                          from a private CA (printed as PG_CA)
 #   pg.sh env DIR          print the shell-sourceable variables again
 #   pg.sh stop DIR         stop the server (fast shutdown) and remove DIR (PG_KEEP=1 keeps it)
 #   pg.sh crash DIR        stop with `pg_ctl stop -m immediate` (no checkpoint: WAL replay at start)
@@ -66,6 +68,25 @@ print_env() {
     port=$(cat "$r/port")
     printf 'PG_DIR=%s\nPG_PORT=%s\nPG_URL=postgres://postgres@127.0.0.1:%s/postgres\n' \
         "$r" "$port" "$port"
+    if [ -f "$r/tls/ca.pem" ]; then printf 'PG_CA=%s\n' "$r/tls/ca.pem"; fi
+}
+
+# A CA and a server certificate for 127.0.0.1/localhost (EC P-256: rustls with ring verifies it).
+make_tls() {
+    local t=$1/tls
+    mkdir -p "$t"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout "$t/ca.key" -out "$t/ca.pem" -days 30 -subj "/CN=frontdesk pg test CA" \
+        -addext "basicConstraints=critical,CA:TRUE" \
+        -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout "$t/server.key" -out "$t/server.csr" -subj "/CN=localhost" 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n' >"$t/ext.cnf"
+    openssl x509 -req -in "$t/server.csr" -CA "$t/ca.pem" -CAkey "$t/ca.key" -CAcreateserial \
+        -out "$t/server.pem" -days 30 -extfile "$t/ext.cnf" 2>/dev/null
+    chmod 644 "$t/ca.pem" "$t/server.pem"
+    chmod 600 "$t/server.key"
+    printf 'ssl=on\nssl_cert_file=%s\nssl_key_file=%s\n' "$t/server.pem" "$t/server.key" >>"$1/settings"
 }
 
 server_pid() { head -n1 "$1/data/postmaster.pid" 2>/dev/null || true; }
@@ -86,7 +107,7 @@ start_server() {
 }
 
 cmd_start() {
-    local owner="" r="" sets=()
+    local owner="" r="" sets=() tls=0
     while [ $# -gt 0 ]; do
         case $1 in
         --owner)
@@ -96,6 +117,10 @@ cmd_start() {
         --set)
             sets+=("$2")
             shift 2
+            ;;
+        --tls)
+            tls=1
+            shift
             ;;
         *)
             r=$1
@@ -111,6 +136,7 @@ cmd_start() {
     : >"$r/settings"
     local s
     for s in "${sets[@]+"${sets[@]}"}"; do printf '%s\n' "$s" >>"$r/settings"; done
+    if [ $tls = 1 ]; then make_tls "$r"; fi
     if [ "$(id -u)" = 0 ]; then chown -R postgres: "$r"; fi
     as_owner "$PGBIN/initdb" -D "$r/data" -U postgres --auth=trust --no-sync -E UTF8 \
         --locale=C.UTF-8 >"$r/initdb.log" 2>&1 || die "initdb failed: $(tail -n5 "$r/initdb.log")"
