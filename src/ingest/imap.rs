@@ -900,13 +900,14 @@ impl SourceCtx {
                 .filter(|u| !answered.contains(u))
                 .collect();
             if !missing.is_empty() {
-                // a search cut by a closed connection also ends quietly (with nothing found): the
-                // NOOP after it fails then, so an empty answer is only trusted from a live session
+                // a search cut by a closed connection also ends quietly (with nothing found), and
+                // so does `noop()`: a NOOP whose tagged OK is required (EOF is ConnectionLost)
+                // after the search means its answer came from a live session
                 let checked = async {
                     let present = session
                         .uid_search(format!("UID {}", uid_set(&missing)))
                         .await?;
-                    session.noop().await?;
+                    session.run_command_and_check_ok("NOOP").await?;
                     Ok::<_, async_imap::error::Error>(present)
                 }
                 .await;
