@@ -529,7 +529,8 @@ pub struct FolderReport {
     pub lease_lost: bool,
 }
 
-/// Failure counts per (folder, UID) across reconnects: how poison messages are found.
+/// Failure counts per (folder, UID) across reconnects: how poison messages are found. The
+/// store keeps them too (`imap_poison`), so separate `frontdesk sync` runs add up.
 #[derive(Debug, Default)]
 pub struct PoisonTracker {
     failures: BTreeMap<(String, u32), (u32, String)>,
@@ -556,6 +557,18 @@ impl PoisonTracker {
             .get(&(folder.to_string(), uid))
             .map(|e| e.1.clone())
             .unwrap_or_default()
+    }
+
+    /// Takes in counts kept by the store (earlier runs); the higher count wins, so counts the
+    /// tracker already holds from this process are not added twice.
+    fn remember(&mut self, folder: &str, uid: u32, attempts: u32, error: String) {
+        let e = self
+            .failures
+            .entry((folder.to_string(), uid))
+            .or_insert((0, String::new()));
+        if attempts > e.0 {
+            *e = (attempts, error);
+        }
     }
 
     fn clear(&mut self, folder: &str, uid: u32) {
@@ -633,6 +646,15 @@ impl SourceCtx {
             }
             Some(c) => c,
         };
+
+        // failures of earlier runs count: `frontdesk sync` starts with an empty tracker each time
+        for (uid, attempts, error) in self
+            .store
+            .imap_poison(&self.name, &folder.name, uid_validity)
+            .await?
+        {
+            poison.remember(&folder.name, uid, attempts, error);
+        }
 
         // new UIDs; `n:*` always includes the highest message, hence the filter
         let from = cursor.last_uid.saturating_add(1);
@@ -928,6 +950,7 @@ impl SourceCtx {
             vec![wanted.clone()]
         };
         let mut messages = Vec::with_capacity(wanted.len());
+        let mut answered = HashSet::new();
         for group in groups {
             // each response's body is copied out as it streams in and the response dropped:
             // async-imap keeps a buffer per response
@@ -942,8 +965,9 @@ impl SourceCtx {
                 while let Some(f) = stream.try_next().await? {
                     // normalized as it arrives: the parsing overlaps waiting for the next bytes,
                     // and the commit stage is left with the store's work only
-                    if let Some(raw) = take_fetch(&group, &f, &mut accounted) {
+                    if let Some(raw) = take_fetch(&group, &f) {
                         drop(f);
+                        answered.insert(raw.uid);
                         if let Some(m) = self.normalize(folder, uid_validity, raw, &mut accounted) {
                             messages.push(m);
                         }
@@ -954,10 +978,72 @@ impl SourceCtx {
             .await;
             if let Err(e) = fetched {
                 let err = protocol("uid fetch", t)(e);
-                for uid in &group {
-                    poison.record(&folder.name, *uid, &err.to_string());
-                }
+                self.fetch_failed(poison, folder, uid_validity, &group, &err)
+                    .await;
                 return Err(err);
+            }
+            // A UID without its body is expunged only if the server says so: async-imap ends a
+            // FETCH quietly on a tagged NO and on a closed connection, and Dovecot answers NO and
+            // hangs up when it cannot read one message file, so taking silence for an expunge
+            // would skip the rest of the batch for good. Checked per group, so a failure counts
+            // against the UIDs that failed, not against those fetched after them.
+            let missing: Vec<u32> = group
+                .iter()
+                .copied()
+                .filter(|u| !answered.contains(u))
+                .collect();
+            if !missing.is_empty() {
+                // a search cut by a closed connection also ends quietly (with nothing found), and
+                // so does `noop()`: a NOOP whose tagged OK is required (EOF is ConnectionLost)
+                // after the search means its answer came from a live session
+                let checked = async {
+                    let present = session
+                        .uid_search(format!("UID {}", uid_set(&missing)))
+                        .await?;
+                    session.run_command_and_check_ok("NOOP").await?;
+                    Ok::<_, async_imap::error::Error>(present)
+                }
+                .await;
+                let err = match checked {
+                    Ok(present) => {
+                        let kept: Vec<u32> = missing
+                            .iter()
+                            .copied()
+                            .filter(|u| present.contains(u))
+                            .collect();
+                        (!kept.is_empty()).then(|| {
+                            (
+                                kept.clone(),
+                                ImapError::Protocol {
+                                    what: "uid fetch",
+                                    reason: format!(
+                                        "the server sent no body for uid {} and still lists it",
+                                        uid_set(&kept)
+                                    ),
+                                },
+                            )
+                        })
+                    }
+                    Err(e) => {
+                        let err = match protocol("uid search", t)(e) {
+                            ImapError::Protocol { reason, .. } => ImapError::Protocol {
+                                what: "uid fetch",
+                                reason: format!(
+                                    "the server sent no body for uid {}, then failed when asked \
+                                     whether it still exists: {reason}",
+                                    uid_set(&missing)
+                                ),
+                            },
+                            other => other,
+                        };
+                        Some((missing.clone(), err))
+                    }
+                };
+                if let Some((uids, err)) = err {
+                    self.fetch_failed(poison, folder, uid_validity, &uids, &err)
+                        .await;
+                    return Err(err);
+                }
             }
         }
         // UIDs the server did not return were expunged meanwhile: nothing left to ingest
@@ -975,6 +1061,35 @@ impl SourceCtx {
             next,
             messages_listed: 0,
         })
+    }
+
+    /// Counts a failed fetch of `uids`, in memory and in the store (so `sync` runs add up).
+    async fn fetch_failed(
+        &self,
+        poison: &mut PoisonTracker,
+        folder: &Folder,
+        uid_validity: u32,
+        uids: &[u32],
+        err: &ImapError,
+    ) {
+        let reason = err.to_string();
+        for uid in uids {
+            poison.record(&folder.name, *uid, &reason);
+        }
+        if let Err(e) = self
+            .store
+            .record_imap_poison(
+                &self.name,
+                &folder.name,
+                uid_validity,
+                uids,
+                &reason,
+                Utc::now(),
+            )
+            .await
+        {
+            warn!(source = %self.name, folder = %folder.name, error = %e, "cannot record the failed fetch");
+        }
     }
 
     /// Normalizes one fetched message; frontdesk's own mail is accounted for instead.
@@ -1146,21 +1261,14 @@ async fn join_commit(
     })
 }
 
-/// Keeps the body of one FETCH response (or accounts for a UID without one).
-fn take_fetch(group: &[u32], f: &Fetch, accounted: &mut Vec<AccountedUid>) -> Option<RawFetched> {
+/// Keeps the body of one FETCH response; a response without one is left out (the UID then
+/// counts as not answered).
+fn take_fetch(group: &[u32], f: &Fetch) -> Option<RawFetched> {
     let uid = f.uid?;
     if !group.contains(&uid) {
         return None; // an unsolicited FETCH (flag change by another client)
     }
-    let Some(body) = f.body() else {
-        accounted.push(AccountedUid {
-            uid,
-            kind: AccountedKind::Quarantined,
-            detail: "server returned no body".into(),
-            raw: None,
-        });
-        return None;
-    };
+    let body = f.body()?;
     Some(RawFetched {
         uid,
         received_at: f

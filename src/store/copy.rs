@@ -26,6 +26,7 @@ const TABLES: &[&str] = &[
     "sla_targets",
     "imap_cursors",
     "imap_accounted",
+    "imap_poison",
     "source_events",
     "source_health",
     "outbox",

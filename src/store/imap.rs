@@ -223,6 +223,16 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             }
+            // failure counts of UIDs this commit passes (or of an older UIDVALIDITY) are done with
+            sqlx::query(db.sql(
+                "DELETE FROM imap_poison WHERE source = ? AND folder = ? AND (uid_validity != ? OR uid <= ?)",
+            ))
+            .bind(source)
+            .bind(folder)
+            .bind(i64::from(cursor.uid_validity))
+            .bind(i64::from(cursor.last_uid))
+            .execute(&mut *tx)
+            .await?;
             sqlx::query(
             db.sql("INSERT INTO imap_cursors (source, folder, uid_validity, last_uid, updated_at, \
              backfill_floor, backfill_skipped, backfill_cutoff) VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
@@ -244,6 +254,70 @@ impl Store {
             tx.commit().await?;
             Ok(out)
         })
+    }
+
+    /// Failed fetch attempts per UID of the folder under `uid_validity`: (uid, attempts, last
+    /// error). They outlive the process, so one-shot `sync` runs count towards quarantine too.
+    pub async fn imap_poison(
+        &self,
+        source: &str,
+        folder: &str,
+        uid_validity: u32,
+    ) -> Result<Vec<(u32, u32, String)>, Error> {
+        let rows: Vec<(i64, i64, String)> = on_backend!(self, |db| {
+            sqlx::query_as(db.sql(
+                "SELECT uid, attempts, last_error FROM imap_poison \
+                 WHERE source = ? AND folder = ? AND uid_validity = ?",
+            ))
+            .bind(source)
+            .bind(folder)
+            .bind(i64::from(uid_validity))
+            .fetch_all(db.reader())
+            .await?
+        });
+        Ok(rows
+            .into_iter()
+            .filter_map(|(uid, attempts, error)| {
+                Some((
+                    u32::try_from(uid).ok()?,
+                    u32::try_from(attempts).unwrap_or(u32::MAX),
+                    error,
+                ))
+            })
+            .collect())
+    }
+
+    /// Counts one more failed fetch of each of `uids` (durably, before the error is reported).
+    pub async fn record_imap_poison(
+        &self,
+        source: &str,
+        folder: &str,
+        uid_validity: u32,
+        uids: &[u32],
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), Error> {
+        on_backend!(self, |db| {
+            let mut tx = db.begin_write().await?;
+            for uid in uids {
+                sqlx::query(db.sql(
+                    "INSERT INTO imap_poison (source, folder, uid_validity, uid, attempts, last_error, at) \
+                     VALUES (?, ?, ?, ?, 1, ?, ?) ON CONFLICT (source, folder, uid_validity, uid) \
+                     DO UPDATE SET attempts = imap_poison.attempts + 1, last_error = excluded.last_error, \
+                     at = excluded.at",
+                ))
+                .bind(source)
+                .bind(folder)
+                .bind(i64::from(uid_validity))
+                .bind(i64::from(*uid))
+                .bind(error)
+                .bind(to_ms(now))
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
     }
 
     /// Every UID of the folder under `uid_validity` that has a row or is accounted for.

@@ -217,15 +217,13 @@ async fn insert_message_rows<'m>(
     let mut bodies: Vec<Option<Body<'m>>> = msgs
         .iter_mut()
         .map(|m| {
-            Some(match m {
-                Cow::Borrowed(b) => {
-                    let b: &'m Message = b;
-                    (
-                        Cow::Borrowed(b.raw.as_slice()),
-                        b.text.as_deref().map(Cow::Borrowed),
-                    )
-                }
-                Cow::Owned(o) => (
+            // `*m`: a borrowed message's reference is copied out with its full lifetime
+            Some(match *m {
+                Cow::Borrowed(b) => (
+                    Cow::Borrowed(b.raw.as_slice()),
+                    b.text.as_deref().map(Cow::Borrowed),
+                ),
+                Cow::Owned(ref mut o) => (
                     Cow::Owned(std::mem::take(&mut o.raw)),
                     o.text.take().map(Cow::Owned),
                 ),

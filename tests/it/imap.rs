@@ -756,3 +756,74 @@ async fn frontdesk_run_ingests_new_mail_within_two_seconds_and_stops_cleanly() {
     assert!(took < Duration::from_secs(2), "took {took:?}");
     no_seen_added(rig, &user, "INBOX");
 }
+
+/// A message Dovecot cannot read (its Maildir file made unreadable: every FETCH of it answers
+/// `NO [SERVERBUG] Internal error`) fails every `frontdesk sync` run, and each run is a new
+/// process. The failure counts are kept in the store, so after a few runs it is quarantined,
+/// the other messages are stored and nothing is unaccounted.
+#[tokio::test]
+async fn a_message_failing_on_every_sync_run_is_quarantined_after_a_few_runs() {
+    use std::os::unix::fs::PermissionsExt;
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("poison");
+    // saved through Dovecot, so the sizes are in the file names and the index: opening the
+    // folder then reads no message file, only fetching the body does
+    for i in 0..3 {
+        rig.append(&user, "INBOX", &simple(i, "poison"));
+    }
+    let s = Setup::new(rig, &user, "      backfill: all\n").await;
+    let maildir = rig.mail_dir.join(&user).join("Maildir");
+    let file = ["cur", "new"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(maildir.join(d)).unwrap())
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains("<poison-1@client.test>")))
+        .expect("the second message's file");
+    // root owns it now and nobody may read it: Dovecot's mail processes run as nobody
+    std::os::unix::fs::chown(&file, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o000)).unwrap();
+
+    let config = s.dir.path().join("frontdesk.yaml");
+    let run = |args: &[&str]| {
+        let mut all = vec!["--config", config.to_str().unwrap()];
+        all.extend_from_slice(args);
+        crate::support::frontdesk(&all, &[])
+    };
+    let mut failed_runs = 0;
+    let mut last_err = String::new();
+    for _ in 0..6 {
+        let (code, _, err) = run(&["sync"]);
+        if code == 0 {
+            break;
+        }
+        failed_runs += 1;
+        last_err = err;
+    }
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&file, Some(65534), Some(65534)).unwrap();
+
+    assert!(
+        (1..=4).contains(&failed_runs),
+        "{failed_runs} failed runs before the quarantine; last: {last_err}"
+    );
+    let (code, out, err) = run(&["sources", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let line = &v.as_array().unwrap()[0];
+    assert_eq!(line["quarantined"], 1, "{line}");
+    assert_eq!(line["ingested"], 2, "{line}");
+    assert_eq!(line["last_uid"], 3, "{line}");
+    assert_eq!(line["unaccounted"], 0, "{line}");
+    // the failure counts are gone once the cursor passed the UID
+    assert!(
+        s.store
+            .imap_poison(
+                "mail",
+                "INBOX",
+                line["uid_validity"].as_u64().unwrap() as u32
+            )
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

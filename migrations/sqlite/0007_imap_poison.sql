@@ -1,0 +1,13 @@
+-- Failed fetch attempts per IMAP UID, kept across restarts and one-shot `frontdesk sync` runs, so
+-- a message that fails on every run is quarantined after a few runs instead of failing forever.
+-- Rows at or below a folder's committed cursor are deleted in the batch transaction that passes them.
+CREATE TABLE imap_poison (
+    source       TEXT    NOT NULL,
+    folder       TEXT    NOT NULL,
+    uid_validity INTEGER NOT NULL,
+    uid          INTEGER NOT NULL,
+    attempts     INTEGER NOT NULL,
+    last_error   TEXT    NOT NULL,
+    at           INTEGER NOT NULL,
+    PRIMARY KEY (source, folder, uid_validity, uid)
+);
