@@ -166,6 +166,11 @@ postgres) PEERS=(frontdesk-pg mbsync-fsync mbsync-nofsync) ;;
 both) PEERS=(frontdesk frontdesk-pg mbsync-fsync mbsync-nofsync) ;;
 *) echo "STORAGE must be sqlite, postgres or both" >&2; exit 2 ;;
 esac
+# ONLY_FRONTDESK=1 skips the mbsync peers (a quick frontdesk-only comparison)
+if [ "${ONLY_FRONTDESK:-0}" = 1 ]; then
+    PEERS=("${PEERS[@]/mbsync-*/}")
+    read -r -a PEERS <<<"${PEERS[*]}"
+fi
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 for p in "${PEERS[@]}"; do measure initial "$p" "$N" "$N"; done
 total=$N

@@ -28,6 +28,9 @@ CREATE TABLE messages (
     stored_at       BIGINT  NOT NULL,
     UNIQUE (source, origin_key)
 );
+-- Raw bytes out of line but uncompressed, as SQLite keeps them: pglz over every fetched email
+-- costs CPU at ingest for little (most mail is already base64 or compressed attachments).
+ALTER TABLE messages ALTER COLUMN raw SET STORAGE EXTERNAL;
 CREATE INDEX messages_message_id ON messages (message_id);
 CREATE INDEX messages_source_received ON messages (source, received_at);
 
