@@ -135,23 +135,8 @@ impl Store {
         let syncing = Arc::new(Syncing::default());
         let writer = run_writer(store, rx, pending.clone(), synced_tx, syncing.clone());
         let syncer = run_syncer(wal, synced_rx, syncing, wake_core);
-        // The writer and syncer get a thread and a runtime of their own. On the shared runtime each
-        // of a batch's statement round trips (a wake-up from sqlx's SQLite thread) waited in the
-        // run queue behind every request task, so under load a commit took milliseconds of
-        // queueing and batches shrank; here a wake-up is served at once.
-        let spawned = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .and_then(|rt| {
-                std::thread::Builder::new()
-                    .name("webhook-writer".into())
-                    .spawn(move || rt.block_on(async { tokio::join!(writer, syncer) }))
-            });
-        if let Err(e) = spawned {
-            // Without the writer every delivery is answered 503 ("writer stopped"): nothing is
-            // acknowledged that is not stored.
-            tracing::error!(error = %e, "cannot start the webhook writer thread");
-        }
+        tokio::spawn(writer);
+        tokio::spawn(syncer);
         WebhookWriter { jobs: tx, pending }
     }
 

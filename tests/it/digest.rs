@@ -16,7 +16,7 @@ use frontdesk::notify::{OutboxKind, Sender};
 use frontdesk::store::{NewOutboxItem, Store};
 
 use crate::rig::Rig;
-use crate::support;
+use crate::support::{self, Backend};
 
 /// A scripted SMTP server (our own child process), stopped on drop.
 struct FaultSmtp {
@@ -182,10 +182,7 @@ async fn sender_for(yaml: &str, dir: &Path) -> (Sender, Store, Arc<config::Confi
     std::fs::write(&path, yaml).unwrap();
     let loaded = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     let config = Arc::new(loaded.config);
-    let config::Storage::Sqlite(db) = &config.storage else {
-        panic!("the digest tests use SQLite");
-    };
-    let store = Store::open(db).await.unwrap();
+    let store = Store::open_storage(&config.storage).await.unwrap();
     let sender = Sender::new(store.clone(), config.clone()).unwrap();
     (sender, store, config)
 }
@@ -672,15 +669,42 @@ async fn temporary_reply_and_silent_server_are_retried() {
     }
 }
 
+/// `yaml` with its SQLite `storage:` block replaced by `backend`'s.
+fn on_backend(yaml: String, dir: &Path, backend: Backend) -> String {
+    let sqlite = format!(
+        "storage:\n  sqlite: {}\n",
+        dir.join("frontdesk.db").display()
+    );
+    assert!(
+        yaml.contains(&sqlite),
+        "config_yaml's storage block changed"
+    );
+    yaml.replace(&sqlite, &backend.storage_yaml(&dir.join("frontdesk.db")))
+}
+
 /// A restart at digest time (a second sender over the same store, the first one's send cut off)
 /// makes exactly one digest per slot and recipient.
 #[tokio::test(flavor = "multi_thread")]
 async fn restart_at_digest_time_sends_one_digest_per_slot() {
+    restart_at_digest_time_on(Backend::Sqlite).await;
+}
+
+/// The same on PostgreSQL: the slot's unique key holds there too.
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_at_digest_time_sends_one_digest_per_slot_on_postgres() {
+    restart_at_digest_time_on(Backend::Postgres).await;
+}
+
+async fn restart_at_digest_time_on(backend: Backend) {
     let rig = Rig::shared();
     let user = fresh_mailbox(rig, "dr");
     let dir = tempfile::tempdir().unwrap();
     let port = support::free_port();
-    let yaml = config_yaml(dir.path(), port, "none", None, &user, "5s");
+    let yaml = on_backend(
+        config_yaml(dir.path(), port, "none", None, &user, "5s"),
+        dir.path(),
+        backend,
+    );
     let (first, store, config) = sender_for(&yaml, dir.path()).await;
     // 08:00 Athens today (the schedule), and a moment after it.
     let slot = frontdesk::notify::sender::digest_slot("0 8 * * *", config.timezone, Utc::now())
@@ -744,6 +768,16 @@ async fn daemon_sends_the_due_digest_once_across_a_kill() {
 /// Alert events within group_wait go out as one message, each event once.
 #[tokio::test(flavor = "multi_thread")]
 async fn alert_events_are_grouped_into_one_message_sent_once() {
+    alert_events_grouped_on(Backend::Sqlite).await;
+}
+
+/// The same on PostgreSQL.
+#[tokio::test(flavor = "multi_thread")]
+async fn alert_events_are_grouped_into_one_message_sent_once_on_postgres() {
+    alert_events_grouped_on(Backend::Postgres).await;
+}
+
+async fn alert_events_grouped_on(backend: Backend) {
     use frontdesk::digest::AlertEvent;
     let rig = Rig::shared();
     let user = fresh_mailbox(rig, "da");
@@ -755,8 +789,12 @@ async fn alert_events_are_grouped_into_one_message_sent_once() {
         &dir.path().join("spool"),
         false,
     );
-    let yaml = config_yaml(dir.path(), smtp.port, "none", None, &user, "5s")
-        .replace("\"0 8 * * *\"", "\"0 0 1 1 *\"");
+    let yaml = on_backend(
+        config_yaml(dir.path(), smtp.port, "none", None, &user, "5s")
+            .replace("\"0 8 * * *\"", "\"0 0 1 1 *\""),
+        dir.path(),
+        backend,
+    );
     let (sender, store, _) = sender_for(&yaml, dir.path()).await;
     let t0 = Utc::now();
     let conv = |id: i64, client: &str| ConversationRow {
