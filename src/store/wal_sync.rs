@@ -78,12 +78,15 @@ mod tests {
         std::fs::write(&wal.path, b"one").unwrap();
         wal.sync().unwrap();
         let first = wal.open.lock().unwrap().as_ref().map(|(_, id)| *id);
-        std::fs::remove_file(&wal.path).unwrap();
+        // Renamed, not removed: the old inode stays alive, so the new file cannot reuse its
+        // number and a syncer still holding the old file would show here.
+        std::fs::rename(&wal.path, dir.path().join("old-wal")).unwrap();
         std::fs::write(&wal.path, b"two").unwrap();
         wal.sync().unwrap();
         let second = wal.open.lock().unwrap().as_ref().map(|(_, id)| *id);
-        assert!(first.is_some() && second.is_some());
         let now = std::fs::metadata(&wal.path).unwrap();
+        assert!(first.is_some());
+        assert_ne!(first, second, "still syncing the replaced file");
         assert_eq!(second, Some((now.dev(), now.ino())));
     }
 }
