@@ -142,33 +142,6 @@ pub(crate) async fn insert_message(
     })
 }
 
-/// Inserts several messages inside `tx` with one multi-row statement per chunk, so a batch costs
-/// a few round trips to SQLite instead of one per message. Same semantics as `insert_message` for
-/// each message in order: an origin already stored, or repeated earlier in `msgs`, is a duplicate
-/// carrying the first row's id.
-pub(crate) async fn insert_messages(
-    &self,
-    tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
-    msgs: &[&Message],
-    now: DateTime<Utc>,
-) -> Result<Vec<Ingested>, Error> {
-    match self
-        .insert_message_rows(
-            tx,
-            msgs.iter().map(|m| Cow::Borrowed(*m)).collect(),
-            now,
-            true,
-        )
-        .await?
-    {
-        Inserted::Rows(rows) => Ok(rows),
-        Inserted::New(_) => Err(Error::Corrupt {
-            table: "messages",
-            reason: "insert returned no ids".into(),
-        }),
-    }
-}
-
 /// `insert_messages` for messages the caller gives up, when only the number of new rows matters:
 /// their raw bytes and text are moved into the statement instead of copied (an IMAP sync writes
 /// every byte of the mailbox through here), and no row ids come back (sqlx hands each returned
@@ -356,6 +329,35 @@ async fn insert_message_rows<'m>(
 }
 }
 
+impl super::backend::PgDb {
+/// Inserts several messages inside `tx` with one multi-row statement per chunk, so a batch costs
+/// a few round trips to SQLite instead of one per message. Same semantics as `insert_message` for
+/// each message in order: an origin already stored, or repeated earlier in `msgs`, is a duplicate
+/// carrying the first row's id.
+pub(crate) async fn insert_messages(
+    &self,
+    tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
+    msgs: &[&Message],
+    now: DateTime<Utc>,
+) -> Result<Vec<Ingested>, Error> {
+    match self
+        .insert_message_rows(
+            tx,
+            msgs.iter().map(|m| Cow::Borrowed(*m)).collect(),
+            now,
+            true,
+        )
+        .await?
+    {
+        Inserted::Rows(rows) => Ok(rows),
+        Inserted::New(_) => Err(Error::Corrupt {
+            table: "messages",
+            reason: "insert returned no ids".into(),
+        }),
+    }
+}
+}
+
 impl Store {
     /// Stores one message durably (committed and fsync'd on return) unless its origin exists.
     pub async fn ingest(&self, msg: &Message, now: DateTime<Utc>) -> Result<Ingested, Error> {
@@ -417,6 +419,97 @@ impl Store {
                 .fetch_one(db.reader())
                 .await?;
             Ok(n)
+        })
+    }
+}
+
+/// Inserts messages one statement step at a time on a raw SQLite handle (the webhook writer's
+/// path, [`super::sqlite_raw`]), with `insert_message`'s semantics: an origin already stored,
+/// or inserted earlier through this inserter, is a duplicate carrying the first row's id.
+pub(crate) struct RawMessageInserter<'c, 'h> {
+    insert: super::sqlite_raw::Stmt<'c, 'h>,
+    lookup: super::sqlite_raw::Stmt<'c, 'h>,
+}
+
+impl<'c, 'h> RawMessageInserter<'c, 'h> {
+    /// Prepares the statements on `db`.
+    pub(crate) fn new(
+        db: &'c super::sqlite_raw::RawDb<'h>,
+    ) -> Result<Self, super::sqlite_raw::RawError> {
+        Ok(RawMessageInserter {
+            insert: db.prepare(
+                "INSERT INTO messages (source, origin_key, origin, direction, received_at, sent_at, \
+                 from_addr, from_name, to_addrs, subject, body_text, message_id, in_reply_to, refs, \
+                 thread_key, automation, parse, parse_reason, raw, raw_sha256, stored_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (source, origin_key) DO NOTHING RETURNING id",
+            )?,
+            lookup: db.prepare("SELECT id FROM messages WHERE source = ? AND origin_key = ?")?,
+        })
+    }
+
+    /// Stores `msg` unless its origin exists.
+    pub(crate) fn insert(&mut self, msg: &Message, now: DateTime<Utc>) -> Result<Ingested, Error> {
+        use super::sqlite_raw::Value;
+        let corrupt = |e: serde_json::Error| Error::Corrupt {
+            table: "messages",
+            reason: e.to_string(),
+        };
+        let key = msg.origin.key();
+        let origin_json = serde_json::to_string(&msg.origin).map_err(corrupt)?;
+        let to_json = serde_json::to_string(&msg.to).map_err(corrupt)?;
+        let irt_json = serde_json::to_string(&msg.in_reply_to).map_err(corrupt)?;
+        let refs_json = serde_json::to_string(&msg.references).map_err(corrupt)?;
+        let sha = hex::encode(Sha256::digest(&msg.raw));
+        let parse_reason = match &msg.parse {
+            crate::message::ParseStatus::Ok => None,
+            crate::message::ParseStatus::Degraded(r) => Some(r.as_str()),
+        };
+        self.insert.bind_all(&[
+            Value::Text(&msg.source),
+            Value::Text(&key),
+            Value::Text(&origin_json),
+            Value::Text(msg.direction.as_str()),
+            Value::Int(to_ms(msg.received_at)),
+            msg.sent_at.map(to_ms).into(),
+            msg.from.as_ref().map(|a| a.addr.as_str()).into(),
+            msg.from.as_ref().and_then(|a| a.name.as_deref()).into(),
+            Value::Text(&to_json),
+            msg.subject.as_deref().into(),
+            msg.text.as_deref().into(),
+            msg.message_id.as_deref().into(),
+            Value::Text(&irt_json),
+            Value::Text(&refs_json),
+            msg.thread_key.as_deref().into(),
+            Value::Text(automation_str(msg.automation)),
+            Value::Text(msg.parse.as_str()),
+            parse_reason.into(),
+            Value::Blob(&msg.raw),
+            Value::Text(&sha),
+            Value::Int(to_ms(now)),
+        ])?;
+        if self.insert.step()? {
+            let id = self.insert.int(0);
+            // run to completion so the statement is reset for the next message
+            while self.insert.step()? {}
+            return Ok(Ingested {
+                id,
+                duplicate: false,
+            });
+        }
+        self.lookup
+            .bind_all(&[Value::Text(&msg.source), Value::Text(&key)])?;
+        if !self.lookup.step()? {
+            return Err(Error::Corrupt {
+                table: "messages",
+                reason: format!("origin {key} neither inserted nor found"),
+            });
+        }
+        let id = self.lookup.int(0);
+        while self.lookup.step()? {}
+        Ok(Ingested {
+            id,
+            duplicate: true,
         })
     }
 }

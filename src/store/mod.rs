@@ -26,6 +26,7 @@ pub mod lease;
 mod messages;
 pub mod metrics;
 mod outbox;
+mod sqlite_raw;
 mod wal_sync;
 pub mod webhook;
 

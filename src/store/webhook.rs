@@ -26,6 +26,8 @@ use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
 use super::backend::{Driver, PgDb, SqliteDb};
+use super::messages::RawMessageInserter;
+use super::sqlite_raw::{RawDb, Value, run_blocking};
 use super::wal_sync::WalFile;
 use super::{Error, Ingested, Store, from_ms, to_ms};
 use crate::message::Message;
@@ -421,35 +423,129 @@ impl SqliteDb {
         counts: &HashMap<(String, String), i64>,
         now: DateTime<Utc>,
     ) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
-        use sqlx::Connection;
         let mut conn = self.writer.acquire().await?;
-        // NORMAL for this transaction only (SQLite refuses the change inside a transaction): the
-        // syncer fsyncs the WAL before anyone is answered.
-        if let Err(e) = sqlx::query("PRAGMA synchronous = NORMAL")
-            .execute(&mut *conn)
-            .await
-        {
-            conn.close_on_drop();
-            return Err(e.into());
-        }
-        let outcome = async {
-            let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-            let results = self.insert_batch(&mut tx, batch, counts, now).await?;
-            tx.commit().await?;
-            Ok(results)
-        }
-        .await;
-        // Every other writer on this connection relies on FULL. A connection that cannot be put
-        // back (or whose COMMIT failed, which leaves sqlx's transaction state wrong) is closed,
-        // and the pool opens a fresh one with the options' FULL.
-        let restored = sqlx::query("PRAGMA synchronous = FULL")
-            .execute(&mut *conn)
-            .await;
-        if outcome.is_err() || restored.is_err() {
+        let outcome = match conn.lock_handle().await {
+            Ok(mut handle) => {
+                let raw = handle.as_raw_handle();
+                // the whole transaction in one go on this thread (src/store/sqlite_raw.rs says why)
+                run_blocking(|| {
+                    // SAFETY: `handle` locks the connection for the duration: sqlx's worker
+                    // makes no call on it until the guard drops after this closure.
+                    let db = unsafe { RawDb::new(raw) };
+                    commit_raw(&db, batch, counts, now)
+                })
+            }
+            Err(e) => Err(e.into()),
+        };
+        if outcome.is_err() {
+            // Its synchronous setting or transaction state is unknown: the pool opens a fresh
+            // connection with the options' FULL rather than hand this one to another writer.
             conn.close_on_drop();
         }
         outcome
     }
+}
+
+/// The webhook transaction on a raw handle: `synchronous=NORMAL` for this transaction only (the
+/// syncer fsyncs the WAL before anyone is answered; SQLite refuses the change inside a
+/// transaction), `BEGIN IMMEDIATE`, the batch, `COMMIT`, then FULL again for every other writer.
+/// On any error the transaction is rolled back and the error returned; the caller then drops the
+/// connection.
+fn commit_raw(
+    db: &RawDb<'_>,
+    batch: &[Job],
+    counts: &HashMap<(String, String), i64>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
+    db.exec("PRAGMA synchronous = NORMAL")?;
+    db.exec("BEGIN IMMEDIATE")?;
+    let done = insert_batch_raw(db, batch, counts, now)
+        .and_then(|results| db.exec("COMMIT").map_err(Error::from).map(|()| results));
+    if done.is_err() {
+        let _ = db.exec("ROLLBACK");
+    }
+    let results = done?;
+    db.exec("PRAGMA synchronous = FULL")?;
+    Ok(results)
+}
+
+/// `insert_batch` statement for statement, stepped on a raw handle inside its transaction.
+fn insert_batch_raw(
+    db: &RawDb<'_>,
+    batch: &[Job],
+    counts: &HashMap<(String, String), i64>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
+    let mut results = Vec::with_capacity(batch.len());
+    let mut tally: HashMap<(String, String), i64> = counts.clone();
+    let mut touched: HashMap<String, ()> = HashMap::new();
+    let mut messages = RawMessageInserter::new(db)?;
+    let has_tokens = batch.iter().any(|j| j.delivery.replay_token.is_some());
+    let mut tokens = if has_tokens {
+        Some((
+            db.prepare("SELECT origin_key FROM webhook_replay_tokens WHERE source = ? AND token = ?")?,
+            db.prepare(
+                "INSERT INTO webhook_replay_tokens (source, token, origin_key, seen_at) \
+                 VALUES (?, ?, ?, ?)",
+            )?,
+        ))
+    } else {
+        None
+    };
+    for job in batch {
+        let msg = &job.delivery.message;
+        if let (Some(token), Some((seen, remember))) = (&job.delivery.replay_token, tokens.as_mut())
+        {
+            let key = msg.origin.key();
+            seen.bind_all(&[Value::Text(&msg.source), Value::Text(token)])?;
+            let earlier = if seen.step()? { Some(seen.text(0)) } else { None };
+            while seen.step()? {}
+            match earlier {
+                Some(k) if k != key => {
+                    *tally
+                        .entry((msg.source.clone(), "rejected:token_reused".into()))
+                        .or_insert(0) += 1;
+                    results.push(Err(IngestError::TokenReused));
+                    continue;
+                }
+                Some(_) => {}
+                None => {
+                    remember.bind_all(&[
+                        Value::Text(&msg.source),
+                        Value::Text(token),
+                        Value::Text(&key),
+                        Value::Int(to_ms(now)),
+                    ])?;
+                    while remember.step()? {}
+                }
+            }
+        }
+        let out = messages.insert(msg, now)?;
+        record(&mut tally, &mut touched, msg, out);
+        results.push(Ok(out));
+    }
+    let mut counter = db.prepare(
+        "INSERT INTO webhook_counters (source, name, value) VALUES (?, ?, ?) \
+         ON CONFLICT (source, name) DO UPDATE SET value = webhook_counters.value + excluded.value",
+    )?;
+    for ((source, name), n) in &tally {
+        counter.bind_all(&[Value::Text(source), Value::Text(name), Value::Int(*n)])?;
+        while counter.step()? {}
+    }
+    let mut activity = db.prepare(
+        "INSERT INTO webhook_activity (source, last_delivery_at) VALUES (?, ?) \
+         ON CONFLICT (source) DO UPDATE SET last_delivery_at = excluded.last_delivery_at",
+    )?;
+    for source in touched.keys() {
+        activity.bind_all(&[Value::Text(source), Value::Int(to_ms(now))])?;
+        while activity.step()? {}
+    }
+    if has_tokens {
+        let mut prune = db.prepare("DELETE FROM webhook_replay_tokens WHERE seen_at < ?")?;
+        prune.bind_all(&[Value::Int(to_ms(now - TOKEN_RETENTION))])?;
+        while prune.step()? {}
+    }
+    Ok(results)
 }
 
 impl PgDb {
@@ -468,7 +564,7 @@ impl PgDb {
     }
 }
 
-twin_impl! {
+impl PgDb {
 /// The batch's statements inside `tx`: one-time tokens, the multi-row insert, counters and
 /// activity; the per-delivery results are valid only once `tx` commits.
 async fn insert_batch(
@@ -658,24 +754,49 @@ mod tests {
 #[cfg(test)]
 mod batch_tests {
     use super::tests_support::message;
-    use crate::store::Store;
+    use crate::message::Message;
+    use crate::store::Backend;
+    use crate::store::messages::RawMessageInserter;
+    use crate::store::sqlite_raw::RawDb;
+    use crate::store::{Ingested, Store};
     use chrono::Utc;
 
+    /// Inserts `msgs` in one transaction the way each backend's webhook writer does: stepped on
+    /// the raw handle on SQLite, one multi-row statement per chunk on PostgreSQL.
+    async fn insert_all(store: &Store, msgs: &[&Message]) -> Vec<Ingested> {
+        match &store.backend {
+            Backend::Sqlite(db) => {
+                let mut conn = db.writer.acquire().await.unwrap();
+                let mut handle = conn.lock_handle().await.unwrap();
+                let raw = handle.as_raw_handle();
+                // SAFETY: the lock lives until the end of this block
+                let db = unsafe { RawDb::new(raw) };
+                db.exec("BEGIN IMMEDIATE").unwrap();
+                let mut ins = RawMessageInserter::new(&db).unwrap();
+                let got = msgs
+                    .iter()
+                    .map(|m| ins.insert(m, Utc::now()).unwrap())
+                    .collect();
+                drop(ins);
+                db.exec("COMMIT").unwrap();
+                got
+            }
+            Backend::Postgres(db) => {
+                let mut tx = db.begin_write().await.unwrap();
+                let got = db.insert_messages(&mut tx, msgs, Utc::now()).await.unwrap();
+                tx.commit().await.unwrap();
+                got
+            }
+        }
+    }
+
     store_tests! {
-    async fn multi_row_insert_matches_single_row_semantics(store: Store) {
+    async fn batch_insert_matches_single_row_semantics(store: Store) {
         let a = message("s", "a");
         let b = message("s", "b");
         let other_source = message("t", "a");
-        let (first, got) = on_backend!(store, |db| {
-            let mut tx = db.begin_write().await.unwrap();
-            let first = db.insert_messages(&mut tx, &[&a], Utc::now()).await.unwrap();
-            let got = db
-                .insert_messages(&mut tx, &[&b, &a, &b, &other_source], Utc::now())
-                .await
-                .unwrap();
-            tx.commit().await.unwrap();
-            (first, got)
-        });
+        let first = insert_all(&store, &[&a]).await;
+        let got = insert_all(&store, &[&b, &a, &b, &other_source]).await;
         assert!(!got[0].duplicate);
         assert_eq!((got[1].id, got[1].duplicate), (first[0].id, true));
         assert_eq!((got[2].id, got[2].duplicate), (got[0].id, true));
@@ -685,14 +806,24 @@ mod batch_tests {
         // A batch larger than one statement chunk.
         let many: Vec<_> = (0..1000).map(|i| message("m", &format!("k{i}"))).collect();
         let refs: Vec<_> = many.iter().collect();
-        let got = on_backend!(store, |db| {
-            let mut tx = db.begin_write().await.unwrap();
-            let got = db.insert_messages(&mut tx, &refs, Utc::now()).await.unwrap();
-            tx.commit().await.unwrap();
-            got
-        });
+        let got = insert_all(&store, &refs).await;
         assert!(got.iter().all(|g| !g.duplicate));
         assert_eq!(store.message_count().await.unwrap(), 1003);
+        // every stored row reads back with its raw bytes, hash and queue entry
+        let (raw, sha, queued): (Vec<u8>, String, i64) = on_backend!(store, |db| {
+            sqlx::query_as(db.sql(
+                "SELECT raw, raw_sha256, (SELECT count(*) FROM core_queue) FROM messages \
+                 WHERE source = ? AND origin_key = ?",
+            ))
+            .bind("m")
+            .bind(many[999].origin.key())
+            .fetch_one(db.reader())
+            .await
+            .unwrap()
+        });
+        assert_eq!(raw, many[999].raw);
+        assert_eq!(sha, hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&raw)));
+        assert_eq!(queued, 1003);
     }
     }
 }
