@@ -193,7 +193,8 @@ pub struct RawImap {
     pub host: Option<String>,
     /// Port (default 993 for implicit TLS, 143 otherwise).
     pub port: Option<u16>,
-    /// implicit (default) | starttls | none (loopback only).
+    /// implicit (default) | starttls | none (loopback only). A server greeting PREAUTH is used
+    /// without logging in, except with starttls, where it is refused (it would skip TLS).
     pub tls: Option<RawTls>,
     /// PEM CA bundle instead of the system roots.
     pub ca_file: Option<PathBuf>,

@@ -112,6 +112,20 @@ pub enum ImapError {
     /// Plaintext IMAP to a host that is not loopback.
     #[error("refusing IMAP without TLS to {0}: only loopback hosts may use tls: none")]
     Plaintext(String),
+    /// A PREAUTH greeting on a `tls: starttls` connection: STARTTLS is not allowed once
+    /// authenticated, so accepting it would keep the session in plaintext (the STARTTLS
+    /// downgrade, RFC 9051 §11.1; CVE-2020-12398, CVE-2020-15917).
+    #[error(
+        "refusing the PREAUTH greeting of {0} before STARTTLS: the session would stay unencrypted \
+         (use tls: implicit, or make the server greet with OK)"
+    )]
+    PreauthBeforeTls(String),
+    /// The server's capability list lacks IMAP4rev1, which async-imap's parser requires.
+    #[error(
+        "the server does not announce IMAP4rev1 (capabilities: {0}); frontdesk's IMAP library \
+         cannot read such an answer (an IMAP4rev2 server should announce both, RFC 9051 appendix E)"
+    )]
+    NoImap4rev1(String),
     /// The server said NO or BAD, or sent something unparseable, or hung up.
     #[error("imap {what}: {reason}")]
     Protocol {
@@ -137,6 +151,8 @@ impl ImapError {
                 | ImapError::Tls { .. }
                 | ImapError::Ca { .. }
                 | ImapError::Plaintext(_)
+                | ImapError::PreauthBeforeTls(_)
+                | ImapError::NoImap4rev1(_)
         ) || matches!(self, ImapError::OAuth(e) if e.is_permanent())
     }
 }
@@ -222,8 +238,31 @@ fn set_read_timeout(conn: &mut Conn, timeout: Option<Duration>) {
     }
 }
 
+/// How async-imap's error for a CAPABILITY line it cannot parse reads, up to the list.
+const CAPABILITY_UNPARSED: &str = "during parsing of \"* CAPABILITY ";
+
+/// Sources already warned about their capability list (warned once per process, not per
+/// reconnect).
+static CAPABILITY_WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Logs `message` for `source` the first time only.
+fn warn_capabilities_once(source: &str, message: &str) {
+    let mut warned = CAPABILITY_WARNED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !warned.iter().any(|s| s == source) {
+        warned.push(source.to_string());
+        warn!(source, "{message}");
+    }
+}
+
 /// Connects, secures and logs in; returns the session and whether the server offers IDLE.
-pub async fn connect(cfg: &ImapSource) -> Result<(Session, bool), ImapError> {
+///
+/// A `PREAUTH` greeting (already authenticated) is accepted over implicit TLS and on loopback
+/// without TLS, without sending the credentials; over STARTTLS it is refused. A capability list
+/// without IMAP4rev1 is refused with `NoImap4rev1` (async-imap cannot parse it); a server that
+/// answers CAPABILITY with NO or BAD is used without IDLE, with a warning once per source.
+pub async fn connect(source: &str, cfg: &ImapSource) -> Result<(Session, bool), ImapError> {
     let t = cfg.timeout;
     let secs = t.as_secs();
     let addr = format!("{}:{}", cfg.host, cfg.port);
@@ -278,20 +317,22 @@ pub async fn connect(cfg: &ImapSource) -> Result<(Session, bool), ImapError> {
     };
 
     let guard = |link: Link| Guarded::new(link, cfg.max_message_size, t);
-    let client = match cfg.tls {
+    let (mut client, preauth) = match cfg.tls {
         TlsMode::Implicit => {
             let mut c = async_imap::Client::new(guard(Either::Left(secure(timed).await?)));
-            read_greeting(&mut c, t).await?;
-            c
+            let preauth = read_greeting(&mut c, t).await?;
+            (c, preauth)
         }
         TlsMode::None => {
             let mut c = async_imap::Client::new(guard(Either::Right(timed)));
-            read_greeting(&mut c, t).await?;
-            c
+            let preauth = read_greeting(&mut c, t).await?;
+            (c, preauth)
         }
         TlsMode::Starttls => {
             let mut c = async_imap::Client::new(guard(Either::Right(timed)));
-            read_greeting(&mut c, t).await?;
+            if read_greeting(&mut c, t).await? {
+                return Err(ImapError::PreauthBeforeTls(cfg.host.clone()));
+            }
             c.run_command_and_check_ok("STARTTLS", None)
                 .await
                 .map_err(protocol("starttls", t))?;
@@ -303,7 +344,8 @@ pub async fn connect(cfg: &ImapSource) -> Result<(Session, bool), ImapError> {
                 });
             };
             // no second greeting after STARTTLS
-            async_imap::Client::new(guard(Either::Left(secure(timed).await?)))
+            let c = async_imap::Client::new(guard(Either::Left(secure(timed).await?)));
+            (c, false)
         }
     };
     let refused = |reason| ImapError::Auth {
@@ -311,6 +353,15 @@ pub async fn connect(cfg: &ImapSource) -> Result<(Session, bool), ImapError> {
         reason,
     };
     let mut session = match &cfg.login {
+        _ if preauth => {
+            info!(source, host = %cfg.host, "server greeted with PREAUTH: already authenticated, not logging in");
+            // async-imap makes a Session only out of a LOGIN: the stream answers this one itself
+            client.get_mut().answer_login_locally();
+            client
+                .login("preauth", "preauth")
+                .await
+                .map_err(|(e, _)| protocol("preauth", t)(e))?
+        }
         Login::Password(password) => client
             .login(&cfg.username, password.expose())
             .await
@@ -332,16 +383,56 @@ pub async fn connect(cfg: &ImapSource) -> Result<(Session, bool), ImapError> {
         }
     };
     // capabilities are read again after login (and after STARTTLS): the pre-TLS list is untrusted
-    let caps = session
-        .capabilities()
-        .await
-        .map_err(protocol("capability", t))?;
+    let caps = match session.capabilities().await {
+        Ok(caps) => caps,
+        // imap-proto refuses CAPABILITY data without IMAP4rev1, and the unparsed line then
+        // blocks the connection for good: there is no using such a server
+        Err(async_imap::error::Error::Io(e)) if e.to_string().contains(CAPABILITY_UNPARSED) => {
+            let text = e.to_string();
+            let list = text
+                .split(CAPABILITY_UNPARSED)
+                .nth(1)
+                .and_then(|rest| rest.split("\\r\\n").next())
+                .unwrap_or_default()
+                .to_string();
+            return Err(ImapError::NoImap4rev1(list));
+        }
+        Err(e) => return Err(protocol("capability", t)(e)),
+    };
+    if !caps.has_str("IMAP4rev1") {
+        // parsed data always holds IMAP4rev1, so there was none: async-imap ends CAPABILITY
+        // quietly with an empty list on a tagged NO or BAD, and on a closed connection
+        confirm_alive(&mut session, "capability", t).await?;
+        warn_capabilities_once(
+            source,
+            "the server refused CAPABILITY; polling without IDLE",
+        );
+        return Ok((session, false));
+    }
     Ok((session, caps.has_str("IDLE")))
 }
 
-async fn read_greeting(c: &mut async_imap::Client<Conn>, t: Duration) -> Result<(), ImapError> {
+/// Reads the greeting; true when it is PREAUTH (already authenticated).
+async fn read_greeting(c: &mut async_imap::Client<Conn>, t: Duration) -> Result<bool, ImapError> {
+    use async_imap::imap_proto::{Response, Status};
     match c.read_response().await {
-        Ok(Some(_)) => Ok(()),
+        Ok(Some(greeting)) => match greeting.parsed() {
+            Response::Data {
+                status: Status::PreAuth,
+                ..
+            } => Ok(true),
+            Response::Data {
+                status: Status::Bye,
+                outcome,
+            } => Err(ImapError::Protocol {
+                what: "greeting",
+                reason: format!(
+                    "the server refused the connection: {}",
+                    outcome.information.as_deref().unwrap_or("BYE")
+                ),
+            }),
+            _ => Ok(false),
+        },
         Ok(None) => Err(ImapError::Protocol {
             what: "greeting",
             reason: "connection closed before the greeting".into(),
@@ -381,6 +472,31 @@ fn uid_set(uids: &[u32]) -> String {
     out
 }
 
+/// Requires a tagged OK to a NOOP after a SEARCH or FETCH whose answer is about to be trusted.
+///
+/// async-imap ends a SEARCH or FETCH quietly, with what it got so far, when the connection
+/// closes before the tagged answer: an empty or cut listing would then look like expunged
+/// messages or a smaller folder. The NOOP's tagged OK (EOF there is `ConnectionLost`) proves the
+/// session was still alive, so the answer before it was complete.
+async fn confirm_alive(
+    session: &mut Session,
+    what: &'static str,
+    t: Duration,
+) -> Result<(), ImapError> {
+    session
+        .run_command_and_check_ok("NOOP")
+        .await
+        .map_err(|e| match protocol(what, t)(e) {
+            ImapError::Protocol { what, reason } => ImapError::Protocol {
+                what,
+                reason: format!(
+                    "the answer was not confirmed by a live session, so it is not used: {reason}"
+                ),
+            },
+            other => other,
+        })
+}
+
 /// One listed message: UID, size and INTERNALDATE (no body).
 #[derive(Debug, Clone, Copy)]
 struct Listed {
@@ -412,6 +528,9 @@ async fn list(session: &mut Session, set: &str, t: Duration) -> Result<Vec<Liste
     }
     .await;
     listed.map_err(protocol("uid fetch (list)", t))?;
+    // a cut listing is harmless for the cursor but not for the backfill floor or a UIDVALIDITY
+    // reconciliation, which take "not listed" for "not there"
+    confirm_alive(session, "uid fetch (list)", t).await?;
     out.sort_by_key(|l| l.uid);
     out.dedup_by_key(|l| l.uid);
     Ok(out)
@@ -661,11 +780,18 @@ impl SourceCtx {
         let mut listed = list(session, &format!("{from}:*"), t).await?;
         listed.retain(|l| l.uid > cursor.last_uid);
         if !listed.is_empty() {
-            // UIDs accounted for ahead of the cursor (UIDVALIDITY matches) are not fetched again
-            let known = self
-                .store
-                .imap_accounted_above(&self.name, &folder.name, uid_validity, cursor.last_uid)
-                .await?;
+            // UIDs accounted for ahead of the cursor (UIDVALIDITY matches) are not fetched again;
+            // right after a UIDVALIDITY change that flapped back, rows stored under it before
+            // lie above the reset cursor too
+            let known = if report.uid_validity_changed {
+                self.store
+                    .imap_known_uids(&self.name, &folder.name, uid_validity)
+                    .await?
+            } else {
+                self.store
+                    .imap_accounted_above(&self.name, &folder.name, uid_validity, cursor.last_uid)
+                    .await?
+            };
             let total = listed.len() as u64;
             let mut done = 0u64;
             progress(Progress {
@@ -831,10 +957,31 @@ impl SourceCtx {
                 .and_then(|f| f.body())
                 .map(email::fingerprint);
         }
+        // fingerprints missing from a cut answer would be fetched again as new messages
+        confirm_alive(session, "uid fetch (fingerprint)", t).await?;
         let mut stored = self
             .store
             .imap_folder_fingerprints(&self.name, &folder.name)
             .await?;
+        // UIDVALIDITY flapping back (A -> B -> A): what was stored or accounted for under this
+        // very UIDVALIDITY before is still there under the same UIDs, so it is neither matched
+        // again (it would count twice in the ledger) nor fetched again. Its rows' fingerprints
+        // are used up first, so they cannot absorb a match meant for a renumbered copy.
+        let earlier = self
+            .store
+            .imap_known_uids(&self.name, &folder.name, uid_validity)
+            .await?;
+        let before = server.len();
+        server.retain(|(uid, id, _)| {
+            if !earlier.contains(uid) {
+                return true;
+            }
+            if let Some(n) = id.as_ref().and_then(|id| stored.get_mut(id)) {
+                *n = n.saturating_sub(1);
+            }
+            false
+        });
+        let earlier_on_server = before - server.len();
         let mut accounted = Vec::new();
         let mut missing = 0u64;
         for (uid, id, date) in &server {
@@ -884,11 +1031,12 @@ impl SourceCtx {
             "uidvalidity {} -> {uid_validity}: {} on server ({hashed} without Message-ID, \
              fingerprinted by content hash), {} already stored, {missing} to fetch",
             old.uid_validity,
-            server.len(),
-            accounted
-                .iter()
-                .filter(|a| a.kind == AccountedKind::Matched)
-                .count()
+            server.len() + earlier_on_server,
+            earlier_on_server
+                + accounted
+                    .iter()
+                    .filter(|a| a.kind == AccountedKind::Matched)
+                    .count()
         );
         warn!(source = %self.name, folder = %folder.name, "{detail}");
         self.store
@@ -1187,16 +1335,22 @@ impl SourceCtx {
             .examine(&folder.name)
             .await
             .map_err(protocol("examine", t))?;
+        // async-imap ends EXAMINE quietly too when the connection closes: no UIDVALIDITY then
+        let uid_validity = mailbox.uid_validity.ok_or(ImapError::Protocol {
+            what: "examine",
+            reason: format!("folder {} has no UIDVALIDITY", folder.name),
+        })?;
         let Some(cursor) = self.store.imap_cursor(&self.name, &folder.name).await? else {
             return Ok(None);
         };
-        if mailbox.uid_validity != Some(cursor.uid_validity) {
+        if uid_validity != cursor.uid_validity {
             return Ok(None); // the next pass reconciles the UIDVALIDITY change first
         }
         let server = session
             .uid_search("ALL")
             .await
             .map_err(protocol("uid search", t))?;
+        confirm_alive(session, "uid search", t).await?;
         let known = self
             .store
             .imap_known_uids(&self.name, &folder.name, cursor.uid_validity)
@@ -1311,7 +1465,7 @@ pub async fn sync_once(
         return Ok(Vec::new());
     }
     let result = async {
-        let (mut session, _) = connect(&ctx.cfg).await?;
+        let (mut session, _) = connect(&ctx.name, &ctx.cfg).await?;
         let reports = ctx
             .sync_folders(&mut session, &mut leases, poison, progress)
             .await?;
@@ -1331,7 +1485,7 @@ pub async fn sync_once(
 
 /// Reconciles every folder of a source against the server (for `frontdesk sources`).
 pub async fn reconcile_source(ctx: &SourceCtx) -> Result<(), ImapError> {
-    let (mut session, _) = connect(&ctx.cfg).await?;
+    let (mut session, _) = connect(&ctx.name, &ctx.cfg).await?;
     for folder in &ctx.cfg.folders {
         ctx.reconcile(&mut session, folder).await?;
     }
@@ -1474,6 +1628,8 @@ async fn list_uids_above(
         .try_collect()
         .await
         .map_err(protocol("uid fetch", t))?;
+    // "nothing new" from a dead link would put the task into IDLE on it
+    confirm_alive(session, "uid fetch", t).await?;
     Ok(fetches.iter().any(|f| f.uid.is_some_and(|u| u > last_uid)))
 }
 
@@ -1541,7 +1697,7 @@ async fn watch(
 ) -> Result<Exit, ImapError> {
     let t = ctx.cfg.timeout;
     let (mut session, has_idle) = tokio::select! {
-        r = connect(&ctx.cfg) => r?,
+        r = connect(&ctx.name, &ctx.cfg) => r?,
         _ = shutdown.cancelled() => return Ok(Exit::Shutdown),
     };
     info!(source = %ctx.name, idle = has_idle && ctx.cfg.idle, "imap connected");

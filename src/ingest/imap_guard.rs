@@ -10,6 +10,10 @@
 //!   reaches the timeout, at least `MIN_BYTES_PER_WINDOW` must have arrived meanwhile, or the
 //!   read fails with `TimedOut`. Time spent not reading (normalizing, committing) does not count,
 //!   and IDLE (read timeout off) is exempt, so quiet but healthy links are never cut.
+//!
+//! It also answers one LOGIN itself after a `PREAUTH` greeting (`answer_login_locally`):
+//! async-imap makes a `Session` only out of a successful LOGIN or AUTHENTICATE, and a server
+//! that is already authenticated must not receive either (RFC 9051 §7.1.4).
 
 use std::io;
 use std::pin::Pin;
@@ -51,6 +55,20 @@ pub struct Guarded<S> {
     bytes: u64,
     /// When the pending read started waiting.
     waiting_since: Option<Instant>,
+    /// The LOGIN this stream answers itself instead of the server (PREAUTH).
+    local_login: LocalLogin,
+}
+
+/// The one LOGIN command answered without the server, after a `PREAUTH` greeting.
+#[derive(Debug, Default)]
+enum LocalLogin {
+    /// Everything goes to the server.
+    #[default]
+    Off,
+    /// Collecting the LOGIN line (never sent: it carries no credentials worth sending anyway).
+    Collecting(Vec<u8>),
+    /// The tagged OK to hand to the reader, and how much of it was handed already.
+    Answering(Vec<u8>, usize),
 }
 
 impl<S> Guarded<S> {
@@ -65,7 +83,40 @@ impl<S> Guarded<S> {
             waited: Duration::ZERO,
             bytes: 0,
             waiting_since: None,
+            local_login: LocalLogin::Off,
         }
+    }
+
+    /// The next command written must be a LOGIN; it is not sent, and the reader gets a tagged OK
+    /// for it instead. For a server that greeted with PREAUTH.
+    pub fn answer_login_locally(&mut self) {
+        self.local_login = LocalLogin::Collecting(Vec::new());
+    }
+
+    /// Takes in bytes of the command that is answered locally; errs unless it is a LOGIN.
+    fn collect_login(&mut self, buf: &[u8]) -> io::Result<()> {
+        let LocalLogin::Collecting(line) = &mut self.local_login else {
+            return Ok(());
+        };
+        line.extend_from_slice(buf);
+        let Some(end) = line.windows(2).position(|w| w == b"\r\n") else {
+            return Ok(());
+        };
+        let text = String::from_utf8_lossy(&line[..end]).into_owned();
+        let mut words = text.split(' ');
+        let tag = words.next().unwrap_or_default().to_string();
+        if !words
+            .next()
+            .is_some_and(|w| w.eq_ignore_ascii_case("LOGIN"))
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "only a LOGIN can be answered locally after PREAUTH",
+            ));
+        }
+        let answer = format!("{tag} OK already authenticated (PREAUTH)\r\n").into_bytes();
+        self.local_login = LocalLogin::Answering(answer, 0);
+        Ok(())
     }
 
     /// The wrapped stream.
@@ -194,6 +245,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if let LocalLogin::Answering(answer, sent) = &mut this.local_login {
+            let n = (answer.len() - *sent).min(buf.remaining());
+            buf.put_slice(&answer[*sent..*sent + n]);
+            *sent += n;
+            if *sent == answer.len() {
+                this.local_login = LocalLogin::Off;
+            }
+            return Poll::Ready(Ok(()));
+        }
         let start = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Pending => {
@@ -222,6 +282,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if matches!(self.local_login, LocalLogin::Collecting(_)) {
+            self.collect_login(buf)?;
+            return Poll::Ready(Ok(buf.len()));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -279,6 +343,29 @@ mod tests {
             "a brace restarts the scan"
         );
         assert!(scan_all(10, &[b"{99999999999999999999999}\r\n"]).is_ok_and(|s| s == Scan::Text));
+    }
+
+    #[tokio::test]
+    async fn a_login_after_preauth_is_answered_without_the_server() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, mut server) = tokio::io::duplex(1024);
+        let mut g = Guarded::new(client, 1000, Duration::from_secs(1));
+        g.answer_login_locally();
+        g.write_all(b"A1 LOGIN \"u\" ").await.unwrap();
+        g.write_all(b"\"p\"\r\n").await.unwrap();
+        let mut answer = [0u8; 64];
+        let n = g.read(&mut answer).await.unwrap();
+        assert_eq!(&answer[..n], b"A1 OK already authenticated (PREAUTH)\r\n");
+        // what follows goes to the server again, and the server saw nothing before it
+        g.write_all(b"A2 CAPABILITY\r\n").await.unwrap();
+        let n = server.read(&mut answer).await.unwrap();
+        assert_eq!(&answer[..n], b"A2 CAPABILITY\r\n");
+
+        let (client, _server) = tokio::io::duplex(1024);
+        let mut g = Guarded::new(client, 1000, Duration::from_secs(1));
+        g.answer_login_locally();
+        let err = g.write_all(b"A1 SELECT INBOX\r\n").await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]

@@ -3,9 +3,13 @@
 //! **Why a fake server:** these are faults no real server shows on demand: a message expunged
 //! between the listing and the FETCH, a connection cut in the middle of a literal (once, or every
 //! time for one message), `* BYE` the moment IDLE starts, a server that answers one byte per
-//! second, and a 50 MB literal the listing did not announce. Dovecot (the rig) covers everything
-//! a well-behaved server does; this scripted server (plain TCP on loopback, `tls: none`) speaks
-//! just enough IMAP4rev1 for frontdesk and then misbehaves exactly as each scenario says.
+//! second, a 50 MB literal the listing did not announce, a connection closed in the middle of a
+//! SEARCH answer, UIDVALIDITY flapping back to an earlier value, untagged EXPUNGE/EXISTS between
+//! FETCH responses, a `PREAUTH` greeting, and a capability list without IMAP4rev1 (or a refused
+//! CAPABILITY). Dovecot (the rig) covers everything a well-behaved server does; this scripted
+//! server (plain TCP on loopback, `tls: none`) speaks just enough IMAP4rev1 for frontdesk and
+//! then misbehaves exactly as each scenario says. It offers neither UIDPLUS nor CONDSTORE, so
+//! every scenario also runs against a server without them.
 //!
 //! Pass (D6): no panic, no partial row (every stored raw is byte-identical to the message),
 //! the cursor at the highest UID fully accounted for, memory bounded, every read timed out.
@@ -36,6 +40,26 @@ struct Script {
     bye_in_idle: u32,
     /// After LOGIN, send everything one byte per second.
     drip: bool,
+    /// The greeting line instead of `* OK [CAPABILITY ...] ...` (e.g. `* PREAUTH ...`).
+    greeting: Option<String>,
+    /// The CAPABILITY answer instead of `IMAP4rev1 IDLE`.
+    capabilities: Option<String>,
+    /// Answer CAPABILITY with BAD.
+    capability_bad: bool,
+    /// One entry per coming UID SEARCH: close the connection instead of the tagged OK, after a
+    /// `* SEARCH` line holding the first two UIDs (true) or before any answer (false).
+    cut_search: Vec<bool>,
+    /// Between body FETCH responses: `* n EXISTS` and an unsolicited FLAGS FETCH after each, and
+    /// `* n EXPUNGE` for the `expunge_on_fetch` UIDs.
+    interleave: bool,
+    /// UID of a message that arrives (with an untagged EXISTS) during the first body FETCH.
+    arrive_during_fetch: Option<u32>,
+    /// Close the connection, without any answer, on this many more `UID FETCH n (UID
+    /// BODY.PEEK[])` (how a UIDVALIDITY change fingerprints a message without Message-ID).
+    cut_hash_fetch: u32,
+    /// Close the connection, without any answer, on this many more size listings
+    /// (`UID FETCH set (UID RFC822.SIZE INTERNALDATE)`).
+    cut_list: u32,
     /// Every command received, tag stripped.
     commands: Vec<String>,
 }
@@ -148,8 +172,14 @@ async fn session(sock: TcpStream, script: Arc<Mutex<Script>>) -> std::io::Result
         sock: wr,
         drip: false,
     };
-    out.send(b"* OK [CAPABILITY IMAP4rev1 IDLE] fake imap ready\r\n")
-        .await?;
+    let greeting = script
+        .lock()
+        .unwrap()
+        .greeting
+        .clone()
+        .unwrap_or_else(|| "* OK [CAPABILITY IMAP4rev1 IDLE] fake imap ready".into());
+    let preauth = greeting.starts_with("* PREAUTH");
+    out.send(format!("{greeting}\r\n").as_bytes()).await?;
     let mut line = String::new();
     loop {
         line.clear();
@@ -160,13 +190,29 @@ async fn session(sock: TcpStream, script: Arc<Mutex<Script>>) -> std::io::Result
         let (tag, cmd) = text.split_once(' ').unwrap_or((text.as_str(), ""));
         let upper = cmd.to_ascii_uppercase();
         script.lock().unwrap().commands.push(cmd.to_string());
-        if upper.starts_with("LOGIN") {
+        if upper.starts_with("LOGIN") && preauth {
+            // RFC 9051: LOGIN is only valid in the not-authenticated state
+            out.send(format!("{tag} BAD already authenticated\r\n").as_bytes())
+                .await?;
+        } else if upper.starts_with("LOGIN") {
             out.send(format!("{tag} OK logged in\r\n").as_bytes())
                 .await?;
             out.drip = script.lock().unwrap().drip;
         } else if upper.starts_with("CAPABILITY") {
-            out.send(format!("* CAPABILITY IMAP4rev1 IDLE\r\n{tag} OK done\r\n").as_bytes())
-                .await?;
+            let (caps, bad) = {
+                let s = script.lock().unwrap();
+                let caps = s.capabilities.clone();
+                (
+                    caps.unwrap_or_else(|| "IMAP4rev1 IDLE".into()),
+                    s.capability_bad,
+                )
+            };
+            let answer = if bad {
+                format!("{tag} BAD unknown command\r\n")
+            } else {
+                format!("* CAPABILITY {caps}\r\n{tag} OK done\r\n")
+            };
+            out.send(answer.as_bytes()).await?;
         } else if upper.starts_with("EXAMINE") || upper.starts_with("SELECT") {
             let (n, next, v) = {
                 let s = script.lock().unwrap();
@@ -183,10 +229,21 @@ async fn session(sock: TcpStream, script: Arc<Mutex<Script>>) -> std::io::Result
             )
             .await?;
         } else if upper.starts_with("UID SEARCH") {
-            let uids: Vec<String> = {
-                let s = script.lock().unwrap();
-                s.messages.keys().map(|u| u.to_string()).collect()
+            let (uids, cut) = {
+                let mut s = script.lock().unwrap();
+                let uids: Vec<String> = s.messages.keys().map(|u| u.to_string()).collect();
+                let cut = (!s.cut_search.is_empty()).then(|| s.cut_search.remove(0));
+                (uids, cut)
             };
+            if let Some(partial) = cut {
+                if partial {
+                    let first: Vec<String> = uids.into_iter().take(2).collect();
+                    out.send(format!("* SEARCH {}\r\n", first.join(" ")).as_bytes())
+                        .await?;
+                }
+                out.sock.flush().await?;
+                return Ok(()); // closed without the tagged OK
+            }
             out.send(format!("* SEARCH {}\r\n{tag} OK done\r\n", uids.join(" ")).as_bytes())
                 .await?;
         } else if upper.starts_with("UID FETCH") {
@@ -251,6 +308,23 @@ async fn fetch(
     script: &Mutex<Script>,
 ) -> std::io::Result<bool> {
     let wants_body = items.contains("BODY.PEEK[]");
+    if items.contains("BODY.PEEK[HEADER]") {
+        return headers(out, tag, set, script).await;
+    }
+    if items.ends_with("(UID RFC822.SIZE INTERNALDATE)") {
+        let mut s = script.lock().unwrap();
+        if s.cut_list > 0 {
+            s.cut_list -= 1;
+            return Ok(false);
+        }
+    }
+    if items.ends_with("(UID BODY.PEEK[])") {
+        let mut s = script.lock().unwrap();
+        if s.cut_hash_fetch > 0 {
+            s.cut_hash_fetch -= 1;
+            return Ok(false);
+        }
+    }
     let uids = {
         let s = script.lock().unwrap();
         uid_set(set, &s.messages)
@@ -291,7 +365,28 @@ async fn fetch(
             (seq + 1, plan)
         };
         let date = "01-Jul-2025 10:00:00 +0000";
+        let (interleave, arrived) = {
+            let mut s = script.lock().unwrap();
+            let arrived = if wants_body {
+                s.arrive_during_fetch.take()
+            } else {
+                None
+            };
+            if let Some(uid) = arrived {
+                s.messages.insert(uid, message(uid));
+            }
+            (
+                s.interleave && wants_body,
+                arrived.map(|_| s.messages.len()),
+            )
+        };
+        if let Some(n) = arrived {
+            out.send(format!("* {n} EXISTS\r\n").as_bytes()).await?;
+        }
         match plan {
+            Plan::Skip if interleave => {
+                out.send(format!("* {seq} EXPUNGE\r\n").as_bytes()).await?;
+            }
             Plan::Skip => {}
             Plan::Whole(body, announced) if !wants_body => {
                 let _ = body;
@@ -311,6 +406,13 @@ async fn fetch(
                 out.send(head.as_bytes()).await?;
                 out.send(&body).await?;
                 out.send(b")\r\n").await?;
+                if interleave {
+                    let n = script.lock().unwrap().messages.len();
+                    out.send(
+                        format!("* {n} EXISTS\r\n* {seq} FETCH (FLAGS (\\Seen))\r\n").as_bytes(),
+                    )
+                    .await?;
+                }
             }
             Plan::Cut(body) => {
                 let head = format!(
@@ -341,6 +443,41 @@ async fn fetch(
                 out.send(b")\r\n").await?;
             }
         }
+    }
+    out.send(format!("{tag} OK fetch done\r\n").as_bytes())
+        .await?;
+    Ok(true)
+}
+
+/// Answers a `UID FETCH set (UID BODY.PEEK[HEADER])`.
+async fn headers(
+    out: &mut Out,
+    tag: &str,
+    set: &str,
+    script: &Mutex<Script>,
+) -> std::io::Result<bool> {
+    let found = {
+        let s = script.lock().unwrap();
+        let found: Vec<(usize, u32, Vec<u8>)> = uid_set(set, &s.messages)
+            .into_iter()
+            .map(|uid| {
+                let seq = s.messages.keys().position(|u| *u == uid).unwrap_or(0) + 1;
+                let raw = &s.messages[&uid];
+                let end = raw
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map_or(raw.len(), |p| p + 4);
+                (seq, uid, raw[..end].to_vec())
+            })
+            .collect();
+        found
+    };
+    for (seq, uid, header) in found {
+        let n = header.len();
+        out.send(format!("* {seq} FETCH (UID {uid} BODY[HEADER] {{{n}}}\r\n").as_bytes())
+            .await?;
+        out.send(&header).await?;
+        out.send(b")\r\n").await?;
     }
     out.send(format!("{tag} OK fetch done\r\n").as_bytes())
         .await?;
@@ -623,4 +760,438 @@ async fn a_50_mb_literal_is_refused_with_memory_bounded() {
     let log = d.log.lock().unwrap().clone();
     assert!(log.contains("too large"), "{log}");
     assert!(log.contains("over the limit"), "{log}");
+}
+
+/// A `frontdesk sync` setup on the fake server: (state dir, config path).
+fn sync_setup(fake_port: u16, extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(fake_port, extra)
+        .replace("{dir}", dir.path().to_str().unwrap())
+        .replace("{port}", "0");
+    let cfg = dir.path().join("frontdesk.yaml");
+    std::fs::write(&cfg, text).unwrap();
+    (dir, cfg)
+}
+
+/// `frontdesk sync` to completion: (exit code, stdout, stderr).
+fn run_sync(cfg: &std::path::Path) -> (i32, String, String) {
+    support::frontdesk(&["--config", cfg.to_str().unwrap(), "sync"], &[])
+}
+
+/// The rows of one query of integers, read-only.
+async fn ints(db: &std::path::Path, sql: &'static str) -> Vec<Option<i64>> {
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .connect(&format!("sqlite://{}?mode=ro", db.display()))
+        .await
+        .unwrap();
+    let rows: Vec<(Option<i64>,)> = sqlx::query_as(sql).fetch_all(&pool).await.unwrap();
+    pool.close().await;
+    rows.into_iter().map(|r| r.0).collect()
+}
+
+#[tokio::test]
+async fn a_search_cut_by_a_closed_connection_records_no_figures() {
+    let fake = FakeImap::start(Script {
+        uid_validity: 4,
+        messages: mailbox(&[1, 2, 3, 4, 5]),
+        ..Script::default()
+    });
+    let (dir, cfg) = sync_setup(fake.port, "");
+    let db = dir.path().join("frontdesk.db");
+    let (code, out, err) = run_sync(&cfg);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("5 new"), "{out}");
+    let l = ledger(&cfg);
+    assert_eq!(
+        (l["server_messages"].as_u64(), l["unaccounted"].as_u64()),
+        (Some(5), Some(0)),
+        "{l}"
+    );
+    assert!(l["reconcile_error"].is_null(), "{l}");
+    let figures = "SELECT server_messages FROM imap_cursors";
+    let reconciled = "SELECT reconciled_at FROM imap_cursors";
+    let at = ints(&db, reconciled).await;
+
+    // a new message, then the connection closes after a `* SEARCH 1 2` line: the pass fails
+    // loudly instead of recording a folder of 2
+    fake.with(|s| {
+        s.messages.insert(6, message(6));
+        s.cut_search = vec![true];
+    });
+    let (code, _, err) = run_sync(&cfg);
+    assert_eq!(code, 1, "a cut SEARCH must fail the pass: {err}");
+    assert!(err.contains("not confirmed by a live session"), "{err}");
+    assert_eq!(
+        ints(&db, figures).await,
+        [Some(5)],
+        "figures taken from a cut answer"
+    );
+    assert_eq!(ints(&db, reconciled).await, at);
+    let rows = stored(&db).await;
+    assert_eq!(
+        rows.len(),
+        6,
+        "nothing lost: the new message was ingested before"
+    );
+    assert_no_partial_rows(&rows);
+
+    // `sources` on a connection that closes before any SEARCH answer: an error, old figures
+    fake.with(|s| s.cut_search = vec![false]);
+    let l = ledger(&cfg);
+    let error = l["reconcile_error"].as_str().unwrap_or_default();
+    assert!(error.contains("uid search"), "{l}");
+    assert_eq!(l["server_messages"], 5, "{l}");
+    assert!(
+        l["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("uid search"),
+        "{l}"
+    );
+    assert_eq!(ints(&db, reconciled).await, at);
+
+    // a live session again: the true figures
+    let l = ledger(&cfg);
+    assert!(l["reconcile_error"].is_null(), "{l}");
+    assert_eq!(
+        (l["server_messages"].as_u64(), l["unaccounted"].as_u64()),
+        (Some(6), Some(0)),
+        "{l}"
+    );
+    assert_eq!(l["last_uid"], 6, "{l}");
+}
+
+/// A message with a given Message-ID (None: no Message-ID header at all).
+fn message_with_id(id: Option<&str>, n: u32) -> Vec<u8> {
+    let id = id.map_or(String::new(), |id| format!("Message-ID: <{id}>\r\n"));
+    format!(
+        "From: Client {n} <c{n}@client.test>\r\nTo: team@shop.test\r\nSubject: flap {n}\r\n\
+{id}Date: Tue, 1 Jul 2025 10:00:00 +0000\r\n\r\nbody {n}\r\n"
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn uid_validity_flapping_a_b_a_stores_every_message_once() {
+    // D5, third variant: synced under A, renumbered under B (plus new mail), then A again
+    let m = |n: u32| {
+        message_with_id(
+            (n != 5).then(|| format!("flap-{n}@client.test")).as_deref(),
+            n,
+        )
+    };
+    let under_a: BTreeMap<u32, Vec<u8>> = (1..=5).map(|n| (n, m(n))).collect();
+    let fake = FakeImap::start(Script {
+        uid_validity: 100,
+        messages: under_a.clone(),
+        ..Script::default()
+    });
+    let (dir, cfg) = sync_setup(fake.port, "");
+    let db = dir.path().join("frontdesk.db");
+    let sync = || {
+        let (code, out, err) = run_sync(&cfg);
+        assert_eq!(code, 0, "{err}");
+        (out, err)
+    };
+    let (out, _) = sync();
+    assert!(out.contains("5 new"), "{out}");
+
+    // B: the same five renumbered 11..15 (5 has no Message-ID: matched by content hash), 6 and 7 new
+    fake.with(|s| {
+        s.uid_validity = 200;
+        s.messages = (1..=7).map(|n| (n + 10, m(n))).collect();
+    });
+    let (out, err) = sync();
+    assert!(out.contains("2 new"), "{out}\n{err}");
+
+    // A again: the first numbering back, 6 and 7 as 6 and 7, and 8 arriving meanwhile
+    fake.with(|s| {
+        s.uid_validity = 100;
+        s.messages = (1..=8).map(|n| (n, m(n))).collect();
+    });
+    let seen = fake.commands().len();
+    let (out, err) = sync();
+    assert!(out.contains("1 new"), "{out}\n{err}");
+    // what is stored under A already is not fetched again: only 8's body is
+    let fetched: Vec<String> = fake.commands()[seen..]
+        .iter()
+        .filter(|c| c.starts_with("UID FETCH") && c.contains("RFC822.SIZE BODY.PEEK[]"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        fetched,
+        ["UID FETCH 8 (UID INTERNALDATE RFC822.SIZE BODY.PEEK[])"]
+    );
+    let (out, _) = sync();
+    assert!(out.contains("0 new"), "{out}");
+
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .connect(&format!("sqlite://{}?mode=ro", db.display()))
+        .await
+        .unwrap();
+    let ids: Vec<(Option<String>, Vec<u8>)> =
+        sqlx::query_as("SELECT message_id, raw FROM messages ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    let raws: HashSet<Vec<u8>> = ids.iter().map(|r| r.1.clone()).collect();
+    let distinct: HashSet<Option<String>> = ids.iter().map(|r| r.0.clone()).collect();
+    assert_eq!(ids.len(), 8, "{ids:?}");
+    assert_eq!((distinct.len(), raws.len()), (8, 8), "duplicates: {ids:?}");
+    assert!(raws.iter().all(|r| (1..=8).any(|n| *r == m(n))));
+    let events = ints(
+        &db,
+        "SELECT count(*) FROM source_events WHERE kind = 'uid_validity_changed'",
+    )
+    .await;
+    assert_eq!(events, [Some(2)], "one event per change");
+    let l = ledger(&cfg);
+    assert_eq!(
+        (l["uid_validity"].as_u64(), l["last_uid"].as_u64()),
+        (Some(100), Some(8)),
+        "{l}"
+    );
+    assert_eq!(
+        (l["server_messages"].as_u64(), l["unaccounted"].as_u64()),
+        (Some(8), Some(0)),
+        "{l}"
+    );
+    let stored_or_matched = l["ingested"].as_u64().unwrap() + l["matched"].as_u64().unwrap();
+    assert_eq!(
+        stored_or_matched, 8,
+        "each server message counted once: {l}"
+    );
+}
+
+#[tokio::test]
+async fn a_preauth_greeting_is_used_without_login_over_plain_loopback() {
+    let fake = FakeImap::start(Script {
+        uid_validity: 8,
+        messages: mailbox(&[1, 2]),
+        greeting: Some("* PREAUTH [CAPABILITY IMAP4rev1 IDLE] welcome back, alice".into()),
+        ..Script::default()
+    });
+    let (dir, cfg) = sync_setup(fake.port, "");
+    let (code, out, err) = run_sync(&cfg);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 new"), "{out}");
+    assert!(err.contains("PREAUTH"), "{err}");
+    let commands = fake.commands();
+    assert!(
+        !commands
+            .iter()
+            .any(|c| c.to_ascii_uppercase().starts_with("LOGIN") || c.contains("secret")),
+        "credentials sent to a preauthenticated server: {commands:?}"
+    );
+    let rows = stored(&dir.path().join("frontdesk.db")).await;
+    assert_eq!(rows.len(), 2);
+    assert_no_partial_rows(&rows);
+    assert_eq!(ledger(&cfg)["unaccounted"], 0);
+}
+
+#[tokio::test]
+async fn a_preauth_greeting_before_starttls_is_refused() {
+    let fake = FakeImap::start(Script {
+        uid_validity: 8,
+        messages: mailbox(&[1]),
+        greeting: Some("* PREAUTH [CAPABILITY IMAP4rev1 STARTTLS] welcome back".into()),
+        ..Script::default()
+    });
+    let (dir, cfg) = sync_setup(fake.port, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("tls: none", "tls: starttls");
+    std::fs::write(&cfg, text).unwrap();
+    let (code, _, err) = run_sync(&cfg);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("refusing the PREAUTH greeting of 127.0.0.1 before STARTTLS"),
+        "{err}"
+    );
+    assert!(fake.commands().is_empty(), "{:?}", fake.commands());
+    assert!(stored(&dir.path().join("frontdesk.db")).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_capability_list_without_imap4rev1_is_refused_and_a_refused_capability_is_not() {
+    // async-imap cannot parse CAPABILITY data without IMAP4rev1 (and is stuck on the line)
+    let fake = FakeImap::start(Script {
+        uid_validity: 6,
+        messages: mailbox(&[1, 2, 3]),
+        capabilities: Some("IMAP4rev2 IDLE".into()),
+        ..Script::default()
+    });
+    let (dir, cfg) = sync_setup(fake.port, "");
+    let db = dir.path().join("frontdesk.db");
+    let (code, _, err) = run_sync(&cfg);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(
+            "source fake: the server does not announce IMAP4rev1 (capabilities: IMAP4rev2 IDLE)"
+        ),
+        "{err}"
+    );
+    assert!(stored(&db).await.is_empty());
+    assert!(
+        !fake.commands().iter().any(|c| c.starts_with("EXAMINE")),
+        "{:?}",
+        fake.commands()
+    );
+
+    // a server that answers CAPABILITY with BAD: used without IDLE, with a warning
+    fake.with(|s| {
+        s.capabilities = None;
+        s.capability_bad = true;
+    });
+    let (code, out, err) = run_sync(&cfg);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("3 new"), "{out}");
+    assert_eq!(err.matches("refused CAPABILITY").count(), 1, "{err}");
+    let rows = stored(&db).await;
+    assert_eq!(rows.len(), 3);
+    assert_no_partial_rows(&rows);
+    let l = ledger(&cfg);
+    assert_eq!(
+        (l["server_messages"].as_u64(), l["unaccounted"].as_u64()),
+        (Some(3), Some(0)),
+        "{l}"
+    );
+}
+
+#[tokio::test]
+async fn untagged_expunge_and_exists_between_fetch_responses() {
+    let fake = FakeImap::start(Script {
+        uid_validity: 12,
+        messages: mailbox(&[1, 2, 3, 4, 5, 6]),
+        expunge_on_fetch: [3].into(),
+        interleave: true,
+        arrive_during_fetch: Some(7),
+        ..Script::default()
+    });
+    let (dir, cfg) = sync_setup(fake.port, "");
+    let db = dir.path().join("frontdesk.db");
+    let (code, out, err) = run_sync(&cfg);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("5 new"), "{out}");
+    let uids: Vec<u32> = stored(&db).await.iter().map(|r| r.0).collect();
+    assert_eq!(
+        uids,
+        [1, 2, 4, 5, 6],
+        "3 expunged, 7 arrived after the listing"
+    );
+    // the message that arrived during the FETCH comes with the next pass
+    let (code, out, err) = run_sync(&cfg);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 new"), "{out}");
+    let rows = stored(&db).await;
+    assert_eq!(
+        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+        [1, 2, 4, 5, 6, 7]
+    );
+    assert_no_partial_rows(&rows);
+    let l = ledger(&cfg);
+    assert_eq!(
+        (l["last_uid"].as_u64(), l["unaccounted"].as_u64()),
+        (Some(7), Some(0)),
+        "{l}"
+    );
+}
+
+#[tokio::test]
+async fn a_uid_validity_enumeration_cut_by_a_closed_connection_is_not_committed() {
+    // 3 has no Message-ID: after a UIDVALIDITY change it is fingerprinted by its content, and
+    // that FETCH is the one the server hangs up on (last, so nothing else sees the dead link)
+    let m = |n: u32| {
+        message_with_id(
+            (n != 3).then(|| format!("enum-{n}@client.test")).as_deref(),
+            n,
+        )
+    };
+    let fake = FakeImap::start(Script {
+        uid_validity: 30,
+        messages: (1..=3).map(|n| (n, m(n))).collect(),
+        ..Script::default()
+    });
+    let (dir, cfg) = sync_setup(fake.port, "");
+    let db = dir.path().join("frontdesk.db");
+    let (code, out, err) = run_sync(&cfg);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("3 new"), "{out}");
+
+    fake.with(|s| {
+        s.uid_validity = 31;
+        s.messages = (1..=3).map(|n| (n + 20, m(n))).collect();
+        s.cut_hash_fetch = 1;
+    });
+    let (code, _, err) = run_sync(&cfg);
+    assert_eq!(code, 1, "a cut enumeration must fail the pass: {err}");
+    let events = "SELECT count(*) FROM source_events WHERE kind = 'uid_validity_changed'";
+    assert_eq!(
+        ints(&db, events).await,
+        [Some(0)],
+        "nothing committed from it"
+    );
+    assert_eq!(
+        ints(&db, "SELECT uid_validity FROM imap_cursors").await,
+        [Some(30)]
+    );
+
+    let (code, out, err) = run_sync(&cfg);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("0 new"), "3 taken for new mail: {out}");
+    assert_eq!(ints(&db, "SELECT count(*) FROM messages").await, [Some(3)]);
+    assert_eq!(ints(&db, events).await, [Some(1)]);
+    let l = ledger(&cfg);
+    assert_eq!(
+        (
+            l["uid_validity"].as_u64(),
+            l["matched"].as_u64(),
+            l["unaccounted"].as_u64()
+        ),
+        (Some(31), Some(3), Some(0)),
+        "{l}"
+    );
+}
+
+#[tokio::test]
+async fn a_first_listing_cut_by_a_closed_connection_does_not_set_the_backfill_floor() {
+    // `backfill: none` puts the cursor at the highest UID listed; an empty listing from a dead
+    // connection would put it at 0, and the whole mailbox would be ingested after all
+    let fake = FakeImap::start(Script {
+        uid_validity: 40,
+        messages: mailbox(&[1, 2, 3]),
+        cut_list: 1,
+        ..Script::default()
+    });
+    let (dir, cfg) = sync_setup(fake.port, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("backfill: all", "backfill: none");
+    std::fs::write(&cfg, text).unwrap();
+    let db = dir.path().join("frontdesk.db");
+    let (code, _, err) = run_sync(&cfg);
+    assert_eq!(code, 1, "a cut listing must fail the pass: {err}");
+    assert!(
+        ints(&db, "SELECT last_uid FROM imap_cursors")
+            .await
+            .is_empty(),
+        "a cursor committed from an empty listing"
+    );
+    assert!(err.contains("not confirmed by a live session"), "{err}");
+
+    let (code, out, err) = run_sync(&cfg);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("0 new"), "{out}");
+    assert!(stored(&db).await.is_empty());
+    let l = ledger(&cfg);
+    assert_eq!(
+        (
+            l["last_uid"].as_u64(),
+            l["skipped_backfill"].as_u64(),
+            l["unaccounted"].as_u64()
+        ),
+        (Some(3), Some(3), Some(0)),
+        "{l}"
+    );
 }
