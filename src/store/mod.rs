@@ -372,6 +372,18 @@ impl SqliteDb {
         };
         // Per connection: a writer connection replaced after a failed commit checkpoints inline
         // again, which is only slower.
+        // journal_size_limit: the WAL file is cut back to the bound when it starts over.
+        let limit = format!(
+            "PRAGMA journal_size_limit = {}",
+            max_frames.saturating_mul(4096)
+        );
+        // an integer formatted in: nothing to inject
+        if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(limit))
+            .execute(&self.writer)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot bound the WAL file's size");
+        }
         if let Err(e) = sqlx::query("PRAGMA wal_autocheckpoint = 0")
             .execute(&self.writer)
             .await
@@ -390,18 +402,18 @@ impl SqliteDb {
             match done {
                 // Under a steady stream of commits a passive checkpoint never catches the last
                 // frame, so the WAL would never start over and would grow without bound (410 MiB
-                // in a 10 s webhook flood). Past WAL_RESTART_FRAMES, one TRUNCATE checkpoint
-                // waits for the writer, copies the few frames the passive ones left and resets
-                // the file: a short stall, once per 64 MiB written.
+                // in a 10 s webhook flood). Past `max_frames`, one more PASSIVE checkpoint runs
+                // on the writer connection itself: nothing can append meanwhile, so it copies the
+                // few frames the others left, and the next write starts the WAL over (trimmed to
+                // `journal_size_limit`). It waits for no reader, unlike a TRUNCATE checkpoint,
+                // whose busy-handler sleeps stalled every acknowledgement for ~50 ms per 64 MiB.
                 Ok((_, frames, _)) if frames > max_frames => {
-                    // Through the writer pool: from another connection the reset would poll for
-                    // the write lock between back-to-back commits and starve.
-                    let reset: Result<(i64, i64, i64), _> =
-                        sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+                    let caught_up: Result<(i64, i64, i64), _> =
+                        sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
                             .fetch_one(&self.writer)
                             .await;
-                    if let Err(e) = reset {
-                        tracing::debug!(error = %e, "WAL reset failed; retrying");
+                    if let Err(e) = caught_up {
+                        tracing::debug!(error = %e, "WAL catch-up checkpoint failed; retrying");
                     }
                 }
                 Ok(_) => {}
