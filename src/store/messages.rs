@@ -330,32 +330,33 @@ async fn insert_message_rows<'m>(
 }
 
 impl super::backend::PgDb {
-/// Inserts several messages inside `tx` with one multi-row statement per chunk, so a batch costs
-/// a few round trips to SQLite instead of one per message. Same semantics as `insert_message` for
-/// each message in order: an origin already stored, or repeated earlier in `msgs`, is a duplicate
-/// carrying the first row's id.
-pub(crate) async fn insert_messages(
-    &self,
-    tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
-    msgs: &[&Message],
-    now: DateTime<Utc>,
-) -> Result<Vec<Ingested>, Error> {
-    match self
-        .insert_message_rows(
-            tx,
-            msgs.iter().map(|m| Cow::Borrowed(*m)).collect(),
-            now,
-            true,
-        )
-        .await?
-    {
-        Inserted::Rows(rows) => Ok(rows),
-        Inserted::New(_) => Err(Error::Corrupt {
-            table: "messages",
-            reason: "insert returned no ids".into(),
-        }),
+    /// Inserts several messages inside `tx` with one multi-row statement per chunk, so a batch costs
+    /// a few round trips to PostgreSQL instead of one per message (SQLite's webhook writer steps
+    /// [`RawMessageInserter`] instead). Same semantics as `insert_message` for
+    /// each message in order: an origin already stored, or repeated earlier in `msgs`, is a duplicate
+    /// carrying the first row's id.
+    pub(crate) async fn insert_messages(
+        &self,
+        tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
+        msgs: &[&Message],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Ingested>, Error> {
+        match self
+            .insert_message_rows(
+                tx,
+                msgs.iter().map(|m| Cow::Borrowed(*m)).collect(),
+                now,
+                true,
+            )
+            .await?
+        {
+            Inserted::Rows(rows) => Ok(rows),
+            Inserted::New(_) => Err(Error::Corrupt {
+                table: "messages",
+                reason: "insert returned no ids".into(),
+            }),
+        }
     }
-}
 }
 
 impl Store {

@@ -303,8 +303,10 @@ mod tests {
             let mut ins = db
                 .prepare("INSERT INTO t (s, b, n) VALUES (?, ?, ?) RETURNING id")
                 .unwrap();
-            for (s, b, n) in [(Some("é\u{0}x"), &b"\x00\xff"[..], Some(7)), (None, &b""[..], None)]
-            {
+            for (s, b, n) in [
+                (Some("é\u{0}x"), &b"\x00\xff"[..], Some(7)),
+                (None, &b""[..], None),
+            ] {
                 ins.bind_all(&[s.into(), Value::Blob(b), n.into()]).unwrap();
                 assert!(ins.step().unwrap(), "RETURNING gives a row");
                 assert!(ins.int(0) > 0);
@@ -315,7 +317,11 @@ mod tests {
                 .unwrap();
             q.bind_all(&[]).unwrap();
             assert!(q.step().unwrap());
-            assert_eq!(q.text(0), "é\u{0}x", "text with a NUL survives (explicit lengths)");
+            assert_eq!(
+                q.text(0),
+                "é\u{0}x",
+                "text with a NUL survives (explicit lengths)"
+            );
             assert_eq!(q.text(1), "00FF");
             assert_eq!(q.int(2), 7);
             assert!(q.step().unwrap());

@@ -483,7 +483,9 @@ fn insert_batch_raw(
     let has_tokens = batch.iter().any(|j| j.delivery.replay_token.is_some());
     let mut tokens = if has_tokens {
         Some((
-            db.prepare("SELECT origin_key FROM webhook_replay_tokens WHERE source = ? AND token = ?")?,
+            db.prepare(
+                "SELECT origin_key FROM webhook_replay_tokens WHERE source = ? AND token = ?",
+            )?,
             db.prepare(
                 "INSERT INTO webhook_replay_tokens (source, token, origin_key, seen_at) \
                  VALUES (?, ?, ?, ?)",
@@ -498,7 +500,11 @@ fn insert_batch_raw(
         {
             let key = msg.origin.key();
             seen.bind_all(&[Value::Text(&msg.source), Value::Text(token)])?;
-            let earlier = if seen.step()? { Some(seen.text(0)) } else { None };
+            let earlier = if seen.step()? {
+                Some(seen.text(0))
+            } else {
+                None
+            };
             while seen.step()? {}
             match earlier {
                 Some(k) if k != key => {
@@ -565,70 +571,70 @@ impl PgDb {
 }
 
 impl PgDb {
-/// The batch's statements inside `tx`: one-time tokens, the multi-row insert, counters and
-/// activity; the per-delivery results are valid only once `tx` commits.
-async fn insert_batch(
-    &self,
-    tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
-    batch: &[Job],
-    counts: &HashMap<(String, String), i64>,
-    now: DateTime<Utc>,
-) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
-    let mut results = Vec::with_capacity(batch.len());
-    let mut tally: HashMap<(String, String), i64> = counts.clone();
-    let mut touched: HashMap<String, ()> = HashMap::new();
-    // Deliveries with a one-time token are checked and stored one by one (rare: Mailgun);
-    // the rest go in one multi-row insert.
-    let mut plain: Vec<usize> = Vec::with_capacity(batch.len());
-    results.resize(batch.len(), Err(IngestError::Busy));
-    for (i, job) in batch.iter().enumerate() {
-        let msg = &job.delivery.message;
-        let Some(token) = &job.delivery.replay_token else {
-            plain.push(i);
-            continue;
-        };
-        let key = msg.origin.key();
-        let seen: Option<(String,)> = sqlx::query_as(
-            self.sql("SELECT origin_key FROM webhook_replay_tokens WHERE source = ? AND token = ?"),
-        )
-        .bind(&msg.source)
-        .bind(token)
-        .fetch_optional(&mut **tx)
-        .await?;
-        match seen {
-            Some((k,)) if k != key => {
-                *tally
-                    .entry((msg.source.clone(), "rejected:token_reused".into()))
-                    .or_insert(0) += 1;
-                results[i] = Err(IngestError::TokenReused);
+    /// The batch's statements inside `tx`: one-time tokens, the multi-row insert, counters and
+    /// activity; the per-delivery results are valid only once `tx` commits.
+    async fn insert_batch(
+        &self,
+        tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
+        batch: &[Job],
+        counts: &HashMap<(String, String), i64>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
+        let mut results = Vec::with_capacity(batch.len());
+        let mut tally: HashMap<(String, String), i64> = counts.clone();
+        let mut touched: HashMap<String, ()> = HashMap::new();
+        // Deliveries with a one-time token are checked and stored one by one (rare: Mailgun);
+        // the rest go in one multi-row insert.
+        let mut plain: Vec<usize> = Vec::with_capacity(batch.len());
+        results.resize(batch.len(), Err(IngestError::Busy));
+        for (i, job) in batch.iter().enumerate() {
+            let msg = &job.delivery.message;
+            let Some(token) = &job.delivery.replay_token else {
+                plain.push(i);
                 continue;
+            };
+            let key = msg.origin.key();
+            let seen: Option<(String,)> = sqlx::query_as(self.sql(
+                "SELECT origin_key FROM webhook_replay_tokens WHERE source = ? AND token = ?",
+            ))
+            .bind(&msg.source)
+            .bind(token)
+            .fetch_optional(&mut **tx)
+            .await?;
+            match seen {
+                Some((k,)) if k != key => {
+                    *tally
+                        .entry((msg.source.clone(), "rejected:token_reused".into()))
+                        .or_insert(0) += 1;
+                    results[i] = Err(IngestError::TokenReused);
+                    continue;
+                }
+                Some(_) => {}
+                None => {
+                    sqlx::query(self.sql(
+                        "INSERT INTO webhook_replay_tokens (source, token, origin_key, seen_at) \
+                     VALUES (?, ?, ?, ?)",
+                    ))
+                    .bind(&msg.source)
+                    .bind(token)
+                    .bind(&key)
+                    .bind(to_ms(now))
+                    .execute(&mut **tx)
+                    .await?;
+                }
             }
-            Some(_) => {}
-            None => {
-                sqlx::query(
-                    self.sql("INSERT INTO webhook_replay_tokens (source, token, origin_key, seen_at) \
-                     VALUES (?, ?, ?, ?)"),
-                )
-                .bind(&msg.source)
-                .bind(token)
-                .bind(&key)
-                .bind(to_ms(now))
-                .execute(&mut **tx)
-                .await?;
-            }
+            let out = self.insert_message(tx, msg, now).await?;
+            record(&mut tally, &mut touched, msg, out);
+            results[i] = Ok(out);
         }
-        let out = self.insert_message(tx, msg, now).await?;
-        record(&mut tally, &mut touched, msg, out);
-        results[i] = Ok(out);
-    }
-    let msgs: Vec<&Message> = plain.iter().map(|&i| &batch[i].delivery.message).collect();
-    let outs = self.insert_messages(tx, &msgs, now).await?;
-    for (&i, out) in plain.iter().zip(outs) {
-        record(&mut tally, &mut touched, &batch[i].delivery.message, out);
-        results[i] = Ok(out);
-    }
-    for ((source, name), n) in &tally {
-        sqlx::query(
+        let msgs: Vec<&Message> = plain.iter().map(|&i| &batch[i].delivery.message).collect();
+        let outs = self.insert_messages(tx, &msgs, now).await?;
+        for (&i, out) in plain.iter().zip(outs) {
+            record(&mut tally, &mut touched, &batch[i].delivery.message, out);
+            results[i] = Ok(out);
+        }
+        for ((source, name), n) in &tally {
+            sqlx::query(
             self.sql("INSERT INTO webhook_counters (source, name, value) VALUES (?, ?, ?) \
              ON CONFLICT (source, name) DO UPDATE SET value = webhook_counters.value + excluded.value"),
         )
@@ -637,26 +643,26 @@ async fn insert_batch(
         .bind(n)
         .execute(&mut **tx)
         .await?;
-    }
-    for source in touched.keys() {
-        let source = source.as_str();
-        sqlx::query(
-            self.sql("INSERT INTO webhook_activity (source, last_delivery_at) VALUES (?, ?) \
-             ON CONFLICT (source) DO UPDATE SET last_delivery_at = excluded.last_delivery_at"),
-        )
-        .bind(source)
-        .bind(to_ms(now))
-        .execute(&mut **tx)
-        .await?;
-    }
-    if batch.iter().any(|j| j.delivery.replay_token.is_some()) {
-        sqlx::query(self.sql("DELETE FROM webhook_replay_tokens WHERE seen_at < ?"))
-            .bind(to_ms(now - TOKEN_RETENTION))
+        }
+        for source in touched.keys() {
+            let source = source.as_str();
+            sqlx::query(self.sql(
+                "INSERT INTO webhook_activity (source, last_delivery_at) VALUES (?, ?) \
+             ON CONFLICT (source) DO UPDATE SET last_delivery_at = excluded.last_delivery_at",
+            ))
+            .bind(source)
+            .bind(to_ms(now))
             .execute(&mut **tx)
             .await?;
+        }
+        if batch.iter().any(|j| j.delivery.replay_token.is_some()) {
+            sqlx::query(self.sql("DELETE FROM webhook_replay_tokens WHERE seen_at < ?"))
+                .bind(to_ms(now - TOKEN_RETENTION))
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(results)
     }
-    Ok(results)
-}
 }
 
 /// Counts one stored delivery as accepted or duplicate and marks its source as active.
