@@ -3,7 +3,8 @@
 //! One writer task owns the write path. Each request sends its message over an mpsc channel with a
 //! oneshot for the answer. The task takes whatever has queued up (no added wait: requests that
 //! arrive during a commit form the next batch) and inserts them all in one `BEGIN IMMEDIATE`
-//! transaction. The commit writes the WAL frames without fsyncing them (`synchronous=NORMAL` for
+//! transaction (on SQLite stepped in one go on the writer connection's raw handle:
+//! [`super::sqlite_raw`] says why). The commit writes the WAL frames without fsyncing them (`synchronous=NORMAL` for
 //! this transaction only); a syncer task then fsyncs the WAL ([`super::wal_sync`]) and only after
 //! that answers each waiter, while the writer already commits the next batch. If anything in the
 //! batch fails, the transaction rolls back and every waiter gets `Unavailable` (503): nobody is
