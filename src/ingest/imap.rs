@@ -472,6 +472,49 @@ fn uid_set(uids: &[u32]) -> String {
     out
 }
 
+/// `UID SEARCH query`, failing unless the server's tagged answer is OK.
+///
+/// async-imap's `uid_search` drops the tagged status: a `NO` (a server that could not search)
+/// reads as "no UIDs", and a missing UID taken for expunged would be skipped for good. Untagged
+/// responses other than `* SEARCH` (EXISTS, EXPUNGE, FLAGS) are dropped here: every sync pass
+/// lists the folder again before waiting for new mail, so none of them is needed.
+async fn checked_uid_search(
+    session: &mut Session,
+    query: &str,
+) -> Result<HashSet<u32>, async_imap::error::Error> {
+    use async_imap::imap_proto::{MailboxDatum, Response, Status};
+    let id = session.run_command(format!("UID SEARCH {query}")).await?;
+    let mut found = HashSet::new();
+    loop {
+        let Some(resp) = session.read_response().await? else {
+            return Err(async_imap::error::Error::ConnectionLost);
+        };
+        match resp.parsed() {
+            Response::MailboxData(MailboxDatum::Search(uids)) => found.extend(uids.iter().copied()),
+            Response::Done {
+                tag,
+                status,
+                outcome,
+                ..
+            } if *tag == id => {
+                let why = || {
+                    outcome
+                        .information
+                        .as_deref()
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                return match status {
+                    Status::Ok => Ok(found),
+                    Status::No => Err(async_imap::error::Error::No(why())),
+                    _ => Err(async_imap::error::Error::Bad(why())),
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Requires a tagged OK to a NOOP after a SEARCH or FETCH whose answer is about to be trusted.
 ///
 /// async-imap ends a SEARCH or FETCH quietly, with what it got so far, when the connection
@@ -1145,9 +1188,8 @@ impl SourceCtx {
                 // so does `noop()`: a NOOP whose tagged OK is required (EOF is ConnectionLost)
                 // after the search means its answer came from a live session
                 let checked = async {
-                    let present = session
-                        .uid_search(format!("UID {}", uid_set(&missing)))
-                        .await?;
+                    let present =
+                        checked_uid_search(session, &format!("UID {}", uid_set(&missing))).await?;
                     session.run_command_and_check_ok("NOOP").await?;
                     Ok::<_, async_imap::error::Error>(present)
                 }
@@ -1346,8 +1388,7 @@ impl SourceCtx {
         if uid_validity != cursor.uid_validity {
             return Ok(None); // the next pass reconciles the UIDVALIDITY change first
         }
-        let server = session
-            .uid_search("ALL")
+        let server = checked_uid_search(session, "ALL")
             .await
             .map_err(protocol("uid search", t))?;
         confirm_alive(session, "uid search", t).await?;

@@ -60,6 +60,11 @@ struct Script {
     /// Close the connection, without any answer, on this many more size listings
     /// (`UID FETCH set (UID RFC822.SIZE INTERNALDATE)`).
     cut_list: u32,
+    /// UID -> how many more body FETCHes leave it out while it stays in the mailbox, ending the
+    /// FETCH with a tagged NO (Dovecot's answer when it cannot read a message file).
+    withhold_body: HashMap<u32, u32>,
+    /// Answer this many more UID SEARCHes with a tagged NO and no `* SEARCH` line.
+    search_no: u32,
     /// Every command received, tag stripped.
     commands: Vec<String>,
 }
@@ -229,12 +234,19 @@ async fn session(sock: TcpStream, script: Arc<Mutex<Script>>) -> std::io::Result
             )
             .await?;
         } else if upper.starts_with("UID SEARCH") {
-            let (uids, cut) = {
+            let (uids, cut, no) = {
                 let mut s = script.lock().unwrap();
                 let uids: Vec<String> = s.messages.keys().map(|u| u.to_string()).collect();
                 let cut = (!s.cut_search.is_empty()).then(|| s.cut_search.remove(0));
-                (uids, cut)
+                let no = s.search_no > 0;
+                s.search_no = s.search_no.saturating_sub(1);
+                (uids, cut, no)
             };
+            if no {
+                out.send(format!("{tag} NO [SERVERBUG] search failed\r\n").as_bytes())
+                    .await?;
+                continue;
+            }
             if let Some(partial) = cut {
                 if partial {
                     let first: Vec<String> = uids.into_iter().take(2).collect();
@@ -329,6 +341,7 @@ async fn fetch(
         let s = script.lock().unwrap();
         uid_set(set, &s.messages)
     };
+    let mut withheld = false;
     for uid in uids {
         enum Plan {
             Skip,
@@ -351,6 +364,10 @@ async fn fetch(
                 Plan::Whole(body, announced)
             } else if s.expunge_on_fetch.remove(&uid) {
                 s.messages.remove(&uid);
+                Plan::Skip
+            } else if let Some(n) = s.withhold_body.get_mut(&uid).filter(|n| **n > 0) {
+                *n -= 1;
+                withheld = true;
                 Plan::Skip
             } else if let Some(n) = s.cut_literal.get_mut(&uid).filter(|n| **n > 0) {
                 if *n != u32::MAX {
@@ -444,8 +461,13 @@ async fn fetch(
             }
         }
     }
-    out.send(format!("{tag} OK fetch done\r\n").as_bytes())
-        .await?;
+    if withheld {
+        out.send(format!("{tag} NO [SERVERBUG] some messages could not be read\r\n").as_bytes())
+            .await?;
+    } else {
+        out.send(format!("{tag} OK fetch done\r\n").as_bytes())
+            .await?;
+    }
     Ok(true)
 }
 
@@ -820,7 +842,9 @@ async fn a_search_cut_by_a_closed_connection_records_no_figures() {
     });
     let (code, _, err) = run_sync(&cfg);
     assert_eq!(code, 1, "a cut SEARCH must fail the pass: {err}");
-    assert!(err.contains("not confirmed by a live session"), "{err}");
+    // the SEARCH itself now requires its tagged answer (`checked_uid_search`), so the loss of
+    // the connection shows there rather than at the confirming NOOP
+    assert!(err.contains("uid search: connection lost"), "{err}");
     assert_eq!(
         ints(&db, figures).await,
         [Some(5)],
@@ -1192,6 +1216,56 @@ async fn a_first_listing_cut_by_a_closed_connection_does_not_set_the_backfill_fl
             l["unaccounted"].as_u64()
         ),
         (Some(3), Some(3), Some(0)),
+        "{l}"
+    );
+}
+
+/// A SEARCH answered with a tagged NO is an error, not an empty folder: async-imap's own
+/// `uid_search` reads it as "no UIDs", which made a message whose body the server could not read
+/// (FETCH ending in NO) look expunged, so the cursor moved past it for good.
+#[tokio::test]
+async fn a_search_answered_no_is_not_taken_for_an_empty_folder() {
+    let fake = FakeImap::start(Script {
+        uid_validity: 9,
+        messages: mailbox(&[1, 2, 3, 4, 5]),
+        withhold_body: [(3, 1)].into(),
+        search_no: 1,
+        ..Script::default()
+    });
+    let (dir, cfg) = sync_setup(fake.port, "");
+    let db = dir.path().join("frontdesk.db");
+    let (code, _, err) = run_sync(&cfg);
+    assert_eq!(code, 1, "uid 3 must not be taken for expunged: {err}");
+    assert!(err.contains("uid 3"), "{err}");
+    assert!(err.to_lowercase().contains("search failed"), "{err}");
+    // the failed batch is fetched again one UID at a time: nothing lost, nothing twice
+    let (code, out, err) = run_sync(&cfg);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("5 new"), "{out}");
+    let rows = stored(&db).await;
+    let uids: Vec<u32> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(
+        uids.iter().copied().collect::<HashSet<_>>().len(),
+        5,
+        "{uids:?}"
+    );
+    assert_eq!(uids.len(), 5, "{uids:?}");
+    assert_no_partial_rows(&rows);
+    // the ledger's SEARCH answered NO: an error, not a folder of 0 with 5 unaccounted
+    fake.with(|s| s.search_no = 1);
+    let l = ledger(&cfg);
+    assert!(
+        l["reconcile_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("uid search"),
+        "{l}"
+    );
+    assert_ne!(l["server_messages"], 0, "{l}");
+    let l = ledger(&cfg);
+    assert_eq!(
+        (l["server_messages"].as_u64(), l["unaccounted"].as_u64()),
+        (Some(5), Some(0)),
         "{l}"
     );
 }
