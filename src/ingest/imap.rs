@@ -550,33 +550,79 @@ struct Listed {
 
 /// `UID FETCH set (UID RFC822.SIZE INTERNALDATE)`, sorted by UID.
 async fn list(session: &mut Session, set: &str, t: Duration) -> Result<Vec<Listed>, ImapError> {
+    use async_imap::imap_proto::{AttributeValue, Response, Status};
     // each response is turned into a small `Listed` and dropped at once: async-imap keeps a
-    // buffer per response, so collecting 10,000 of them first would cost tens of megabytes
+    // buffer per response, so collecting 10,000 of them first would cost tens of megabytes.
+    // Read by hand rather than through `uid_fetch`, which drops the tagged status: a listing that
+    // ends in NO may have left a message out of the middle, and the cursor would pass it.
     let mut out = Vec::new();
     let listed = async {
-        let stream = session
-            .uid_fetch(set, "(UID RFC822.SIZE INTERNALDATE)")
+        let id = session
+            .run_command(format!("UID FETCH {set} (UID RFC822.SIZE INTERNALDATE)"))
             .await?;
-        let mut stream = std::pin::pin!(stream);
-        while let Some(f) = stream.try_next().await? {
-            if let Some(uid) = f.uid {
-                out.push(Listed {
-                    uid,
-                    size: f.size.unwrap_or(0),
-                    internal_date: f.internal_date().map(|d| d.with_timezone(&Utc)),
-                });
+        loop {
+            let Some(resp) = session.read_response().await? else {
+                return Err(async_imap::error::Error::ConnectionLost);
+            };
+            match resp.parsed() {
+                Response::Fetch(_, attrs) => {
+                    let mut l = Listed {
+                        uid: 0,
+                        size: 0,
+                        internal_date: None,
+                    };
+                    let mut sized = false;
+                    for a in attrs {
+                        match a {
+                            AttributeValue::Uid(u) => l.uid = *u,
+                            AttributeValue::Rfc822Size(n) => {
+                                l.size = *n;
+                                sized = true;
+                            }
+                            AttributeValue::InternalDate(d) => l.internal_date = internal_date(d),
+                            _ => {}
+                        }
+                    }
+                    // an unsolicited FETCH (flags changed elsewhere) lacks the size we asked for
+                    if l.uid != 0 && sized {
+                        out.push(l);
+                    }
+                }
+                Response::Done {
+                    tag,
+                    status,
+                    outcome,
+                    ..
+                } if *tag == id => {
+                    let why = || {
+                        outcome
+                            .information
+                            .as_deref()
+                            .unwrap_or_default()
+                            .to_string()
+                    };
+                    return match status {
+                        Status::Ok => Ok(()),
+                        Status::No => Err(async_imap::error::Error::No(why())),
+                        _ => Err(async_imap::error::Error::Bad(why())),
+                    };
+                }
+                _ => {}
             }
         }
-        Ok::<(), async_imap::error::Error>(())
     }
     .await;
     listed.map_err(protocol("uid fetch (list)", t))?;
-    // a cut listing is harmless for the cursor but not for the backfill floor or a UIDVALIDITY
-    // reconciliation, which take "not listed" for "not there"
-    confirm_alive(session, "uid fetch (list)", t).await?;
     out.sort_by_key(|l| l.uid);
     out.dedup_by_key(|l| l.uid);
     Ok(out)
+}
+
+/// An IMAP date-time (`date-day-fixed`: a single-digit day is space-padded, ` 1-Jul-2025 ...`).
+fn internal_date(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_str(text.trim_start(), "%d-%b-%Y %H:%M:%S %z")
+        .ok()
+        .map(|d| d.with_timezone(&Utc))
 }
 
 /// What a source task needs besides the connection.
@@ -1939,6 +1985,17 @@ pub fn ledger_text(lines: &[LedgerLine]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn internal_dates_parse_with_either_day_padding() {
+        let want = "2025-07-01T08:00:00Z";
+        for text in [" 1-Jul-2025 10:00:00 +0200", "01-Jul-2025 10:00:00 +0200"] {
+            let got =
+                internal_date(text).map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+            assert_eq!(got.as_deref(), Some(want), "{text:?}");
+        }
+        assert_eq!(internal_date("yesterday"), None);
+    }
 
     #[test]
     fn uid_sets_are_compact() {

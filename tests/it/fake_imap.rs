@@ -65,6 +65,8 @@ struct Script {
     withhold_body: HashMap<u32, u32>,
     /// Answer this many more UID SEARCHes with a tagged NO and no `* SEARCH` line.
     search_no: u32,
+    /// UID -> how many more size listings leave it out, ending with a tagged NO.
+    list_omit: HashMap<u32, u32>,
     /// Every command received, tag stripped.
     commands: Vec<String>,
 }
@@ -360,7 +362,13 @@ async fn fetch(
                 .get(&uid)
                 .copied()
                 .unwrap_or(body.len() as u64);
-            let plan = if !wants_body {
+            let plan = if !wants_body && s.list_omit.get(&uid).is_some_and(|n| *n > 0) {
+                if let Some(n) = s.list_omit.get_mut(&uid) {
+                    *n -= 1;
+                }
+                withheld = true;
+                Plan::Skip
+            } else if !wants_body {
                 Plan::Whole(body, announced)
             } else if s.expunge_on_fetch.remove(&uid) {
                 s.messages.remove(&uid);
@@ -1202,7 +1210,8 @@ async fn a_first_listing_cut_by_a_closed_connection_does_not_set_the_backfill_fl
             .is_empty(),
         "a cursor committed from an empty listing"
     );
-    assert!(err.contains("not confirmed by a live session"), "{err}");
+    // the listing requires its own tagged answer now, so the cut shows there
+    assert!(err.contains("uid fetch (list): connection lost"), "{err}");
 
     let (code, out, err) = run_sync(&cfg);
     assert_eq!(code, 0, "{err}");
@@ -1268,4 +1277,41 @@ async fn a_search_answered_no_is_not_taken_for_an_empty_folder() {
         (Some(5), Some(0)),
         "{l}"
     );
+}
+
+/// A size listing that leaves a message out of the middle and ends in NO fails the pass: the
+/// cursor would otherwise move past the message (async-imap's `uid_fetch` drops the NO).
+#[tokio::test]
+async fn a_listing_ending_in_no_does_not_move_the_cursor_past_a_message() {
+    let fake = FakeImap::start(Script {
+        uid_validity: 11,
+        messages: mailbox(&[1, 2, 3, 4, 5]),
+        list_omit: [(3, 2)].into(),
+        ..Script::default()
+    });
+    let (dir, cfg) = sync_setup(fake.port, "");
+    let db = dir.path().join("frontdesk.db");
+    // the first listing (backfill floor) and the second (new UIDs) each leave uid 3 out
+    let (code, _, err) = run_sync(&cfg);
+    assert_eq!(code, 1, "a listing ending in NO must fail the pass: {err}");
+    assert!(err.contains("uid fetch (list)"), "{err}");
+    let (code, out, err) = run_sync(&cfg);
+    assert_eq!(code, 1, "{out} {err}");
+    let (code, out, err) = run_sync(&cfg);
+    assert_eq!(code, 0, "{err}");
+    let rows = stored(&db).await;
+    let uids: Vec<u32> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(
+        uids.len(),
+        5,
+        "uid 3 skipped or stored twice: {uids:?} {out}"
+    );
+    assert_eq!(
+        uids.iter().copied().collect::<HashSet<_>>().len(),
+        5,
+        "{uids:?}"
+    );
+    assert_no_partial_rows(&rows);
+    let l = ledger(&cfg);
+    assert_eq!(l["unaccounted"].as_u64(), Some(0), "{l}");
 }
