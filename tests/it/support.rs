@@ -13,9 +13,22 @@ pub fn bin() -> PathBuf {
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
+///
+/// Never the same port twice in one test process: tests run in parallel, and between this call
+/// and the server binding the port another test could be handed it too. Both servers then "start"
+/// (the readiness probe reaches the other one), and one test talks to the other's server until
+/// that goes away (seen in CI: a digest test's SMTP server refused the daemon's connection).
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Runs `frontdesk ARGS` to completion, returning (exit code, stdout, stderr).
