@@ -472,6 +472,26 @@ fn uid_set(uids: &[u32]) -> String {
     out
 }
 
+/// A command's tagged status as a result (async-imap's readers drop it; see `checked_uid_search`).
+fn tagged_ok(
+    status: &async_imap::imap_proto::Status,
+    outcome: &async_imap::imap_proto::Outcome<'_>,
+) -> Result<(), async_imap::error::Error> {
+    use async_imap::imap_proto::Status;
+    let why = || {
+        outcome
+            .information
+            .as_deref()
+            .unwrap_or_default()
+            .to_string()
+    };
+    match status {
+        Status::Ok => Ok(()),
+        Status::No => Err(async_imap::error::Error::No(why())),
+        _ => Err(async_imap::error::Error::Bad(why())),
+    }
+}
+
 /// `UID SEARCH query`, failing unless the server's tagged answer is OK.
 ///
 /// async-imap's `uid_search` drops the tagged status: a `NO` (a server that could not search)
@@ -482,7 +502,7 @@ async fn checked_uid_search(
     session: &mut Session,
     query: &str,
 ) -> Result<HashSet<u32>, async_imap::error::Error> {
-    use async_imap::imap_proto::{MailboxDatum, Response, Status};
+    use async_imap::imap_proto::{MailboxDatum, Response};
     let id = session.run_command(format!("UID SEARCH {query}")).await?;
     let mut found = HashSet::new();
     loop {
@@ -497,18 +517,7 @@ async fn checked_uid_search(
                 outcome,
                 ..
             } if *tag == id => {
-                let why = || {
-                    outcome
-                        .information
-                        .as_deref()
-                        .unwrap_or_default()
-                        .to_string()
-                };
-                return match status {
-                    Status::Ok => Ok(found),
-                    Status::No => Err(async_imap::error::Error::No(why())),
-                    _ => Err(async_imap::error::Error::Bad(why())),
-                };
+                return tagged_ok(status, outcome).map(|()| found);
             }
             _ => {}
         }
@@ -550,7 +559,7 @@ struct Listed {
 
 /// `UID FETCH set (UID RFC822.SIZE INTERNALDATE)`, sorted by UID.
 async fn list(session: &mut Session, set: &str, t: Duration) -> Result<Vec<Listed>, ImapError> {
-    use async_imap::imap_proto::{AttributeValue, Response, Status};
+    use async_imap::imap_proto::{AttributeValue, Response};
     // each response is turned into a small `Listed` and dropped at once: async-imap keeps a
     // buffer per response, so collecting 10,000 of them first would cost tens of megabytes.
     // Read by hand rather than through `uid_fetch`, which drops the tagged status: a listing that
@@ -594,18 +603,7 @@ async fn list(session: &mut Session, set: &str, t: Duration) -> Result<Vec<Liste
                     outcome,
                     ..
                 } if *tag == id => {
-                    let why = || {
-                        outcome
-                            .information
-                            .as_deref()
-                            .unwrap_or_default()
-                            .to_string()
-                    };
-                    return match status {
-                        Status::Ok => Ok(()),
-                        Status::No => Err(async_imap::error::Error::No(why())),
-                        _ => Err(async_imap::error::Error::Bad(why())),
-                    };
+                    return tagged_ok(status, outcome);
                 }
                 _ => {}
             }
