@@ -92,7 +92,7 @@ channels:
   - name: out
     email: { file: $WORK/outbox, from: "fd <fd@example.test>", to: [owner@example.test] }
 EOF
-FRONTDESK_LOG=warn "$FRONTDESK_BIN" run --config "$WORK/frontdesk.yaml" </dev/null >"$WORK/frontdesk.log" 2>&1 &
+FRONTDESK_LOG=warn "$FRONTDESK_BIN" run --config "$WORK/frontdesk.yaml" </dev/null >"$WORK/daemon.log" 2>&1 &
 FD_PID=$!
 PIDS+=($FD_PID)
 wait_port "$FD_PORT"

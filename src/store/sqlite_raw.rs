@@ -266,16 +266,6 @@ impl Drop for Stmt<'_, '_> {
     }
 }
 
-/// Runs `f` on the calling thread, telling a multi-threaded tokio runtime that this thread blocks
-/// for a while so its other tasks move to another worker. (A current-thread runtime, as in unit
-/// tests, has nowhere to move them: `f` simply runs.)
-pub(crate) fn run_blocking<R>(f: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,34 +1,47 @@
 //! Webhook group commit: many concurrent deliveries share one transaction and one fsync.
 //!
-//! One writer task owns the write path. Each request sends its message over an mpsc channel with a
-//! oneshot for the answer. The task takes whatever has queued up (no added wait: requests that
-//! arrive during a commit form the next batch) and inserts them all in one `BEGIN IMMEDIATE`
-//! transaction (on SQLite stepped in one go on the writer connection's raw handle:
-//! [`super::sqlite_raw`] says why). The commit writes the WAL frames without fsyncing them (`synchronous=NORMAL` for
-//! this transaction only); a syncer task then fsyncs the WAL ([`super::wal_sync`]) and only after
-//! that answers each waiter, while the writer already commits the next batch. If anything in the
-//! batch fails, the transaction rolls back and every waiter gets `Unavailable` (503): nobody is
-//! told "stored" unless their own row is on disk. A failed fsync is fatal: the page cache can no
-//! longer be trusted, so the process exits for systemd to restart it from what is on disk.
+//! One writer thread owns the write path. Each request sends its message over a bounded channel
+//! with a oneshot for the answer. The writer takes whatever has queued up (no added wait: requests
+//! that arrive during a commit form the next batch) and inserts them all in one `BEGIN IMMEDIATE`
+//! transaction. On SQLite the transaction is stepped in place on the writer connection's raw
+//! handle ([`super::sqlite_raw`] says why); the commit writes the WAL frames without fsyncing them
+//! (`synchronous=NORMAL` for this transaction only). A syncer thread then fsyncs the WAL
+//! ([`super::wal_sync`]) and only after that answers each waiter, while the writer already commits
+//! the next batch. If anything in the batch fails, the transaction rolls back and every waiter
+//! gets `Unavailable` (503): nobody is told "stored" unless their own row is on disk. A failed
+//! fsync is fatal: the page cache can no longer be trusted, so the process exits for systemd to
+//! restart it from what is on disk.
+//!
+//! Why threads rather than tasks: under load the writer commits a batch every millisecond or two,
+//! and each commit used to pay for taking the single writer connection from the pool (sqlx pings
+//! it on every release), locking its handle (a round trip through sqlx's worker thread), moving
+//! off the tokio worker (`block_in_place`) and preparing its statements again. The writer thread
+//! instead holds the connection, its lock and its prepared statements across consecutive batches
+//! for up to [`HOLD`], giving the connection back as soon as the queue runs dry so the core and
+//! the IMAP sources get their turn. The raw handle and statements can live across batches only on
+//! a thread of their own: they are not `Send`, so no tokio task could keep them between awaits.
 //!
 //! On PostgreSQL the commit itself returns after the server flushed its WAL
 //! (`synchronous_commit` is checked at start), so the syncer only answers.
 //!
 //! Counters live in the same transaction as the rows they count. Rejections (401) have no row:
-//! they are tallied in memory and written with the next batch, or by a 1 s tick when idle.
+//! they are tallied in memory and written with the next batch; the first rejection after a
+//! commit asks the writer for one (see [`WebhookWriter::count`]).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::Row;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::backend::{Driver, PgDb, SqliteDb};
 use super::messages::RawMessageInserter;
-use super::sqlite_raw::{RawDb, Value, run_blocking};
+use super::sqlite_raw::{RawDb, Stmt, Value};
 use super::wal_sync::WalFile;
 use super::{Error, Ingested, Store, from_ms, to_ms};
 use crate::message::Message;
@@ -43,6 +56,15 @@ const MAX_BATCH: usize = 512;
 /// deliveries (or the fsync ends) before committing: a commit has a fixed cost in pages and
 /// round trips that a handful of rows would not amortize.
 const GATHER: usize = 32;
+
+/// The longest the SQLite writer keeps the single writer connection across consecutive batches.
+/// Everything else that writes (the core loop, IMAP sources, the outbox, the checkpointer) waits
+/// at most this long plus one batch for its turn.
+const HOLD: Duration = Duration::from_millis(10);
+
+/// After a commit, with an fsync in flight but nothing queued, the SQLite writer waits this long
+/// for the requests that the fsync's answers will bring before giving the connection back.
+const LINGER: Duration = Duration::from_millis(2);
 
 /// How long replay tokens are kept (longer than any configured tolerance window).
 const TOKEN_RETENTION: chrono::Duration = chrono::Duration::days(2);
@@ -75,25 +97,52 @@ struct Job {
     reply: oneshot::Sender<Result<Ingested, IngestError>>,
 }
 
+/// What the writer thread receives.
+enum Msg {
+    /// A delivery to store (boxed: the channel's slots stay small).
+    Job(Box<Job>),
+    /// Rejection counts are waiting to be written.
+    Flush,
+    /// The syncer finished an fsync: a gathering writer stops waiting for more deliveries.
+    Synced,
+    /// Every [`WebhookWriter`] is gone: finish what is queued, then stop.
+    Stop,
+}
+
 /// Rejections not yet written: (source, counter name) -> count.
 type Pending = Arc<Mutex<HashMap<(String, String), i64>>>;
 
 /// The sending side of the group-commit writer; cheap to clone.
 #[derive(Clone)]
 pub struct WebhookWriter {
-    jobs: mpsc::Sender<Job>,
+    inner: Arc<WriterHandle>,
+}
+
+/// Shared by every clone of a [`WebhookWriter`]; the last one to go stops the writer thread.
+struct WriterHandle {
+    jobs: std_mpsc::SyncSender<Msg>,
     pending: Pending,
+    /// Set when a [`Msg::Flush`] is queued and the writer has not yet taken the counts.
+    flush_asked: Arc<AtomicBool>,
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        // Behind every queued delivery, so all of them are still answered.
+        let _ = self.jobs.send(Msg::Stop);
+    }
 }
 
 impl WebhookWriter {
     /// Stores one delivery; returns only after its transaction is durably committed.
     pub async fn ingest(&self, delivery: WebhookDelivery) -> Result<Ingested, IngestError> {
         let (reply, answer) = oneshot::channel();
-        self.jobs
-            .try_send(Job { delivery, reply })
+        self.inner
+            .jobs
+            .try_send(Msg::Job(Box::new(Job { delivery, reply })))
             .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => IngestError::Busy,
-                mpsc::error::TrySendError::Closed(_) => {
+                std_mpsc::TrySendError::Full(_) => IngestError::Busy,
+                std_mpsc::TrySendError::Disconnected(_) => {
                     IngestError::Unavailable("writer stopped".into())
                 }
             })?;
@@ -104,9 +153,17 @@ impl WebhookWriter {
 
     /// Counts a request that was not stored (`rejected:<reason>`, `ignored`, `invalid`).
     pub fn count(&self, source: &str, counter: &str) {
-        if let Ok(mut p) = self.pending.lock() {
+        if let Ok(mut p) = self.inner.pending.lock() {
             *p.entry((source.to_string(), counter.to_string()))
                 .or_insert(0) += 1;
+        }
+        // One flush request in the queue at a time, however many 401s arrive: a flood of bad
+        // signatures must not fill the queue that real deliveries need. If the queue is full the
+        // counts go with the next batch, which is then close.
+        if !self.inner.flush_asked.swap(true, Ordering::SeqCst)
+            && self.inner.jobs.try_send(Msg::Flush).is_err()
+        {
+            self.inner.flush_asked.store(false, Ordering::SeqCst);
         }
     }
 }
@@ -127,20 +184,49 @@ pub struct WebhookCounters {
 }
 
 impl Store {
-    /// Starts the group-commit writer task; it stops when every `WebhookWriter` is dropped.
+    /// Starts the group-commit writer and syncer threads; they stop when every `WebhookWriter`
+    /// is dropped. Must be called within a tokio runtime (the writer uses it for the store's
+    /// async calls).
     pub fn spawn_webhook_writer(&self, wake_core: Arc<tokio::sync::Notify>) -> WebhookWriter {
-        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let (jobs, rx) = std_mpsc::sync_channel(QUEUE_DEPTH);
         let pending: Pending = Arc::default();
-        let store = self.clone();
-        let (synced_tx, synced_rx) = mpsc::unbounded_channel();
+        let flush_asked = Arc::new(AtomicBool::new(false));
+        let (synced_tx, synced_rx) = std_mpsc::channel();
         // PostgreSQL's commit already waited for its WAL flush: nothing for the syncer to sync.
         let wal = self.path().map(|db| Arc::new(WalFile::beside(db)));
         let syncing = Arc::new(Syncing::default());
-        let writer = run_writer(store, rx, pending.clone(), synced_tx, syncing.clone());
-        let syncer = run_syncer(wal, synced_rx, syncing, wake_core);
-        tokio::spawn(writer);
-        tokio::spawn(syncer);
-        WebhookWriter { jobs: tx, pending }
+        let writer = Writer {
+            store: self.clone(),
+            rt: tokio::runtime::Handle::current(),
+            rx,
+            pending: pending.clone(),
+            flush_asked: flush_asked.clone(),
+            synced: synced_tx,
+            syncing: syncing.clone(),
+            disk_full: None,
+            stop: false,
+        };
+        let nudge = jobs.clone();
+        let spawned = std::thread::Builder::new()
+            .name("webhook-syncer".into())
+            .spawn(move || run_syncer(wal, synced_rx, syncing, wake_core, nudge))
+            .and_then(|_| {
+                std::thread::Builder::new()
+                    .name("webhook-writer".into())
+                    .spawn(move || writer.run())
+            });
+        if let Err(e) = spawned {
+            // Without the threads every delivery is answered 503 ("writer stopped"): the channel's
+            // receiver is gone with the closure that failed to start.
+            tracing::error!(error = %e, "could not start the webhook writer threads");
+        }
+        WebhookWriter {
+            inner: Arc::new(WriterHandle {
+                jobs,
+                pending,
+                flush_asked,
+            }),
+        }
     }
 
     /// Webhook counters for every source that has any.
@@ -190,11 +276,12 @@ impl Store {
     }
 }
 
-/// Batches handed to the syncer and not yet answered, and a signal at the end of each fsync.
+/// Batches handed to the syncer and not yet answered, and whether the writer waits for an fsync.
 #[derive(Default)]
 struct Syncing {
-    outstanding: std::sync::atomic::AtomicUsize,
-    done: tokio::sync::Notify,
+    outstanding: AtomicUsize,
+    /// Set by a gathering writer; the syncer then sends [`Msg::Synced`] at the end of its fsync.
+    writer_waits: AtomicBool,
 }
 
 /// A batch committed but not yet fsync'd: whom to answer, and with what, once it is on disk.
@@ -211,26 +298,20 @@ struct Reply {
 }
 
 /// Fsyncs the WAL for every batch committed since the last fsync, then answers their waiters.
-async fn run_syncer(
+fn run_syncer(
     wal: Option<Arc<WalFile>>,
-    mut rx: mpsc::UnboundedReceiver<Committed>,
+    rx: std_mpsc::Receiver<Committed>,
     syncing: Arc<Syncing>,
     wake_core: Arc<tokio::sync::Notify>,
+    nudge: std_mpsc::SyncSender<Msg>,
 ) {
-    while let Some(first) = rx.recv().await {
+    while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while let Ok(more) = rx.try_recv() {
             group.push(more);
         }
         let batches = group.len();
-        let failure = match wal.clone() {
-            None => None,
-            Some(file) => match tokio::task::spawn_blocking(move || file.sync()).await {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(e) => Some(e.to_string()),
-            },
-        };
+        let failure = wal.as_ref().and_then(|file| file.sync().err());
         let now = Utc::now();
         let mut stored = false;
         for reply in group.into_iter().flat_map(|c| c.replies) {
@@ -246,15 +327,16 @@ async fn run_syncer(
             stored |= reply.result.is_ok();
             let _ = reply.to.send(reply.result);
         }
-        syncing
-            .outstanding
-            .fetch_sub(batches, std::sync::atomic::Ordering::SeqCst);
-        syncing.done.notify_waiters();
+        syncing.outstanding.fetch_sub(batches, Ordering::SeqCst);
+        if syncing.writer_waits.swap(false, Ordering::SeqCst) {
+            // A full queue already wakes the writer.
+            let _ = nudge.try_send(Msg::Synced);
+        }
         if let Some(e) = failure {
             // After a failed fsync the kernel may have dropped the dirty pages and a later fsync
             // can succeed without them (PostgreSQL's "fsyncgate"): never retry and claim success.
-            // Exit so systemd restarts the daemon from what is really on disk; the waiters above
-            // got 503 and their providers retry.
+            // Exit so systemd restarts the daemon from what is on disk; the waiters above got 503
+            // and their providers retry.
             tracing::error!(error = %e, "fsync of the database WAL failed; exiting to recover from disk");
             std::process::exit(1);
         }
@@ -264,87 +346,221 @@ async fn run_syncer(
     }
 }
 
-async fn run_writer(
+/// A batch to commit: the deliveries and the rejection counts taken with them.
+struct Batch {
+    jobs: Vec<Job>,
+    counts: HashMap<(String, String), i64>,
+}
+
+/// The writer thread's state.
+struct Writer {
     store: Store,
-    mut rx: mpsc::Receiver<Job>,
+    /// For the store's async calls (taking the connection, PostgreSQL commits).
+    rt: tokio::runtime::Handle,
+    rx: std_mpsc::Receiver<Msg>,
     pending: Pending,
-    synced: mpsc::UnboundedSender<Committed>,
+    flush_asked: Arc<AtomicBool>,
+    synced: std_mpsc::Sender<Committed>,
     syncing: Arc<Syncing>,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Set when a commit failed because the disk is full. Until a space probe succeeds, nothing
-    // is attempted: a small write squeezing into freed pages would otherwise flip answers between
-    // 2xx and 503 while the disk stays full (reliability.md D7: no 2xx after a failed commit).
-    let mut disk_full: Option<std::time::Instant> = None;
-    loop {
-        let first = tokio::select! {
-            job = rx.recv() => match job {
-                Some(j) => Some(j),
-                None => break,
-            },
-            _ = tick.tick() => None,
-        };
-        let mut batch: Vec<Job> = first.into_iter().collect();
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
+    /// Set when a commit failed because the disk is full. Until a space probe succeeds, nothing
+    /// is attempted: a small write squeezing into freed pages would otherwise flip answers
+    /// between 2xx and 503 while the disk stays full (reliability.md D7: no 2xx after a failed
+    /// commit).
+    disk_full: Option<std::time::Instant>,
+    /// A [`Msg::Stop`] was received: finish the batch in hand, then exit.
+    stop: bool,
+}
+
+impl Writer {
+    /// Commits batches until every [`WebhookWriter`] is gone.
+    fn run(mut self) {
+        // Dropping a pooled connection spawns the task that returns it to the pool.
+        let rt = self.rt.clone();
+        let _entered = rt.enter();
+        while !self.stop {
+            let first = match self.rx.recv() {
+                Ok(Msg::Job(job)) => Some(*job),
+                Ok(Msg::Flush | Msg::Synced) => None,
+                Ok(Msg::Stop) | Err(_) => {
+                    self.stop = true;
+                    None
+                }
+            };
+            let Some(batch) = self.gather(first) else {
+                continue;
+            };
+            let Some(batch) = self.unless_disk_full(batch) else {
+                continue;
+            };
+            match self.store.backend.clone() {
+                super::Backend::Sqlite(db) => self.sqlite_session(&db, batch),
+                super::Backend::Postgres(db) => {
+                    let started = std::time::Instant::now();
+                    let outcome =
+                        self.rt
+                            .block_on(db.commit_batch(&batch.jobs, &batch.counts, Utc::now()));
+                    self.finish(batch, outcome, started);
+                }
+            }
+        }
+    }
+
+    /// Takes `first` and whatever else has queued up, waiting for more while an fsync is in
+    /// flight (up to [`GATHER`]); `None` when there is nothing to write.
+    fn gather(&mut self, first: Option<Job>) -> Option<Batch> {
+        let mut jobs: Vec<Job> = first.into_iter().collect();
+        while jobs.len() < MAX_BATCH && !self.stop {
+            match self.rx.try_recv() {
+                Ok(msg) => {
+                    take(msg, &mut jobs, &mut self.stop);
+                }
                 Err(_) => break,
             }
         }
-        // Nobody waits on this commit while the syncer is still busy with an earlier batch: gather
-        // more first. Registered before the check, so the end of a sync is never missed.
-        while !batch.is_empty() && batch.len() < GATHER {
-            let done = syncing.done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
-            if syncing
-                .outstanding
-                .load(std::sync::atomic::Ordering::SeqCst)
-                == 0
-            {
+        // Nobody waits on this commit while the syncer is still busy with an earlier batch:
+        // gather more first. The flag is raised before the check, so the end of a sync that
+        // happens in between still sends its nudge.
+        while !jobs.is_empty() && jobs.len() < GATHER && !self.stop {
+            self.syncing.writer_waits.store(true, Ordering::SeqCst);
+            if self.syncing.outstanding.load(Ordering::SeqCst) == 0 {
                 break;
             }
-            tokio::select! {
-                job = rx.recv() => match job {
-                    Some(j) => batch.push(j),
-                    None => break,
-                },
-                _ = &mut done => break,
+            match self.rx.recv() {
+                Ok(msg) => {
+                    if !take(msg, &mut jobs, &mut self.stop) {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    self.stop = true;
+                    break;
+                }
             }
         }
-        let counts = take_pending(&pending);
-        if batch.is_empty() && counts.is_empty() {
-            continue;
+        self.syncing.writer_waits.store(false, Ordering::SeqCst);
+        // Cleared before the counts are taken: a rejection counted after this asks again.
+        self.flush_asked.store(false, Ordering::SeqCst);
+        let counts = take_pending(&self.pending);
+        if jobs.is_empty() && counts.is_empty() {
+            return None;
         }
-        if let Some(checked) = disk_full {
-            if checked.elapsed() >= Duration::from_millis(500) && store.space_available().await {
+        Some(Batch { jobs, counts })
+    }
+
+    /// While the disk is full, answers `batch` with 503 without trying it, until a space probe
+    /// (at most every 500 ms) finds room again; otherwise gives the batch back.
+    fn unless_disk_full(&mut self, batch: Batch) -> Option<Batch> {
+        let Some(checked) = self.disk_full else {
+            return Some(batch);
+        };
+        if checked.elapsed() >= Duration::from_millis(500) {
+            if self.rt.block_on(self.store.space_available()) {
                 tracing::info!("disk space is back; webhook commits resume");
-                disk_full = None;
-            } else {
-                if checked.elapsed() >= Duration::from_millis(500) {
-                    disk_full = Some(std::time::Instant::now());
+                self.disk_full = None;
+                return Some(batch);
+            }
+            self.disk_full = Some(std::time::Instant::now());
+        }
+        restore_pending(&self.pending, batch.counts);
+        for job in batch.jobs {
+            let _ = job
+                .reply
+                .send(Err(IngestError::Unavailable("disk full".into())));
+        }
+        None
+    }
+
+    /// Commits `batch` on the single SQLite writer connection, then keeps the connection, its
+    /// lock and the prepared statements for the batches queued right behind it, up to [`HOLD`].
+    fn sqlite_session(&mut self, db: &SqliteDb, batch: Batch) {
+        let started = std::time::Instant::now();
+        let mut conn = match self.rt.block_on(db.writer.acquire()) {
+            Ok(c) => c,
+            Err(e) => return self.finish(batch, Err(e.into()), started),
+        };
+        let mut failed = false;
+        {
+            let mut handle = match self.rt.block_on(conn.lock_handle()) {
+                Ok(h) => h,
+                Err(e) => return self.finish(batch, Err(e.into()), started),
+            };
+            // SAFETY: `handle` locks the connection until the end of this block: sqlx's worker
+            // makes no call on it meanwhile, and the statements below are dropped first.
+            let raw = unsafe { RawDb::new(handle.as_raw_handle()) };
+            let mut stmts = None;
+            let mut next = Some(batch);
+            while let Some(batch) = next.take() {
+                let began = std::time::Instant::now();
+                let outcome = match &mut stmts {
+                    Some(s) => commit_raw(&raw, s, &batch.jobs, &batch.counts, Utc::now()),
+                    None => match BatchStatements::prepare(&raw) {
+                        Ok(s) => commit_raw(
+                            &raw,
+                            stmts.insert(s),
+                            &batch.jobs,
+                            &batch.counts,
+                            Utc::now(),
+                        ),
+                        Err(e) => Err(e.into()),
+                    },
+                };
+                failed = outcome.is_err();
+                self.finish(batch, outcome, began);
+                if failed || self.stop || started.elapsed() >= HOLD {
+                    break;
                 }
-                restore_pending(&pending, counts);
-                for job in batch {
-                    let _ = job
-                        .reply
-                        .send(Err(IngestError::Unavailable("disk full".into())));
-                }
-                continue;
+                next = self.next_in_session();
             }
         }
-        let now = Utc::now();
-        let started = std::time::Instant::now();
-        let outcome = on_backend!(store, |db| db.commit_batch(&batch, &counts, now).await);
+        if failed {
+            // Its synchronous setting or transaction state is unknown: the pool opens a fresh
+            // connection with the options' FULL rather than hand this one to another writer.
+            conn.close_on_drop();
+        }
+    }
+
+    /// The batch queued right behind the one just committed, if any arrives soon enough to be
+    /// worth keeping the writer connection for.
+    fn next_in_session(&mut self) -> Option<Batch> {
+        let msg = match self.rx.try_recv() {
+            Ok(msg) => msg,
+            Err(std_mpsc::TryRecvError::Disconnected) => return None,
+            Err(std_mpsc::TryRecvError::Empty) => {
+                if self.syncing.outstanding.load(Ordering::SeqCst) == 0 {
+                    return None;
+                }
+                self.rx.recv_timeout(LINGER).ok()?
+            }
+        };
+        let first = match msg {
+            Msg::Job(job) => Some(*job),
+            Msg::Flush | Msg::Synced => None,
+            Msg::Stop => {
+                self.stop = true;
+                None
+            }
+        };
+        // A batch taken here is committed even if it is empty (only rejection counts): the
+        // session is open anyway. The disk is known to have room: a failure ended the session.
+        self.gather(first)
+    }
+
+    /// Hands a committed batch to the syncer, or answers every delivery of a failed one with 503.
+    fn finish(
+        &mut self,
+        batch: Batch,
+        outcome: Result<Vec<Result<Ingested, IngestError>>, Error>,
+        started: std::time::Instant,
+    ) {
         // Batch size and commit time tell an operator whether acknowledgements wait on the disk
         // (long commits) or on the HTTP side (small batches).
         metrics::histogram!("frontdesk_webhook_commit_seconds")
             .record(started.elapsed().as_secs_f64());
-        metrics::histogram!("frontdesk_webhook_batch_deliveries").record(batch.len() as f64);
+        metrics::histogram!("frontdesk_webhook_batch_deliveries").record(batch.jobs.len() as f64);
         match outcome {
             Ok(results) => {
                 let replies = batch
+                    .jobs
                     .into_iter()
                     .zip(results)
                     .map(|(job, result)| Reply {
@@ -354,13 +570,9 @@ async fn run_writer(
                         received_at: job.delivery.message.received_at,
                     })
                     .collect();
-                syncing
-                    .outstanding
-                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if let Err(mpsc::error::SendError(c)) = synced.send(Committed { replies }) {
-                    syncing
-                        .outstanding
-                        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                self.syncing.outstanding.fetch_add(1, Ordering::SeqCst);
+                if let Err(std_mpsc::SendError(c)) = self.synced.send(Committed { replies }) {
+                    self.syncing.outstanding.fetch_sub(1, Ordering::SeqCst);
                     for reply in c.replies {
                         let _ = reply
                             .to
@@ -369,23 +581,35 @@ async fn run_writer(
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, deliveries = batch.len(), "webhook batch not stored");
+                tracing::warn!(error = %e, deliveries = batch.jobs.len(), "webhook batch not stored");
                 // SQLITE_FULL, or an I/O error (ENOSPC surfaces as either) with no room left.
-                if is_disk_full(&e) || !store.space_available().await {
-                    disk_full = Some(std::time::Instant::now());
+                if is_disk_full(&e) || !self.rt.block_on(self.store.space_available()) {
+                    self.disk_full = Some(std::time::Instant::now());
                 }
-                restore_pending(&pending, counts);
+                restore_pending(&self.pending, batch.counts);
                 let text = e.to_string();
-                for job in batch {
+                for job in batch.jobs {
                     let _ = job.reply.send(Err(IngestError::Unavailable(text.clone())));
                 }
             }
         }
     }
-    // Flush the last rejection counts on the way out; losing them on error is acceptable.
-    let counts = take_pending(&pending);
-    if !counts.is_empty() {
-        let _ = on_backend!(store, |db| db.commit_batch(&[], &counts, Utc::now()).await);
+}
+
+/// Adds a queued message to a gathering batch; false when gathering should stop (an fsync ended,
+/// or the writer is told to stop).
+fn take(msg: Msg, jobs: &mut Vec<Job>, stop: &mut bool) -> bool {
+    match msg {
+        Msg::Job(job) => {
+            jobs.push(*job);
+            true
+        }
+        Msg::Flush => true,
+        Msg::Synced => false,
+        Msg::Stop => {
+            *stop = true;
+            false
+        }
     }
 }
 
@@ -412,38 +636,38 @@ fn restore_pending(pending: &Pending, counts: HashMap<(String, String), i64>) {
     }
 }
 
-impl SqliteDb {
-    /// Inserts a batch in one transaction, committed but not fsync'd (the syncer does that); the
-    /// per-delivery results are valid only if this returns Ok.
-    ///
-    /// A connection whose transaction failed (disk full, I/O error) is closed rather than reused,
-    /// so the store recovers by itself once space is back.
-    async fn commit_batch(
-        &self,
-        batch: &[Job],
-        counts: &HashMap<(String, String), i64>,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
-        let mut conn = self.writer.acquire().await?;
-        let outcome = match conn.lock_handle().await {
-            Ok(mut handle) => {
-                let raw = handle.as_raw_handle();
-                // the whole transaction in one go on this thread (src/store/sqlite_raw.rs says why)
-                run_blocking(|| {
-                    // SAFETY: `handle` locks the connection for the duration: sqlx's worker
-                    // makes no call on it until the guard drops after this closure.
-                    let db = unsafe { RawDb::new(raw) };
-                    commit_raw(&db, batch, counts, now)
-                })
-            }
-            Err(e) => Err(e.into()),
-        };
-        if outcome.is_err() {
-            // Its synchronous setting or transaction state is unknown: the pool opens a fresh
-            // connection with the options' FULL rather than hand this one to another writer.
-            conn.close_on_drop();
-        }
-        outcome
+/// The statements of a webhook batch, prepared once per writer session.
+struct BatchStatements<'c, 'h> {
+    messages: RawMessageInserter<'c, 'h>,
+    token_seen: Stmt<'c, 'h>,
+    token_remember: Stmt<'c, 'h>,
+    counter: Stmt<'c, 'h>,
+    activity: Stmt<'c, 'h>,
+    prune_tokens: Stmt<'c, 'h>,
+}
+
+impl<'c, 'h> BatchStatements<'c, 'h> {
+    /// Prepares every statement on `db`.
+    fn prepare(db: &'c RawDb<'h>) -> Result<Self, super::sqlite_raw::RawError> {
+        Ok(BatchStatements {
+            messages: RawMessageInserter::new(db)?,
+            token_seen: db.prepare(
+                "SELECT origin_key FROM webhook_replay_tokens WHERE source = ? AND token = ?",
+            )?,
+            token_remember: db.prepare(
+                "INSERT INTO webhook_replay_tokens (source, token, origin_key, seen_at) \
+                 VALUES (?, ?, ?, ?)",
+            )?,
+            counter: db.prepare(
+                "INSERT INTO webhook_counters (source, name, value) VALUES (?, ?, ?) \
+                 ON CONFLICT (source, name) DO UPDATE SET value = webhook_counters.value + excluded.value",
+            )?,
+            activity: db.prepare(
+                "INSERT INTO webhook_activity (source, last_delivery_at) VALUES (?, ?) \
+                 ON CONFLICT (source) DO UPDATE SET last_delivery_at = excluded.last_delivery_at",
+            )?,
+            prune_tokens: db.prepare("DELETE FROM webhook_replay_tokens WHERE seen_at < ?")?,
+        })
     }
 }
 
@@ -454,13 +678,14 @@ impl SqliteDb {
 /// connection.
 fn commit_raw(
     db: &RawDb<'_>,
+    stmts: &mut BatchStatements<'_, '_>,
     batch: &[Job],
     counts: &HashMap<(String, String), i64>,
     now: DateTime<Utc>,
 ) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
     db.exec("PRAGMA synchronous = NORMAL")?;
     db.exec("BEGIN IMMEDIATE")?;
-    let done = insert_batch_raw(db, batch, counts, now)
+    let done = insert_batch_raw(stmts, batch, counts, now)
         .and_then(|results| db.exec("COMMIT").map_err(Error::from).map(|()| results));
     if done.is_err() {
         let _ = db.exec("ROLLBACK");
@@ -472,7 +697,7 @@ fn commit_raw(
 
 /// `insert_batch` statement for statement, stepped on a raw handle inside its transaction.
 fn insert_batch_raw(
-    db: &RawDb<'_>,
+    stmts: &mut BatchStatements<'_, '_>,
     batch: &[Job],
     counts: &HashMap<(String, String), i64>,
     now: DateTime<Utc>,
@@ -480,26 +705,12 @@ fn insert_batch_raw(
     let mut results = Vec::with_capacity(batch.len());
     let mut tally: HashMap<(String, String), i64> = counts.clone();
     let mut touched: HashMap<String, ()> = HashMap::new();
-    let mut messages = RawMessageInserter::new(db)?;
     let has_tokens = batch.iter().any(|j| j.delivery.replay_token.is_some());
-    let mut tokens = if has_tokens {
-        Some((
-            db.prepare(
-                "SELECT origin_key FROM webhook_replay_tokens WHERE source = ? AND token = ?",
-            )?,
-            db.prepare(
-                "INSERT INTO webhook_replay_tokens (source, token, origin_key, seen_at) \
-                 VALUES (?, ?, ?, ?)",
-            )?,
-        ))
-    } else {
-        None
-    };
     for job in batch {
         let msg = &job.delivery.message;
-        if let (Some(token), Some((seen, remember))) = (&job.delivery.replay_token, tokens.as_mut())
-        {
+        if let Some(token) = &job.delivery.replay_token {
             let key = msg.origin.key();
+            let seen = &mut stmts.token_seen;
             seen.bind_all(&[Value::Text(&msg.source), Value::Text(token)])?;
             let earlier = if seen.step()? {
                 Some(seen.text(0))
@@ -517,6 +728,7 @@ fn insert_batch_raw(
                 }
                 Some(_) => {}
                 None => {
+                    let remember = &mut stmts.token_remember;
                     remember.bind_all(&[
                         Value::Text(&msg.source),
                         Value::Text(token),
@@ -527,28 +739,22 @@ fn insert_batch_raw(
                 }
             }
         }
-        let out = messages.insert(msg, now)?;
+        let out = stmts.messages.insert(msg, now)?;
         record(&mut tally, &mut touched, msg, out);
         results.push(Ok(out));
     }
-    let mut counter = db.prepare(
-        "INSERT INTO webhook_counters (source, name, value) VALUES (?, ?, ?) \
-         ON CONFLICT (source, name) DO UPDATE SET value = webhook_counters.value + excluded.value",
-    )?;
     for ((source, name), n) in &tally {
+        let counter = &mut stmts.counter;
         counter.bind_all(&[Value::Text(source), Value::Text(name), Value::Int(*n)])?;
         while counter.step()? {}
     }
-    let mut activity = db.prepare(
-        "INSERT INTO webhook_activity (source, last_delivery_at) VALUES (?, ?) \
-         ON CONFLICT (source) DO UPDATE SET last_delivery_at = excluded.last_delivery_at",
-    )?;
     for source in touched.keys() {
+        let activity = &mut stmts.activity;
         activity.bind_all(&[Value::Text(source), Value::Int(to_ms(now))])?;
         while activity.step()? {}
     }
     if has_tokens {
-        let mut prune = db.prepare("DELETE FROM webhook_replay_tokens WHERE seen_at < ?")?;
+        let prune = &mut stmts.prune_tokens;
         prune.bind_all(&[Value::Int(to_ms(now - TOKEN_RETENTION))])?;
         while prune.step()? {}
     }
