@@ -438,6 +438,13 @@ impl Core {
             }
         }
         loop {
+            // Usually nothing is due: a reader says so without taking the single writer, which
+            // webhook acknowledgements wait for. Only the core writes deadlines, so the answer
+            // cannot go stale before the write transaction below.
+            match self.store.next_core_deadline().await? {
+                Some(t) if t <= now => {}
+                _ => break,
+            }
             let mut tx = self.store.begin_core().await?;
             let due = tx.due_conversations(now, BATCH).await?;
             if due.is_empty() {

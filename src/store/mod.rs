@@ -136,8 +136,12 @@ impl Store {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        // No ping before each acquire: sqlx already pings a connection when it comes back to the
+        // pool, and a local SQLite connection has no network to lose in between. On the single
+        // writer the extra round trip through sqlx's worker was on every writer's path.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options.clone())
             .await
@@ -148,6 +152,7 @@ impl Store {
             .map_err(|e| open_err(format!("migration failed: {e}")))?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options.clone().read_only(true))
             .await
