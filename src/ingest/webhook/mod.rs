@@ -240,9 +240,10 @@ enum BodyError {
 }
 
 /// Reads at most `max` bytes; one byte more is `TooLarge`, and nothing beyond it is buffered.
-async fn read_limited(body: Body, max: usize) -> Result<Vec<u8>, BodyError> {
+/// `expected` (the declared length, already checked against `max`) sizes the buffer up front.
+async fn read_limited(body: Body, max: usize, expected: usize) -> Result<Vec<u8>, BodyError> {
     let mut stream = body.into_data_stream();
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(expected.min(max));
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|_| BodyError::Broken)?;
         if out.len() + chunk.len() > max {
@@ -298,7 +299,16 @@ async fn receive(
     let Ok(Ok(_admitted)) = admitted else {
         return unavailable("too many requests in flight");
     };
-    let bytes = match tokio::time::timeout(BODY_TIMEOUT, read_limited(body, ep.max_body)).await {
+    let bytes = match tokio::time::timeout(
+        BODY_TIMEOUT,
+        read_limited(
+            body,
+            ep.max_body,
+            declared.and_then(|n| usize::try_from(n).ok()).unwrap_or(0),
+        ),
+    )
+    .await
+    {
         Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "body not received in time"),
         Ok(Err(BodyError::TooLarge)) => {
             h.writer.count(&source, "rejected:too_large");
