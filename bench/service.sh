@@ -10,9 +10,8 @@ runs=${1:-5}
 cargo build --release --locked >&2
 bin=target/release/frontdesk
 eval "$(tests/servers/rig.sh start --owner $$)"
-trap 'tests/servers/rig.sh stop "$RIG_DIR" >/dev/null 2>&1 || true' EXIT
-
 work=$(mktemp -d)
+trap 'tests/servers/rig.sh stop "$RIG_DIR" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 printf 'secret\n' > "$work/imap.pw"; chmod 600 "$work/imap.pw"
 printf 'bench-token\n' > "$work/hook.secret"; chmod 600 "$work/hook.secret"
 port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -51,7 +50,6 @@ for i in range(runs):
     with open(f"/proc/{p.pid}/status") as f:
         rss_kb.append(next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")))
     p.terminate(); p.wait(timeout=30); sock.close()
-    os.remove(os.path.join(work, "frontdesk.db")) if False else None
 med = statistics.median
 print("| measure | median | min | max | target |")
 print("|---|---|---|---|---|")

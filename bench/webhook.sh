@@ -22,7 +22,14 @@ ROOT=$(cd "$BENCH_DIR/.." && pwd)
 DURATION=${DURATION:-10}
 THREADS=${THREADS:-2}
 CONNS=${CONNS:-64}
-WORK=${WORK:-$(mktemp -d /tmp/frontdesk-bench.XXXXXX)}
+# A scratch dir the script made is removed on exit (each run leaves ~400 MB of state); one given
+# in WORK is kept for inspection.
+if [ -z "${WORK:-}" ]; then
+    WORK=$(mktemp -d /tmp/frontdesk-bench.XXXXXX)
+    OWN_WORK=1
+else
+    OWN_WORK=0
+fi
 SECRET=bench-secret
 
 command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; exit 1; }
@@ -43,6 +50,7 @@ wait_port() {
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    if [ "$OWN_WORK" = 1 ]; then rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
