@@ -14,6 +14,7 @@
 
 pub mod auth;
 pub mod fields;
+pub mod json_tree;
 pub mod preset;
 
 use std::collections::HashMap;

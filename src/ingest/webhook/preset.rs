@@ -17,10 +17,13 @@
 
 use axum::http::HeaderMap;
 use chrono::{DateTime, TimeZone, Utc};
-use serde_json::Value;
+use std::borrow::Cow;
+use std::collections::HashSet;
+
 use sha2::{Digest, Sha256};
 
 use super::fields;
+use super::json_tree::Node;
 use crate::message::{Address, Automation, Direction, Message, Origin, ParseStatus};
 
 /// The most form fields a preset reads; beyond that the body is stored as degraded.
@@ -220,8 +223,8 @@ fn content_type(headers: &HeaderMap) -> String {
 }
 
 /// Reads a JSON body; the error is the degraded reason.
-fn read_json(body: &[u8]) -> Result<Value, String> {
-    serde_json::from_slice(body).map_err(|e| {
+fn read_json(body: &[u8]) -> Result<Node<'_>, String> {
+    Node::parse(body).map_err(|e| {
         if std::str::from_utf8(body).is_err() {
             "body is not valid UTF-8".to_string()
         } else {
@@ -231,7 +234,7 @@ fn read_json(body: &[u8]) -> Result<Value, String> {
 }
 
 /// A form body as a JSON object of strings (repeated names: the first wins), so one lookup serves both.
-fn read_form(headers: &HeaderMap, body: &[u8]) -> Result<Value, String> {
+fn read_form(headers: &HeaderMap, body: &[u8]) -> Result<Node<'static>, String> {
     let ct = content_type(headers);
     let pairs = match fields::multipart_boundary(&ct) {
         Some(_) => {
@@ -246,15 +249,18 @@ fn read_form(headers: &HeaderMap, body: &[u8]) -> Result<Value, String> {
         None => fields::parse_urlencoded(body, MAX_FORM_FIELDS),
     }
     .map_err(|e| e.to_string())?;
-    let mut map = serde_json::Map::new();
+    let mut seen = HashSet::with_capacity(pairs.len());
+    let mut members = Vec::with_capacity(pairs.len());
     for (k, v) in pairs {
-        map.entry(k).or_insert(Value::String(v));
+        if seen.insert(k.clone()) {
+            members.push((Cow::Owned(k), Node::String(Cow::Owned(v))));
+        }
     }
-    Ok(Value::Object(map))
+    Ok(Node::Object(members))
 }
 
 /// JSON when the content type says so or the body looks like an object; a form otherwise.
-fn read_json_or_form(headers: &HeaderMap, body: &[u8]) -> Result<Value, String> {
+fn read_json_or_form<'a>(headers: &HeaderMap, body: &'a [u8]) -> Result<Node<'a>, String> {
     let ct = content_type(headers);
     let looks_json = body
         .iter()
@@ -268,12 +274,12 @@ fn read_json_or_form(headers: &HeaderMap, body: &[u8]) -> Result<Value, String> 
 }
 
 /// A scalar at a pointer as text; null and absent are `None`, objects and arrays are an error.
-fn scalar(v: &Value, pointer: &str, field: &'static str) -> Result<Option<String>, FieldError> {
+fn scalar(v: &Node<'_>, pointer: &str, field: &'static str) -> Result<Option<String>, FieldError> {
     match v.pointer(pointer) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(Value::Bool(b)) => Ok(Some(b.to_string())),
+        None | Some(Node::Null) => Ok(None),
+        Some(Node::String(s)) => Ok(Some(s.to_string())),
+        Some(Node::Number(n)) => Ok(Some(n.to_string())),
+        Some(Node::Bool(b)) => Ok(Some(b.to_string())),
         Some(_) => Err(FieldError {
             field,
             pointer: pointer.to_string(),
@@ -283,10 +289,10 @@ fn scalar(v: &Value, pointer: &str, field: &'static str) -> Result<Option<String
 }
 
 /// A string at a pointer, ignoring other types (for presets whose payloads we know).
-fn text_at(v: &Value, pointer: &str) -> Option<String> {
+fn text_at(v: &Node<'_>, pointer: &str) -> Option<String> {
     match v.pointer(pointer) {
-        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(Node::String(s)) if !s.is_empty() => Some(s.to_string()),
+        Some(Node::Number(n)) => Some(n.to_string()),
         _ => None,
     }
 }
@@ -353,7 +359,7 @@ fn parse_time(text: &str) -> Option<DateTime<Utc>> {
 
 fn form(d: &Delivery<'_>) -> Result<Outcome, FieldError> {
     let v = match read_json_or_form(d.headers, d.body) {
-        Ok(v @ Value::Object(_)) => v,
+        Ok(v @ Node::Object(_)) => v,
         Ok(_) => return Ok(degraded(d, "form body is not an object".into())),
         Err(reason) => return Ok(degraded(d, reason)),
     };
@@ -438,7 +444,7 @@ fn slack(d: &Delivery<'_>) -> Result<Outcome, FieldError> {
         Ok(v) => v,
         Err(reason) => return Ok(degraded(d, reason)),
     };
-    match v.get("type").and_then(Value::as_str) {
+    match v.get("type").and_then(Node::as_str) {
         Some("url_verification") => {
             let challenge =
                 text_at(&v, "/challenge").ok_or_else(|| missing("challenge", "/challenge"))?;
@@ -497,7 +503,7 @@ fn slack(d: &Delivery<'_>) -> Result<Outcome, FieldError> {
 
 fn standard_webhooks(d: &Delivery<'_>) -> Result<Outcome, FieldError> {
     let v = match read_json(d.body) {
-        Ok(v @ Value::Object(_)) => v,
+        Ok(v @ Node::Object(_)) => v,
         Ok(_) => return Ok(degraded(d, "envelope is not an object".into())),
         Err(reason) => return Ok(degraded(d, reason)),
     };
@@ -507,7 +513,7 @@ fn standard_webhooks(d: &Delivery<'_>) -> Result<Outcome, FieldError> {
         .iter()
         .find_map(|p| text_at(&v, p));
     m.from = from.map(|f| address(&f, text_at(&v, "/data/name")));
-    m.text = v.get("data").map(Value::to_string);
+    m.text = v.get("data").map(Node::to_string);
     if let Some(t) = text_at(&v, "/timestamp").and_then(|t| parse_time(&t)) {
         m.sent_at = Some(t);
     }
@@ -525,14 +531,14 @@ fn github(d: &Delivery<'_>) -> Result<Outcome, FieldError> {
         return Ok(Outcome::Ignore("github ping"));
     }
     let v = match read_json(d.body) {
-        Ok(v @ Value::Object(_)) => v,
+        Ok(v @ Node::Object(_)) => v,
         Ok(_) => return Ok(degraded(d, "github body is not an object".into())),
         Err(reason) => return Ok(degraded(d, reason)),
     };
     let mut m = base(d, None);
     let item = ["issue", "pull_request", "discussion"]
         .iter()
-        .find(|k| v.get(**k).is_some_and(Value::is_object))
+        .find(|k| v.get(k).is_some_and(Node::is_object))
         .copied();
     let login = text_at(&v, "/sender/login");
     m.from = login.map(|l| address(&format!("github:{l}"), None));
@@ -541,7 +547,7 @@ fn github(d: &Delivery<'_>) -> Result<Outcome, FieldError> {
         Some(k) => {
             m.subject = text_at(&v, &format!("/{k}/title"));
             let author_assoc;
-            if v.get("comment").is_some_and(Value::is_object) {
+            if v.get("comment").is_some_and(Node::is_object) {
                 m.text = text_at(&v, "/comment/body");
                 author_assoc = text_at(&v, "/comment/author_association");
             } else {
@@ -577,7 +583,7 @@ fn github(d: &Delivery<'_>) -> Result<Outcome, FieldError> {
 
 fn stripe(d: &Delivery<'_>) -> Result<Outcome, FieldError> {
     let v = match read_json(d.body) {
-        Ok(v @ Value::Object(_)) => v,
+        Ok(v @ Node::Object(_)) => v,
         Ok(_) => return Ok(degraded(d, "stripe body is not an object".into())),
         Err(reason) => return Ok(degraded(d, reason)),
     };
@@ -612,7 +618,7 @@ fn stripe(d: &Delivery<'_>) -> Result<Outcome, FieldError> {
 
 fn postmark(d: &Delivery<'_>) -> Result<Outcome, FieldError> {
     let v = match read_json(d.body) {
-        Ok(v @ Value::Object(_)) => v,
+        Ok(v @ Node::Object(_)) => v,
         Ok(_) => return Ok(degraded(d, "postmark body is not an object".into())),
         Err(reason) => return Ok(degraded(d, reason)),
     };
@@ -625,25 +631,25 @@ fn postmark(d: &Delivery<'_>) -> Result<Outcome, FieldError> {
     if m.from.is_none() {
         return Err(missing("From", "/FromFull/Email (or /From)"));
     }
-    if let Some(Value::Array(list)) = v.get("ToFull") {
+    if let Some(Node::Array(list)) = v.get("ToFull") {
         m.to = list
             .iter()
             .filter_map(|t| {
                 let e = t.get("Email")?.as_str()?;
                 Some(address(
                     e,
-                    t.get("Name").and_then(Value::as_str).map(str::to_string),
+                    t.get("Name").and_then(Node::as_str).map(str::to_string),
                 ))
             })
             .collect();
     }
     m.subject = text_at(&v, "/Subject");
     m.text = text_at(&v, "/TextBody").or_else(|| text_at(&v, "/StrippedTextReply"));
-    if let Some(Value::Array(headers)) = v.get("Headers") {
+    if let Some(Node::Array(headers)) = v.get("Headers") {
         for h in headers {
             let (Some(name), Some(value)) = (
-                h.get("Name").and_then(Value::as_str),
-                h.get("Value").and_then(Value::as_str),
+                h.get("Name").and_then(Node::as_str),
+                h.get("Value").and_then(Node::as_str),
             ) else {
                 continue;
             };
@@ -663,7 +669,7 @@ fn postmark(d: &Delivery<'_>) -> Result<Outcome, FieldError> {
 
 fn mailgun(d: &Delivery<'_>) -> Result<Outcome, FieldError> {
     let v = match read_json_or_form(d.headers, d.body) {
-        Ok(v @ Value::Object(_)) => v,
+        Ok(v @ Node::Object(_)) => v,
         Ok(_) => return Ok(degraded(d, "mailgun body is not an object".into())),
         Err(reason) => return Ok(degraded(d, reason)),
     };
