@@ -48,7 +48,8 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Readiness: accepting work, the store takes a durable write, and every source is healthy.
+/// Readiness: accepting work, the store takes a durable write, every source is healthy and no
+/// task is past its deadline.
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     if !state.accepting.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
@@ -60,11 +61,14 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
             "store unavailable\n".into(),
         );
     }
+    // A task past its deadline (a wedged source, a dead webhook writer) is as unready as a
+    // failing source: the watchdog will restart the daemon for it.
+    let stuck = state.health.stuck(std::time::Instant::now());
     let unhealthy: Vec<String> = state
         .health
         .snapshot()
         .into_iter()
-        .filter(|(name, t)| name.starts_with("source:") && !t.healthy)
+        .filter(|(name, t)| (name.starts_with("source:") && !t.healthy) || stuck.contains(name))
         .map(|(name, _)| name)
         .collect();
     if unhealthy.is_empty() {

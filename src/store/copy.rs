@@ -378,7 +378,7 @@ mod tests {
                 .source_failed("mail", "boom", 1, Utc::now())
                 .await
                 .unwrap();
-            let writer = store.spawn_webhook_writer(Default::default());
+            let writer = store.spawn_webhook_writer(Default::default(), Default::default());
             writer.count("hook", "rejected:bad_signature");
             writer
                 .ingest(crate::store::webhook::WebhookDelivery {

@@ -44,6 +44,7 @@ use super::messages::RawMessageInserter;
 use super::sqlite_raw::{RawDb, Stmt, Value};
 use super::wal_sync::WalFile;
 use super::{Error, Ingested, Store, from_ms, to_ms};
+use crate::health::Health;
 use crate::message::Message;
 
 /// Deliveries waiting in the channel before new requests are refused with 503.
@@ -107,6 +108,10 @@ enum Msg {
     Synced,
     /// Every [`WebhookWriter`] is gone: finish what is queued, then stop.
     Stop,
+    /// Fault injection for the test that a dead writer thread is reported; no server or input
+    /// can make the writer panic on purpose.
+    #[cfg(test)]
+    Panic,
 }
 
 /// Rejections not yet written: (source, counter name) -> count.
@@ -186,8 +191,12 @@ pub struct WebhookCounters {
 impl Store {
     /// Starts the group-commit writer and syncer threads; they stop when every `WebhookWriter`
     /// is dropped. Must be called within a tokio runtime (the writer uses it for the store's
-    /// async calls).
-    pub fn spawn_webhook_writer(&self, wake_core: Arc<tokio::sync::Notify>) -> WebhookWriter {
+    /// async calls). A thread that dies reports to `health` (see [`ThreadWatch`]).
+    pub fn spawn_webhook_writer(
+        &self,
+        wake_core: Arc<tokio::sync::Notify>,
+        health: Arc<Health>,
+    ) -> WebhookWriter {
         let (jobs, rx) = std_mpsc::sync_channel(QUEUE_DEPTH);
         let pending: Pending = Arc::default();
         let flush_asked = Arc::new(AtomicBool::new(false));
@@ -207,18 +216,28 @@ impl Store {
             stop: false,
         };
         let nudge = jobs.clone();
+        let syncer_watch = ThreadWatch::start(health.clone(), SYNCER_TASK);
+        let writer_watch = ThreadWatch::start(health.clone(), WRITER_TASK);
         let spawned = std::thread::Builder::new()
-            .name("webhook-syncer".into())
-            .spawn(move || run_syncer(wal, synced_rx, syncing, wake_core, nudge))
+            .name(SYNCER_TASK.into())
+            .spawn(move || {
+                let _watch = syncer_watch;
+                run_syncer(wal, synced_rx, syncing, wake_core, nudge)
+            })
             .and_then(|_| {
                 std::thread::Builder::new()
-                    .name("webhook-writer".into())
-                    .spawn(move || writer.run())
+                    .name(WRITER_TASK.into())
+                    .spawn(move || {
+                        let _watch = writer_watch;
+                        writer.run()
+                    })
             });
         if let Err(e) = spawned {
             // Without the threads every delivery is answered 503 ("writer stopped"): the channel's
             // receiver is gone with the closure that failed to start.
             tracing::error!(error = %e, "could not start the webhook writer threads");
+            health.failed(WRITER_TASK, &format!("thread not started: {e}"), Utc::now());
+            health.busy_until(WRITER_TASK, std::time::Instant::now());
         }
         WebhookWriter {
             inner: Arc::new(WriterHandle {
@@ -273,6 +292,45 @@ impl Store {
             }
             Ok(out)
         })
+    }
+}
+
+/// The writer thread's name in `Health` (and the thread's own name).
+const WRITER_TASK: &str = "webhook-writer";
+/// The syncer thread's name in `Health`.
+const SYNCER_TASK: &str = "webhook-syncer";
+
+/// Owned by a writer or syncer thread, so its end is reported whichever way the thread ends.
+///
+/// Without it a panicking writer would leave every delivery answered 503 ("writer stopped")
+/// while `/readyz` and the systemd watchdog saw nothing wrong. A panic marks the task failed and
+/// past its deadline: `/readyz` answers 503 and the watchdog stops being fed, so systemd restarts
+/// the daemon. A requested stop (every `WebhookWriter` dropped) just unregisters it.
+struct ThreadWatch {
+    health: Arc<Health>,
+    task: &'static str,
+}
+
+impl ThreadWatch {
+    fn start(health: Arc<Health>, task: &'static str) -> ThreadWatch {
+        health.ok(task, Utc::now());
+        ThreadWatch { health, task }
+    }
+}
+
+impl Drop for ThreadWatch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(
+                task = self.task,
+                "webhook thread panicked; deliveries are answered 503 until a restart"
+            );
+            self.health
+                .failed(self.task, "thread panicked; restart needed", Utc::now());
+            self.health.busy_until(self.task, std::time::Instant::now());
+        } else {
+            self.health.remove(self.task);
+        }
     }
 }
 
@@ -379,9 +437,8 @@ impl Writer {
         let _entered = rt.enter();
         while !self.stop {
             let first = match self.rx.recv() {
-                Ok(Msg::Job(job)) => Some(*job),
-                Ok(Msg::Flush | Msg::Synced) => None,
-                Ok(Msg::Stop) | Err(_) => {
+                Ok(msg) => first_job(msg, &mut self.stop),
+                Err(_) => {
                     self.stop = true;
                     None
                 }
@@ -532,14 +589,7 @@ impl Writer {
                 self.rx.recv_timeout(LINGER).ok()?
             }
         };
-        let first = match msg {
-            Msg::Job(job) => Some(*job),
-            Msg::Flush | Msg::Synced => None,
-            Msg::Stop => {
-                self.stop = true;
-                None
-            }
-        };
+        let first = first_job(msg, &mut self.stop);
         // A batch taken here is committed even if it is empty (only rejection counts): the
         // session is open anyway. The disk is known to have room: a failure ended the session.
         self.gather(first)
@@ -599,17 +649,24 @@ impl Writer {
 /// Adds a queued message to a gathering batch; false when gathering should stop (an fsync ended,
 /// or the writer is told to stop).
 fn take(msg: Msg, jobs: &mut Vec<Job>, stop: &mut bool) -> bool {
+    let ends_gathering = matches!(msg, Msg::Synced | Msg::Stop);
+    if let Some(job) = first_job(msg, stop) {
+        jobs.push(job);
+    }
+    !ends_gathering
+}
+
+/// The delivery a message carries, if any; a [`Msg::Stop`] sets `stop`.
+fn first_job(msg: Msg, stop: &mut bool) -> Option<Job> {
     match msg {
-        Msg::Job(job) => {
-            jobs.push(*job);
-            true
-        }
-        Msg::Flush => true,
-        Msg::Synced => false,
+        Msg::Job(job) => Some(*job),
+        Msg::Flush | Msg::Synced => None,
         Msg::Stop => {
             *stop = true;
-            false
+            None
         }
+        #[cfg(test)]
+        Msg::Panic => panic!("fault injected by a test: the webhook writer thread dies"),
     }
 }
 
@@ -896,8 +953,51 @@ mod tests {
     use super::*;
 
     store_tests! {
+    async fn a_writer_thread_that_dies_is_reported_stuck_and_deliveries_get_503(store: Store) {
+        let health = Arc::new(Health::new());
+        let writer = store.spawn_webhook_writer(Default::default(), health.clone());
+        assert_eq!(health.count("webhook-"), (2, 2), "both threads register as healthy");
+        writer.inner.jobs.send(Msg::Panic).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while health.stuck(std::time::Instant::now()).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the dead writer was never reported");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            health.stuck(std::time::Instant::now()),
+            vec![WRITER_TASK.to_string()]
+        );
+        let got = writer
+            .ingest(WebhookDelivery {
+                message: message("hook", "after-the-panic"),
+                replay_token: None,
+            })
+            .await;
+        assert!(matches!(got, Err(IngestError::Unavailable(_))), "{got:?}");
+        assert_eq!(store.message_count().await.unwrap(), 0);
+    }
+
+    async fn a_requested_stop_unregisters_the_threads(store: Store) {
+        let health = Arc::new(Health::new());
+        let writer = store.spawn_webhook_writer(Default::default(), health.clone());
+        writer
+            .ingest(WebhookDelivery {
+                message: message("hook", "one"),
+                replay_token: None,
+            })
+            .await
+            .unwrap();
+        drop(writer);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while health.count("webhook-").1 != 0 {
+            assert!(std::time::Instant::now() < deadline, "threads still registered");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(health.stuck(std::time::Instant::now()).is_empty());
+    }
+
     async fn concurrent_same_id_is_one_row_and_counters_add_up(store: Store) {
-        let writer = store.spawn_webhook_writer(Default::default());
+        let writer = store.spawn_webhook_writer(Default::default(), Default::default());
         let mut tasks = Vec::new();
         for i in 0..50 {
             let w = writer.clone();
@@ -935,7 +1035,7 @@ mod tests {
 
     store_tests! {
     async fn replay_token_with_another_delivery_is_refused(store: Store) {
-        let writer = store.spawn_webhook_writer(Default::default());
+        let writer = store.spawn_webhook_writer(Default::default(), Default::default());
         let first = writer
             .ingest(WebhookDelivery {
                 message: message("mg", "a"),

@@ -202,7 +202,9 @@ pub fn routes(state: &AppState) -> Router {
             endpoints: Arc::new(build_endpoints(&current)),
             from: current.clone(),
         })),
-        writer: state.store.spawn_webhook_writer(state.wake_core.clone()),
+        writer: state
+            .store
+            .spawn_webhook_writer(state.wake_core.clone(), state.health.clone()),
         slots: Arc::new(Semaphore::new(current.server.max_concurrency)),
         bytes: Arc::new(Semaphore::new(BODY_BUDGET / BUDGET_UNIT)),
         accepting: state.accepting.clone(),
