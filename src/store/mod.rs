@@ -98,11 +98,11 @@ pub const PG_LOCK_NAMESPACE: i32 = 0x6664;
 
 /// WAL frames (4 KiB pages) past which the daemon's checkpointer resets the WAL: 16 MiB.
 ///
-/// The catch-up checkpoint that resets it holds the single writer for a time that grows with the
-/// WAL's size, not with the frames it copies (8-19 ms at 16 MiB, 23-42 ms at 64 MiB, more at 256
-/// MiB, in bench/webhook.sh): every webhook acknowledgement waits that long. At 64 MiB those
-/// stalls made the webhook p99 27-31 ms; at 16 MiB, four times as frequent and a third as long, it
-/// is 15-16 ms with the same throughput.
+/// The WAL reset held the single writer for a time that grew with the WAL's size, not with the
+/// frames copied (8-19 ms at 16 MiB, 23-42 ms at 64 MiB, more at 256 MiB, in bench/webhook.sh):
+/// every webhook acknowledgement waited that long. At 64 MiB those stalls made the webhook p99
+/// 27-31 ms; at 16 MiB 18-23 ms. Most of that cost was truncating the WAL file at each reset
+/// (see `journal_size_limit` in the checkpointer), which now only happens past four times this.
 pub const WAL_RESTART_FRAMES: i64 = 4_096;
 
 /// The embedded SQLite schema migrations (`migrations/sqlite/`), applied at every open.
@@ -383,10 +383,14 @@ impl SqliteDb {
         };
         // Per connection: a writer connection replaced after a failed commit checkpoints inline
         // again, which is only slower.
-        // journal_size_limit: the WAL file is cut back to the bound when it starts over.
+        // journal_size_limit: when the WAL starts over, a file larger than four times the bound
+        // is cut back. Not to the bound itself: the WAL grows a little past `max_frames` before
+        // each reset, so a limit at the bound truncated the file at every reset, on the commit
+        // that acknowledges webhooks, and freeing those blocks cost more than copying the frames
+        // (bench/webhook.sh p99 18-23 ms with it, 15-16 ms without).
         let limit = format!(
             "PRAGMA journal_size_limit = {}",
-            max_frames.saturating_mul(4096)
+            max_frames.saturating_mul(4 * 4096)
         );
         // an integer formatted in: nothing to inject
         if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(limit))
