@@ -55,9 +55,11 @@ const IDLE_REFRESH: Duration = Duration::from_secs(10 * 60);
 const IDLE_SILENCE: Duration = Duration::from_secs(5 * 60);
 /// A batch is cut once its messages add up to this many bytes (bounds memory: stack.md §5.2).
 /// Up to two batches are alive at once (one fetched while the previous one is committed), so
-/// this bounds a sync's peak RSS (target 32 MB, of which about 16 MB are the mapped binary and
-/// libc). 1 MiB measured 3 MB less but 30% slower under load: one more fsync'd commit per MiB.
-const MAX_BATCH_BYTES: u64 = 2 * 1024 * 1024;
+/// this bounds a sync's peak RSS (target 32 MB, of which about 15 MB are the mapped binary and
+/// libc). bench/imap.sh, 10,000 messages: 2 MiB peaked at 32.4-33.2 MB, 1 MiB at 29.7-30.9 MB
+/// with the same wall time on the fat-LTO build (an earlier build measured 1 MiB 30% slower
+/// under load: one more fsync'd commit per MiB).
+const MAX_BATCH_BYTES: u64 = 1024 * 1024;
 /// A UID that failed this many times on its own is quarantined.
 const POISON_ATTEMPTS: u32 = 3;
 /// Reconnect backoff bounds.
