@@ -73,6 +73,62 @@ enum Inserted {
 /// The raw bytes and text of one message on their way into a statement.
 type Body<'m> = (Cow<'m, [u8]>, Option<Cow<'m, str>>);
 
+/// `INSERT INTO messages (...) ` with every column, in the order [`MessageColumns`] binds them;
+/// a macro so `concat!` can append the rest of each statement at compile time.
+macro_rules! insert_into_messages {
+    () => {
+        "INSERT INTO messages (source, origin_key, origin, direction, received_at, sent_at, \
+         from_addr, from_name, to_addrs, subject, body_text, message_id, in_reply_to, refs, \
+         thread_key, automation, parse, parse_reason, raw, raw_sha256, stored_at) "
+    };
+}
+
+/// One row insert with its id back, or nothing on a known origin (`insert_message`, the raw path).
+const INSERT_ONE: &str = concat!(
+    insert_into_messages!(),
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+     ON CONFLICT (source, origin_key) DO NOTHING RETURNING id"
+);
+
+/// The id of a stored origin (a duplicate's answer).
+const LOOKUP_ID: &str = "SELECT id FROM messages WHERE source = ? AND origin_key = ?";
+
+/// A row's values that are derived from the message rather than read off it; computed in one
+/// place for the three insert paths (one row, multi-row, raw handle).
+struct MessageColumns {
+    key: String,
+    origin_json: String,
+    to_json: String,
+    irt_json: String,
+    refs_json: String,
+    sha: String,
+}
+
+impl MessageColumns {
+    fn of(msg: &Message) -> Result<MessageColumns, Error> {
+        let corrupt = |e: serde_json::Error| Error::Corrupt {
+            table: "messages",
+            reason: e.to_string(),
+        };
+        Ok(MessageColumns {
+            key: msg.origin.key(),
+            origin_json: serde_json::to_string(&msg.origin).map_err(corrupt)?,
+            to_json: serde_json::to_string(&msg.to).map_err(corrupt)?,
+            irt_json: serde_json::to_string(&msg.in_reply_to).map_err(corrupt)?,
+            refs_json: serde_json::to_string(&msg.references).map_err(corrupt)?,
+            sha: hex::encode(Sha256::digest(&msg.raw)),
+        })
+    }
+}
+
+/// Why a message was stored degraded, if it was.
+fn parse_reason(msg: &Message) -> Option<&str> {
+    match &msg.parse {
+        crate::message::ParseStatus::Ok => None,
+        crate::message::ParseStatus::Degraded(r) => Some(r.as_str()),
+    }
+}
+
 twin_impl! {
 /// Inserts one message inside `tx` unless its origin exists; returns the row id either way.
 pub(crate) async fn insert_message(
@@ -81,46 +137,28 @@ pub(crate) async fn insert_message(
     msg: &Message,
     now: DateTime<Utc>,
 ) -> Result<Ingested, Error> {
-    let origin_key = msg.origin.key();
-    let origin_json = serde_json::to_string(&msg.origin).map_err(|e| Error::Corrupt {
-        table: "messages",
-        reason: e.to_string(),
-    })?;
-    let to_json = serde_json::to_string(&msg.to).unwrap_or_else(|_| "[]".into());
-    let irt_json = serde_json::to_string(&msg.in_reply_to).unwrap_or_else(|_| "[]".into());
-    let refs_json = serde_json::to_string(&msg.references).unwrap_or_else(|_| "[]".into());
-    let parse_reason = match &msg.parse {
-        crate::message::ParseStatus::Ok => None,
-        crate::message::ParseStatus::Degraded(r) => Some(r.as_str()),
-    };
-    let sha = hex::encode(Sha256::digest(&msg.raw));
-    let inserted: Option<(i64,)> = sqlx::query_as(self.sql(
-        "INSERT INTO messages (source, origin_key, origin, direction, received_at, sent_at, \
-         from_addr, from_name, to_addrs, subject, body_text, message_id, in_reply_to, refs, \
-         thread_key, automation, parse, parse_reason, raw, raw_sha256, stored_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-         ON CONFLICT (source, origin_key) DO NOTHING RETURNING id",
-    ))
+    let c = MessageColumns::of(msg)?;
+    let inserted: Option<(i64,)> = sqlx::query_as(self.sql(INSERT_ONE))
     .bind(&msg.source)
-    .bind(&origin_key)
-    .bind(&origin_json)
+    .bind(&c.key)
+    .bind(&c.origin_json)
     .bind(msg.direction.as_str())
     .bind(to_ms(msg.received_at))
     .bind(msg.sent_at.map(to_ms))
     .bind(msg.from.as_ref().map(|a| a.addr.as_str()))
     .bind(msg.from.as_ref().and_then(|a| a.name.as_deref()))
-    .bind(&to_json)
+    .bind(&c.to_json)
     .bind(msg.subject.as_deref())
     .bind(msg.text.as_deref())
     .bind(msg.message_id.as_deref())
-    .bind(&irt_json)
-    .bind(&refs_json)
+    .bind(&c.irt_json)
+    .bind(&c.refs_json)
     .bind(msg.thread_key.as_deref())
     .bind(automation_str(msg.automation))
     .bind(msg.parse.as_str())
-    .bind(parse_reason)
+    .bind(parse_reason(msg))
     .bind(&msg.raw)
-    .bind(&sha)
+    .bind(&c.sha)
     .bind(to_ms(now))
     .fetch_optional(&mut **tx)
     .await?;
@@ -131,9 +169,9 @@ pub(crate) async fn insert_message(
         });
     }
     let (id,): (i64,) =
-        sqlx::query_as(self.sql("SELECT id FROM messages WHERE source = ? AND origin_key = ?"))
+        sqlx::query_as(self.sql(LOOKUP_ID))
             .bind(&msg.source)
-            .bind(&origin_key)
+            .bind(&c.key)
             .fetch_one(&mut **tx)
             .await?;
     Ok(Ingested {
@@ -175,18 +213,13 @@ async fn insert_message_rows<'m>(
     struct Prepared<'m> {
         msg: &'m Message,
         body: usize,
-        key: String,
-        origin_json: String,
-        to_json: String,
-        irt_json: String,
-        refs_json: String,
-        sha: String,
+        cols: MessageColumns,
     }
-    // the hash is taken before an owned body is moved out of its message
-    let shas: Vec<String> = msgs
+    // the columns (the hash among them) are taken before an owned body is moved out of its message
+    let cols = msgs
         .iter()
-        .map(|m| hex::encode(Sha256::digest(&m.raw)))
-        .collect();
+        .map(|m| MessageColumns::of(m))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut bodies: Vec<Option<Body<'m>>> = msgs
         .iter_mut()
         .map(|m| {
@@ -207,30 +240,17 @@ async fn insert_message_rows<'m>(
         std::collections::HashMap::new();
     let mut slot = Vec::with_capacity(msgs.len());
     let mut unique: Vec<Prepared<'_>> = Vec::new();
-    for (i, (msg, sha)) in msgs.iter().zip(shas).enumerate() {
+    for (i, (msg, c)) in msgs.iter().zip(cols).enumerate() {
         let msg: &Message = msg;
-        let key = msg.origin.key();
-        match first_of.get(&(msg.source.as_str(), key.clone())) {
+        match first_of.get(&(msg.source.as_str(), c.key.clone())) {
             Some(&u) => slot.push((u, true)),
             None => {
-                let origin_json =
-                    serde_json::to_string(&msg.origin).map_err(|e| Error::Corrupt {
-                        table: "messages",
-                        reason: e.to_string(),
-                    })?;
-                first_of.insert((msg.source.as_str(), key.clone()), unique.len());
+                first_of.insert((msg.source.as_str(), c.key.clone()), unique.len());
                 slot.push((unique.len(), false));
                 unique.push(Prepared {
                     msg,
                     body: i,
-                    key,
-                    origin_json,
-                    to_json: serde_json::to_string(&msg.to).unwrap_or_else(|_| "[]".into()),
-                    irt_json: serde_json::to_string(&msg.in_reply_to)
-                        .unwrap_or_else(|_| "[]".into()),
-                    refs_json: serde_json::to_string(&msg.references)
-                        .unwrap_or_else(|_| "[]".into()),
-                    sha,
+                    cols: c,
                 });
             }
         }
@@ -243,43 +263,35 @@ async fn insert_message_rows<'m>(
     // PostgreSQL's unique index; one global order (source, key) cannot.
     let mut order: Vec<&Prepared<'_>> = unique.iter().collect();
     if <Self as super::Driver>::PG {
-        order.sort_by(|a, b| (a.msg.source.as_str(), a.key.as_str()).cmp(&(b.msg.source.as_str(), b.key.as_str())));
+        order.sort_by(|a, b| (a.msg.source.as_str(), a.cols.key.as_str()).cmp(&(b.msg.source.as_str(), b.cols.key.as_str())));
     }
     for chunk in order.chunks(CHUNK) {
-        let mut qb = Qb::<Self>::new(
-            "INSERT INTO messages (source, origin_key, origin, direction, received_at, sent_at, \
-             from_addr, from_name, to_addrs, subject, body_text, message_id, in_reply_to, refs, \
-             thread_key, automation, parse, parse_reason, raw, raw_sha256, stored_at) ",
-        );
+        let mut qb = Qb::<Self>::new(insert_into_messages!());
         let rows = chunk
             .iter()
             .map(|p| (*p, bodies[p.body].take().unwrap_or_default()));
         qb.push_values(rows, |mut b, (p, (raw, text))| {
-            let m = p.msg;
-            let parse_reason = match &m.parse {
-                crate::message::ParseStatus::Ok => None,
-                crate::message::ParseStatus::Degraded(r) => Some(r.as_str()),
-            };
+            let (m, c) = (p.msg, &p.cols);
             b.push_bind(m.source.as_str())
-                .push_bind(p.key.as_str())
-                .push_bind(p.origin_json.as_str())
+                .push_bind(c.key.as_str())
+                .push_bind(c.origin_json.as_str())
                 .push_bind(m.direction.as_str())
                 .push_bind(to_ms(m.received_at))
                 .push_bind(m.sent_at.map(to_ms))
                 .push_bind(m.from.as_ref().map(|a| a.addr.as_str()))
                 .push_bind(m.from.as_ref().and_then(|a| a.name.as_deref()))
-                .push_bind(p.to_json.as_str())
+                .push_bind(c.to_json.as_str())
                 .push_bind(m.subject.as_deref())
                 .push_bind(text)
                 .push_bind(m.message_id.as_deref())
-                .push_bind(p.irt_json.as_str())
-                .push_bind(p.refs_json.as_str())
+                .push_bind(c.irt_json.as_str())
+                .push_bind(c.refs_json.as_str())
                 .push_bind(m.thread_key.as_deref())
                 .push_bind(automation_str(m.automation))
                 .push_bind(m.parse.as_str())
-                .push_bind(parse_reason)
+                .push_bind(parse_reason(m))
                 .push_bind(raw)
-                .push_bind(p.sha.as_str())
+                .push_bind(c.sha.as_str())
                 .push_bind(stored_at);
         });
         if !with_ids {
@@ -299,16 +311,16 @@ async fn insert_message_rows<'m>(
     }
     let mut by_unique = Vec::with_capacity(unique.len());
     for p in &unique {
-        match ids.get(&(p.msg.source.clone(), p.key.clone())) {
+        match ids.get(&(p.msg.source.clone(), p.cols.key.clone())) {
             Some(&id) => by_unique.push(Ingested {
                 id,
                 duplicate: false,
             }),
             None => {
                 let (id,): (i64,) =
-                    sqlx::query_as(self.sql("SELECT id FROM messages WHERE source = ? AND origin_key = ?"))
+                    sqlx::query_as(self.sql(LOOKUP_ID))
                         .bind(&p.msg.source)
-                        .bind(&p.key)
+                        .bind(&p.cols.key)
                         .fetch_one(&mut **tx)
                         .await?;
                 by_unique.push(Ingested {
@@ -438,55 +450,36 @@ impl<'c, 'h> RawMessageInserter<'c, 'h> {
         db: &'c super::sqlite_raw::RawDb<'h>,
     ) -> Result<Self, super::sqlite_raw::RawError> {
         Ok(RawMessageInserter {
-            insert: db.prepare(
-                "INSERT INTO messages (source, origin_key, origin, direction, received_at, sent_at, \
-                 from_addr, from_name, to_addrs, subject, body_text, message_id, in_reply_to, refs, \
-                 thread_key, automation, parse, parse_reason, raw, raw_sha256, stored_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (source, origin_key) DO NOTHING RETURNING id",
-            )?,
-            lookup: db.prepare("SELECT id FROM messages WHERE source = ? AND origin_key = ?")?,
+            insert: db.prepare(INSERT_ONE)?,
+            lookup: db.prepare(LOOKUP_ID)?,
         })
     }
 
     /// Stores `msg` unless its origin exists.
     pub(crate) fn insert(&mut self, msg: &Message, now: DateTime<Utc>) -> Result<Ingested, Error> {
         use super::sqlite_raw::Value;
-        let corrupt = |e: serde_json::Error| Error::Corrupt {
-            table: "messages",
-            reason: e.to_string(),
-        };
-        let key = msg.origin.key();
-        let origin_json = serde_json::to_string(&msg.origin).map_err(corrupt)?;
-        let to_json = serde_json::to_string(&msg.to).map_err(corrupt)?;
-        let irt_json = serde_json::to_string(&msg.in_reply_to).map_err(corrupt)?;
-        let refs_json = serde_json::to_string(&msg.references).map_err(corrupt)?;
-        let sha = hex::encode(Sha256::digest(&msg.raw));
-        let parse_reason = match &msg.parse {
-            crate::message::ParseStatus::Ok => None,
-            crate::message::ParseStatus::Degraded(r) => Some(r.as_str()),
-        };
+        let c = MessageColumns::of(msg)?;
         self.insert.bind_all(&[
             Value::Text(&msg.source),
-            Value::Text(&key),
-            Value::Text(&origin_json),
+            Value::Text(&c.key),
+            Value::Text(&c.origin_json),
             Value::Text(msg.direction.as_str()),
             Value::Int(to_ms(msg.received_at)),
             msg.sent_at.map(to_ms).into(),
             msg.from.as_ref().map(|a| a.addr.as_str()).into(),
             msg.from.as_ref().and_then(|a| a.name.as_deref()).into(),
-            Value::Text(&to_json),
+            Value::Text(&c.to_json),
             msg.subject.as_deref().into(),
             msg.text.as_deref().into(),
             msg.message_id.as_deref().into(),
-            Value::Text(&irt_json),
-            Value::Text(&refs_json),
+            Value::Text(&c.irt_json),
+            Value::Text(&c.refs_json),
             msg.thread_key.as_deref().into(),
             Value::Text(automation_str(msg.automation)),
             Value::Text(msg.parse.as_str()),
-            parse_reason.into(),
+            parse_reason(msg).into(),
             Value::Blob(&msg.raw),
-            Value::Text(&sha),
+            Value::Text(&c.sha),
             Value::Int(to_ms(now)),
         ])?;
         if self.insert.step()? {
@@ -499,11 +492,11 @@ impl<'c, 'h> RawMessageInserter<'c, 'h> {
             });
         }
         self.lookup
-            .bind_all(&[Value::Text(&msg.source), Value::Text(&key)])?;
+            .bind_all(&[Value::Text(&msg.source), Value::Text(&c.key)])?;
         if !self.lookup.step()? {
             return Err(Error::Corrupt {
                 table: "messages",
-                reason: format!("origin {key} neither inserted nor found"),
+                reason: format!("origin {} neither inserted nor found", c.key),
             });
         }
         let id = self.lookup.int(0);
