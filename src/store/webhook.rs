@@ -693,6 +693,23 @@ fn restore_pending(pending: &Pending, counts: HashMap<(String, String), i64>) {
     }
 }
 
+// The batch's statements, shared by the SQLite (raw handle) and PostgreSQL (sqlx) paths so the
+// two cannot drift apart; `?` placeholders are rewritten for PostgreSQL by `sql()`.
+/// The origin a one-time token was first used with.
+const TOKEN_SEEN: &str =
+    "SELECT origin_key FROM webhook_replay_tokens WHERE source = ? AND token = ?";
+/// Records a one-time token's first use.
+const TOKEN_REMEMBER: &str = "INSERT INTO webhook_replay_tokens (source, token, origin_key, seen_at) \
+     VALUES (?, ?, ?, ?)";
+/// Adds to a per-source counter.
+const COUNTER_ADD: &str = "INSERT INTO webhook_counters (source, name, value) VALUES (?, ?, ?) \
+     ON CONFLICT (source, name) DO UPDATE SET value = webhook_counters.value + excluded.value";
+/// Sets a source's last delivery time.
+const ACTIVITY_SET: &str = "INSERT INTO webhook_activity (source, last_delivery_at) VALUES (?, ?) \
+     ON CONFLICT (source) DO UPDATE SET last_delivery_at = excluded.last_delivery_at";
+/// Forgets one-time tokens past their retention.
+const PRUNE_TOKENS: &str = "DELETE FROM webhook_replay_tokens WHERE seen_at < ?";
+
 /// The statements of a webhook batch, prepared once per writer session.
 struct BatchStatements<'c, 'h> {
     messages: RawMessageInserter<'c, 'h>,
@@ -708,22 +725,11 @@ impl<'c, 'h> BatchStatements<'c, 'h> {
     fn prepare(db: &'c RawDb<'h>) -> Result<Self, super::sqlite_raw::RawError> {
         Ok(BatchStatements {
             messages: RawMessageInserter::new(db)?,
-            token_seen: db.prepare(
-                "SELECT origin_key FROM webhook_replay_tokens WHERE source = ? AND token = ?",
-            )?,
-            token_remember: db.prepare(
-                "INSERT INTO webhook_replay_tokens (source, token, origin_key, seen_at) \
-                 VALUES (?, ?, ?, ?)",
-            )?,
-            counter: db.prepare(
-                "INSERT INTO webhook_counters (source, name, value) VALUES (?, ?, ?) \
-                 ON CONFLICT (source, name) DO UPDATE SET value = webhook_counters.value + excluded.value",
-            )?,
-            activity: db.prepare(
-                "INSERT INTO webhook_activity (source, last_delivery_at) VALUES (?, ?) \
-                 ON CONFLICT (source) DO UPDATE SET last_delivery_at = excluded.last_delivery_at",
-            )?,
-            prune_tokens: db.prepare("DELETE FROM webhook_replay_tokens WHERE seen_at < ?")?,
+            token_seen: db.prepare(TOKEN_SEEN)?,
+            token_remember: db.prepare(TOKEN_REMEMBER)?,
+            counter: db.prepare(COUNTER_ADD)?,
+            activity: db.prepare(ACTIVITY_SET)?,
+            prune_tokens: db.prepare(PRUNE_TOKENS)?,
         })
     }
 }
@@ -858,13 +864,11 @@ impl PgDb {
                 continue;
             };
             let key = msg.origin.key();
-            let seen: Option<(String,)> = sqlx::query_as(self.sql(
-                "SELECT origin_key FROM webhook_replay_tokens WHERE source = ? AND token = ?",
-            ))
-            .bind(&msg.source)
-            .bind(token)
-            .fetch_optional(&mut **tx)
-            .await?;
+            let seen: Option<(String,)> = sqlx::query_as(self.sql(TOKEN_SEEN))
+                .bind(&msg.source)
+                .bind(token)
+                .fetch_optional(&mut **tx)
+                .await?;
             match seen {
                 Some((k,)) if k != key => {
                     *tally
@@ -875,16 +879,13 @@ impl PgDb {
                 }
                 Some(_) => {}
                 None => {
-                    sqlx::query(self.sql(
-                        "INSERT INTO webhook_replay_tokens (source, token, origin_key, seen_at) \
-                     VALUES (?, ?, ?, ?)",
-                    ))
-                    .bind(&msg.source)
-                    .bind(token)
-                    .bind(&key)
-                    .bind(to_ms(now))
-                    .execute(&mut **tx)
-                    .await?;
+                    sqlx::query(self.sql(TOKEN_REMEMBER))
+                        .bind(&msg.source)
+                        .bind(token)
+                        .bind(&key)
+                        .bind(to_ms(now))
+                        .execute(&mut **tx)
+                        .await?;
                 }
             }
             let out = self.insert_message(tx, msg, now).await?;
@@ -898,29 +899,23 @@ impl PgDb {
             results[i] = Ok(out);
         }
         for ((source, name), n) in &tally {
-            sqlx::query(
-            self.sql("INSERT INTO webhook_counters (source, name, value) VALUES (?, ?, ?) \
-             ON CONFLICT (source, name) DO UPDATE SET value = webhook_counters.value + excluded.value"),
-        )
-        .bind(source)
-        .bind(name)
-        .bind(n)
-        .execute(&mut **tx)
-        .await?;
+            sqlx::query(self.sql(COUNTER_ADD))
+                .bind(source)
+                .bind(name)
+                .bind(n)
+                .execute(&mut **tx)
+                .await?;
         }
         for source in touched.keys() {
             let source = source.as_str();
-            sqlx::query(self.sql(
-                "INSERT INTO webhook_activity (source, last_delivery_at) VALUES (?, ?) \
-             ON CONFLICT (source) DO UPDATE SET last_delivery_at = excluded.last_delivery_at",
-            ))
-            .bind(source)
-            .bind(to_ms(now))
-            .execute(&mut **tx)
-            .await?;
+            sqlx::query(self.sql(ACTIVITY_SET))
+                .bind(source)
+                .bind(to_ms(now))
+                .execute(&mut **tx)
+                .await?;
         }
         if batch.iter().any(|j| j.delivery.replay_token.is_some()) {
-            sqlx::query(self.sql("DELETE FROM webhook_replay_tokens WHERE seen_at < ?"))
+            sqlx::query(self.sql(PRUNE_TOKENS))
                 .bind(to_ms(now - TOKEN_RETENTION))
                 .execute(&mut **tx)
                 .await?;
