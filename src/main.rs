@@ -812,9 +812,9 @@ async fn sync(config: &config::Config, only: Option<&str>) -> Result<(), Failure
     }
     // Checkpoints run beside the sync, as in the daemon: otherwise every commit that crosses
     // SQLite's 1,000-page mark copies the WAL into the database and fsyncs it while the next
-    // batch waits, which writes every raw byte twice on the commit path. Each batch's commit
-    // is still fsync'd before its cursor counts; the WAL left when the checkpointer stops is
-    // folded in when the store closes.
+    // batch waits, which writes every raw byte twice on the commit path. Each folder's pass
+    // ends with an fsync of the WAL (batches commit atomically with their cursor but unsynced);
+    // the WAL left when the checkpointer stops is folded in when the store closes.
     let checkpoints = tokio_util::sync::CancellationToken::new();
     let checkpointer = tokio::spawn({
         let (store, stop) = (store.clone(), checkpoints.clone());

@@ -946,6 +946,9 @@ impl SourceCtx {
                 add(&mut report, join_commit(h).await?);
             }
         }
+        // the batches committed without an fsync each (`Store::commit_imap_batch`); also covers
+        // a first run's or a UIDVALIDITY change's cursor
+        self.store.make_durable().await?;
         Ok(report)
     }
 

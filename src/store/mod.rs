@@ -4,7 +4,10 @@
 //! one database), an enum inside [`Store`].
 //!
 //! SQLite runs in WAL mode with `synchronous=FULL`, so a committed transaction has been fsync'd
-//! before any caller acknowledges it (a webhook 2xx, an IMAP cursor). One writer connection
+//! before any caller acknowledges it. Two writes commit with `NORMAL` and are synced otherwise:
+//! a webhook batch (its syncer fdatasyncs the WAL before any 2xx) and an IMAP batch (atomic with
+//! its cursor, so a power loss only means fetching it again; `make_durable` ends each pass).
+//! One writer connection
 //! serializes writes inside the process; `BEGIN IMMEDIATE` serializes them against other
 //! processes (the CLI). Readers use their own pool and never block the writer.
 //!

@@ -452,3 +452,61 @@ async fn a_step_handling_an_already_handled_message_is_a_conflict(store: Store) 
     assert_eq!(store.pending_count().await.unwrap(), 0);
 }
 }
+
+/// An IMAP batch commits with `synchronous=NORMAL`; the writer connection every other write uses
+/// must be back at FULL afterwards, and a batch that fails half-way must not leave it at NORMAL.
+#[tokio::test]
+async fn an_imap_batch_leaves_the_writer_at_synchronous_full_even_when_it_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("q.db")).await.unwrap();
+    let writer_sync = || async {
+        let (sync,): (i64,) = sqlx::query_as("PRAGMA synchronous")
+            .fetch_one(&store.sqlite().unwrap().writer)
+            .await
+            .unwrap();
+        sync
+    };
+    let cursor = |last_uid| ImapCursor {
+        uid_validity: 7,
+        last_uid,
+        backfill_floor: 0,
+        backfill_skipped: 0,
+        backfill_cutoff: None,
+    };
+    let now = Utc::now();
+    let m = |uid| Message {
+        origin: Origin::Imap {
+            folder: "INBOX".into(),
+            uid_validity: 7,
+            uid,
+        },
+        ..msg("mail", &format!("u{uid}"), "hello")
+    };
+    let out = store
+        .commit_imap_batch("mail", "INBOX", vec![m(1), m(2)], &[], &cursor(2), now)
+        .await
+        .unwrap();
+    assert_eq!(out.inserted, 2);
+    assert_eq!(writer_sync().await, 2, "FULL restored after a batch");
+
+    // the cursor's upsert fails after the rows went in: the batch is rolled back whole
+    sqlx::query("DROP TABLE imap_cursors")
+        .execute(&store.sqlite().unwrap().writer)
+        .await
+        .unwrap();
+    let failed = store
+        .commit_imap_batch("mail", "INBOX", vec![m(3)], &[], &cursor(3), now)
+        .await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert_eq!(
+        writer_sync().await,
+        2,
+        "a failed batch left the writer without its fsync"
+    );
+    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM messages")
+        .fetch_one(&store.sqlite().unwrap().writer)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2, "nothing of the failed batch is stored");
+    store.make_durable().await.unwrap();
+}
