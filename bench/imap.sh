@@ -6,10 +6,12 @@
 #                                # STORAGE=postgres: frontdesk on PostgreSQL only; default: sqlite
 #
 # Phases, each peer with its own empty state first:
-#   initial  full pull of N messages over implicit TLS (verified against the rig CA)
+#   initial  full pull of N messages over implicit TLS (verified against the rig CA), from an
+#            empty state, INITIAL_RUNS times (default 3) with the peers in rotated order; median
 #   incr     NEW (default 10) messages arrive, then each peer syncs again (median of RUNS)
 #   noop     nothing new, each peer syncs again (median of RUNS)
-# Peers: frontdesk (`frontdesk sync`: parses every message, SQLite synchronous=FULL, fsync per batch),
+# Peers: frontdesk (`frontdesk sync`: parses every message; each batch commits atomically with its
+#        cursor in SQLite's WAL, and each folder's pass ends with an fsync of the WAL),
 #        frontdesk-pg (the same on PostgreSQL, fsync=on, synchronous_commit=on, same machine),
 #        mbsync with FSync yes (its default) and with FSync no (Maildir copy only).
 # Prints wall time, messages/s and peak RSS (/usr/bin/time) per peer and phase, and the ratios.
@@ -19,6 +21,7 @@ N=${1:-10000}
 NEW=${NEW:-10}
 STORAGE=${STORAGE:-sqlite}
 RUNS=${RUNS:-3}
+INITIAL_RUNS=${INITIAL_RUNS:-3}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=/usr/bin/python3
 FD=${FRONTDESK:-}
@@ -144,6 +147,21 @@ peer_count() {
     esac
 }
 
+# reset PEER: an empty state for another initial run. The old state is moved aside and deleted
+# only at exit: deleting 10,000 Maildir files right before a run slowed that run's disk writes
+# (mbsync FSync no took 1.8-2.2 s instead of 0.7-0.8 s right after a previous bench run).
+reset() {
+    local aside
+    aside=$(mktemp -d "$W/aside.XXXXXX")
+    case $1 in
+    frontdesk) mv "$W"/fd/frontdesk.db* "$aside/" 2>/dev/null || true ;;
+    frontdesk-pg)
+        psql "$PG_URL" -qc "DROP DATABASE bench" -c "CREATE DATABASE bench" >/dev/null ;;
+    *) mv "$W/$1/mail" "$aside/" 2>/dev/null || true
+       mkdir -p "$W/$1/mail" ;;
+    esac
+}
+
 RESULTS=$W/results.tsv
 : >"$RESULTS"
 measure() { # measure PHASE PEER EXPECTED_TOTAL MSGS
@@ -172,7 +190,14 @@ if [ "${ONLY_FRONTDESK:-0}" = 1 ]; then
     read -r -a PEERS <<<"${PEERS[*]}"
 fi
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
-for p in "${PEERS[@]}"; do measure initial "$p" "$N" "$N"; done
+for r in $(seq 1 "$INITIAL_RUNS"); do
+    # rotated order, so no peer always runs first (or right after the slowest one)
+    for i in "${!PEERS[@]}"; do
+        p=${PEERS[$(((i + r - 1) % ${#PEERS[@]}))]}
+        [ "$r" = 1 ] || reset "$p"
+        measure initial "$p" "$N" "$N"
+    done
+done
 total=$N
 for r in $(seq 1 "$RUNS"); do
     deliver "$total" "$NEW"
@@ -190,7 +215,11 @@ n = int(sys.argv[2])
 med = {}
 for phase, peer, wall, rss, msgs, got in rows:
     med.setdefault((phase, peer), []).append((float(wall), int(rss), int(msgs)))
-print(f"IMAP sync, {n} messages in INBOX, implicit TLS on loopback (median of runs for incr/noop)\n")
+print(f"IMAP sync, {n} messages in INBOX, implicit TLS on loopback (median of the runs of each phase)\n")
+for (phase, peer), runs in sorted(med.items()):
+    if phase == "initial":
+        print(f"initial runs, {peer}: " + ", ".join(f"{w:.2f} s" for w, _, _ in runs))
+print()
 print("| phase | peer | wall s | msgs/s | peak RSS MB | wall vs mbsync FSync no | wall vs mbsync FSync yes | wall vs frontdesk SQLite |")
 print("|---|---|---:|---:|---:|---:|---:|---:|")
 for phase in ("initial", "incr", "noop"):

@@ -346,3 +346,118 @@ impl Backend {
         }
     }
 }
+
+/// The test FUSE filesystem of D3 (tests/servers/lazyfs.py) mounted over a backing directory.
+pub struct LazyFs {
+    backing: PathBuf,
+    mnt: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl LazyFs {
+    /// Mounts the filesystem at `mnt` over `backing`, logging to `log`.
+    pub fn mount(backing: &Path, mnt: &Path, log: &Path) -> LazyFs {
+        let mut fs = LazyFs {
+            backing: backing.to_path_buf(),
+            mnt: mnt.to_path_buf(),
+            log: log.to_path_buf(),
+            child: None,
+        };
+        fs.remount();
+        fs
+    }
+
+    fn mounted(&self) -> bool {
+        std::fs::read_to_string("/proc/mounts")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(1) == Some(self.mnt.to_str().unwrap()))
+    }
+
+    /// Mounts it again (after `power_cut`).
+    pub fn remount(&mut self) {
+        let python = std::env::var("FRONTDESK_FUSE_PYTHON").unwrap_or_else(|_| "python3".into());
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/servers/lazyfs.py");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(python)
+            .arg(script)
+            .arg(&self.backing)
+            .arg(&self.mnt)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.mounted() {
+            assert!(
+                Instant::now() < deadline,
+                "lazyfs did not mount: {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Power cut: every unsynced write is dropped, then the filesystem is unmounted (the
+    /// backing directory keeps only what was fsync'd).
+    pub fn power_cut(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let before = std::fs::read_to_string(&self.log).unwrap_or_default().len();
+        let _ = Command::new("kill")
+            .arg("-USR1")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&self.log).unwrap_or_default()[before..]
+            .find("dropped")
+            .is_none()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.mounted() {
+            let ok = Command::new("umount")
+                .arg(&self.mnt)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok && Instant::now() > deadline {
+                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Writes dropped by the power cuts so far, from the filesystem's log.
+    pub fn dropped_writes(&self) -> u64 {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("dropped "))
+            .filter_map(|l| l.split(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for LazyFs {
+    fn drop(&mut self) {
+        if self.mounted() {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
