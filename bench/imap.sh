@@ -15,6 +15,8 @@
 #        frontdesk-pg (the same on PostgreSQL, fsync=on, synchronous_commit=on, same machine),
 #        mbsync with FSync yes (its default) and with FSync no (Maildir copy only).
 # Prints wall time, messages/s and peak RSS (/usr/bin/time) per peer and phase, and the ratios.
+# STAGES=1 also prints, per frontdesk run, the time its sync spent fetching, waiting for the
+# previous batch's commit, and committing (from its debug log lines).
 # Needs root (the rig's Dovecot delivers as nobody) and a release build (built if missing).
 set -euo pipefail
 N=${1:-10000}
@@ -167,9 +169,26 @@ RESULTS=$W/results.tsv
 measure() { # measure PHASE PEER EXPECTED_TOTAL MSGS
     local phase=$1 peer=$2 expect=$3 msgs=$4 out wall rss got
     sync
+    local log_filter=${FRONTDESK_LOG:-info}
+    [[ ${STAGES:-0} == 1 && $peer == frontdesk* ]] && log_filter=info,frontdesk::ingest::imap=debug
     # shellcheck disable=SC2046
-    /usr/bin/time -o "$W/time.out" -f '%e %M' $(peer_cmd "$peer") >/dev/null 2>"$W/$peer.$phase.log" ||
+    FRONTDESK_LOG=$log_filter /usr/bin/time -o "$W/time.out" -f '%e %M' $(peer_cmd "$peer") >/dev/null 2>"$W/$peer.$phase.log" ||
         { echo "FAILED $peer $phase:"; tail -5 "$W/$peer.$phase.log"; } >&2
+    if [[ ${STAGES:-0} == 1 && $peer == frontdesk* ]]; then
+        # the sync's two stages from its debug lines: fetching (and normalizing) batches, waiting
+        # for the previous batch's commit, and the commits themselves (which overlap the fetches)
+        "$PY" - "$W/$peer.$phase.log" "$phase" "$peer" <<'PYEOF'
+import re, sys
+fetch = wait = store = batches = 0
+for line in open(sys.argv[1], errors="replace"):
+    if m := re.search(r"fetch_ms=(\d+) commit_wait_ms=(\d+)", line):
+        fetch += int(m[1]); wait += int(m[2]); batches += 1
+    elif m := re.search(r"store_ms=(\d+)", line):
+        store += int(m[1])
+print(f"stages {sys.argv[3]} {sys.argv[2]}: {batches} batches, fetch {fetch / 1000:.2f} s, "
+      f"waiting for commits {wait / 1000:.2f} s, commits {store / 1000:.2f} s")
+PYEOF
+    fi
     out=$(tail -1 "$W/time.out")
     wall=${out% *}
     rss=${out#* }
