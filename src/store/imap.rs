@@ -178,8 +178,9 @@ impl Store {
     /// On SQLite the commit is atomic but not yet durable (see `UnsyncedWriter`): a batch's only
     /// acknowledgement is its own cursor, so a power loss can at worst make the folder's last
     /// batches be fetched again. [`Store::make_durable`] ends a pass, and the checkpointer syncs
-    /// the WAL before it copies any of it. The fsync per batch was a third of the store stage's
-    /// time in `bench/imap.sh`.
+    /// the WAL before it copies any of it. The fsync per batch (two per batch with the checkpoints,
+    /// 0.65 s in all under strace for 10,000 messages) held up the sync's store stage, its
+    /// bottleneck (bench/README.md).
     pub async fn commit_imap_batch(
         &self,
         source: &str,
@@ -622,30 +623,35 @@ twin_impl! {
         cursor: &ImapCursor,
         now: DateTime<Utc>,
     ) -> Result<BatchOutcome, Error> {
-            const ROWS: usize = 64;
-            const BYTES: usize = 256 * 1024;
-            let mut out = BatchOutcome::default();
-            let mut rest = messages.into_iter().peekable();
-            while rest.peek().is_some() {
-                let mut chunk = Vec::new();
-                let mut bytes = 0;
-                while let Some(m) = rest.next_if(|m| {
-                    chunk.is_empty() || (chunk.len() < ROWS && bytes + m.raw.len() <= BYTES)
-                }) {
-                    bytes += m.raw.len();
-                    chunk.push(m);
-                }
-                // moved, not copied: the raw bytes go into the statement's arguments as they are
-                let rows = chunk.len() as u64;
-                let new = self.insert_owned_messages(tx, chunk, now).await?;
-                out.inserted += new;
-                out.duplicates += rows.saturating_sub(new);
+        // A few multi-row INSERTs per batch instead of one per message (each statement is a round
+        // trip to sqlx's SQLite thread), each cut at ROWS or BYTES of raw mail: SQLite copies a
+        // statement's arguments, so its size is memory held twice. Each chunk is dropped once
+        // inserted: the batch's memory is given back while the commit runs and the next batch is
+        // being fetched.
+        const ROWS: usize = 64;
+        const BYTES: usize = 256 * 1024;
+        let mut out = BatchOutcome::default();
+        let mut rest = messages.into_iter().peekable();
+        while rest.peek().is_some() {
+            let mut chunk = Vec::new();
+            let mut bytes = 0;
+            while let Some(m) = rest.next_if(|m| {
+                chunk.is_empty() || (chunk.len() < ROWS && bytes + m.raw.len() <= BYTES)
+            }) {
+                bytes += m.raw.len();
+                chunk.push(m);
             }
-            for a in accounted {
-                sqlx::query(
-                self.sql("INSERT INTO imap_accounted (source, folder, uid_validity, uid, kind, detail, raw, at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
-            )
+            // moved, not copied: the raw bytes go into the statement's arguments as they are
+            let rows = chunk.len() as u64;
+            let new = self.insert_owned_messages(tx, chunk, now).await?;
+            out.inserted += new;
+            out.duplicates += rows.saturating_sub(new);
+        }
+        for a in accounted {
+            sqlx::query(self.sql(
+                "INSERT INTO imap_accounted (source, folder, uid_validity, uid, kind, detail, raw, at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            ))
             .bind(source)
             .bind(folder)
             .bind(i64::from(cursor.uid_validity))
@@ -656,25 +662,25 @@ twin_impl! {
             .bind(to_ms(now))
             .execute(&mut **tx)
             .await?;
-            }
-            // failure counts of UIDs this commit passes (or of an older UIDVALIDITY) are done with
-            sqlx::query(self.sql(
-                "DELETE FROM imap_poison WHERE source = ? AND folder = ? AND (uid_validity != ? OR uid <= ?)",
-            ))
-            .bind(source)
-            .bind(folder)
-            .bind(i64::from(cursor.uid_validity))
-            .bind(i64::from(cursor.last_uid))
-            .execute(&mut **tx)
-            .await?;
-            sqlx::query(
-            self.sql("INSERT INTO imap_cursors (source, folder, uid_validity, last_uid, updated_at, \
+        }
+        // failure counts of UIDs this commit passes (or of an older UIDVALIDITY) are done with
+        sqlx::query(self.sql(
+            "DELETE FROM imap_poison WHERE source = ? AND folder = ? AND (uid_validity != ? OR uid <= ?)",
+        ))
+        .bind(source)
+        .bind(folder)
+        .bind(i64::from(cursor.uid_validity))
+        .bind(i64::from(cursor.last_uid))
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(self.sql(
+            "INSERT INTO imap_cursors (source, folder, uid_validity, last_uid, updated_at, \
              backfill_floor, backfill_skipped, backfill_cutoff) VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (source, folder) DO UPDATE SET uid_validity = excluded.uid_validity, \
              last_uid = excluded.last_uid, updated_at = excluded.updated_at, \
              backfill_floor = excluded.backfill_floor, backfill_skipped = excluded.backfill_skipped, \
-             backfill_cutoff = excluded.backfill_cutoff"),
-        )
+             backfill_cutoff = excluded.backfill_cutoff",
+        ))
         .bind(source)
         .bind(folder)
         .bind(i64::from(cursor.uid_validity))
@@ -685,6 +691,6 @@ twin_impl! {
         .bind(cursor.backfill_cutoff.map(to_ms))
         .execute(&mut **tx)
         .await?;
-            Ok(out)
+        Ok(out)
     }
 }
