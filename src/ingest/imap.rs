@@ -845,6 +845,8 @@ impl SourceCtx {
             reason: format!("folder {} has no UIDVALIDITY", folder.name),
         })?;
         let stored = self.store.imap_cursor(&self.name, &folder.name).await?;
+        // a first run and a UIDVALIDITY change commit a cursor before any batch
+        let mut wrote = stored.is_none_or(|c| c.uid_validity != uid_validity);
         let mut cursor = match stored {
             None => self.first_run(session, folder, uid_validity).await?,
             Some(c) if c.uid_validity != uid_validity => {
@@ -868,6 +870,7 @@ impl SourceCtx {
         let from = cursor.last_uid.saturating_add(1);
         let mut listed = list(session, &format!("{from}:*"), t).await?;
         listed.retain(|l| l.uid > cursor.last_uid);
+        wrote |= !listed.is_empty();
         if !listed.is_empty() {
             // UIDs accounted for ahead of the cursor (UIDVALIDITY matches) are not fetched again;
             // right after a UIDVALIDITY change that flapped back, rows stored under it before
@@ -946,9 +949,11 @@ impl SourceCtx {
                 add(&mut report, join_commit(h).await?);
             }
         }
-        // the batches committed without an fsync each (`Store::commit_imap_batch`); also covers
-        // a first run's or a UIDVALIDITY change's cursor
-        self.store.make_durable().await?;
+        // the batches committed without an fsync each (`Store::commit_imap_batch`); a pass that
+        // wrote nothing (the daemon's every poll and IDLE wake-up without new mail) syncs nothing
+        if wrote {
+            self.store.make_durable().await?;
+        }
         Ok(report)
     }
 

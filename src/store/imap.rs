@@ -190,22 +190,26 @@ impl Store {
         cursor: &ImapCursor,
         now: DateTime<Utc>,
     ) -> Result<BatchOutcome, Error> {
+        let batch = BatchWrite {
+            source,
+            folder,
+            messages,
+            accounted,
+            cursor,
+            now,
+        };
         match &self.backend {
             Backend::Sqlite(db) => {
                 let mut writer = db.unsynced_writer().await?;
                 let mut tx = writer.begin().await?;
-                let out = db
-                    .write_imap_batch(&mut tx, source, folder, messages, accounted, cursor, now)
-                    .await?;
+                let out = db.write_imap_batch(&mut tx, batch).await?;
                 tx.commit().await?;
                 writer.restore().await?;
                 Ok(out)
             }
             Backend::Postgres(db) => {
                 let mut tx = db.begin_write().await?;
-                let out = db
-                    .write_imap_batch(&mut tx, source, folder, messages, accounted, cursor, now)
-                    .await?;
+                let out = db.write_imap_batch(&mut tx, batch).await?;
                 tx.commit().await?;
                 Ok(out)
             }
@@ -610,19 +614,31 @@ impl Store {
     }
 }
 
+/// What one [`Store::commit_imap_batch`] writes, handed to whichever backend's transaction.
+struct BatchWrite<'a> {
+    source: &'a str,
+    folder: &'a str,
+    messages: Vec<Message>,
+    accounted: &'a [AccountedUid],
+    cursor: &'a ImapCursor,
+    now: DateTime<Utc>,
+}
+
 twin_impl! {
     /// The writes of [`Store::commit_imap_batch`] inside the caller's transaction.
-    #[allow(clippy::too_many_arguments)]
     async fn write_imap_batch(
         &self,
         tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
-        source: &str,
-        folder: &str,
-        messages: Vec<Message>,
-        accounted: &[AccountedUid],
-        cursor: &ImapCursor,
-        now: DateTime<Utc>,
+        batch: BatchWrite<'_>,
     ) -> Result<BatchOutcome, Error> {
+        let BatchWrite {
+            source,
+            folder,
+            messages,
+            accounted,
+            cursor,
+            now,
+        } = batch;
         // A few multi-row INSERTs per batch instead of one per message (each statement is a round
         // trip to sqlx's SQLite thread), each cut at ROWS or BYTES of raw mail: SQLite copies a
         // statement's arguments, so its size is memory held twice. Each chunk is dropped once

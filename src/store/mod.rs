@@ -6,7 +6,7 @@
 //! SQLite runs in WAL mode with `synchronous=FULL`, so a committed transaction has been fsync'd
 //! before any caller acknowledges it. Two writes commit with `NORMAL` and are synced otherwise:
 //! a webhook batch (its syncer fdatasyncs the WAL before any 2xx) and an IMAP batch (atomic with
-//! its cursor, so a power loss only means fetching it again; `make_durable` ends each pass).
+//! its cursor, so a power loss only means fetching it again; `make_durable` ends each pass that wrote).
 //! One writer connection
 //! serializes writes inside the process; `BEGIN IMMEDIATE` serializes them against other
 //! processes (the CLI). Readers use their own pool and never block the writer.

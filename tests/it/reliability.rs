@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use crate::rig::Rig;
-use crate::support::{TestDaemon, figure, long_run};
+use crate::support::{TestDaemon, figure, long_run, open_sqlite};
 
 /// A `frontdesk run` config with one IMAP source `mail` for `user` at `127.0.0.1:imaps_port`
 /// (implicit TLS against the rig CA), every message backfilled; `{port}`/`{dir}` for TestDaemon.
@@ -55,15 +55,7 @@ Message-ID: <{tag}-{i}@client.test>\r\nDate: Tue, 1 Jul 2025 10:00:00 +0000\r\n\
 
 /// Message-ID -> number of rows, for the IMAP source `mail` in `db`.
 pub async fn message_ids(db: &Path) -> HashMap<String, usize> {
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(
-            sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(db)
-                .read_only(true),
-        )
-        .await
-        .unwrap();
+    let pool = open_sqlite(db, true).await.unwrap();
     let rows: Vec<(Option<String>,)> =
         sqlx::query_as("SELECT message_id FROM messages WHERE source = 'mail'")
             .fetch_all(&pool)
@@ -79,11 +71,7 @@ pub async fn message_ids(db: &Path) -> HashMap<String, usize> {
 
 /// `PRAGMA integrity_check` of `db`.
 pub async fn integrity(db: &Path) -> String {
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(db))
-        .await
-        .unwrap();
+    let pool = open_sqlite(db, false).await.unwrap();
     let (r,): (String,) = sqlx::query_as("PRAGMA integrity_check")
         .fetch_one(&pool)
         .await
@@ -259,18 +247,9 @@ async fn uid_validity_change_with_mail_arriving_around_it() {
 }
 
 /// The cursor and the stored UIDs of source `mail`'s INBOX in `db`: (last_uid, rows, highest
-/// stored UID). Read-write opens as a restarted daemon would (WAL recovery may write, and the
-/// last connection to close checkpoints, which syncs); read-only leaves unsynced writes unsynced.
+/// stored UID); `read_only` as in `open_sqlite`.
 async fn imap_state(db: &Path, read_only: bool) -> (i64, i64, i64) {
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(
-            sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(db)
-                .read_only(read_only),
-        )
-        .await
-        .unwrap();
+    let pool = open_sqlite(db, read_only).await.unwrap();
     let (last,): (i64,) = sqlx::query_as(
         "SELECT coalesce(max(last_uid), 0) FROM imap_cursors WHERE source = 'mail' AND folder = 'INBOX'",
     )
@@ -289,15 +268,7 @@ async fn imap_state(db: &Path, read_only: bool) -> (i64, i64, i64) {
 
 /// Rows of source `mail` in `db` (read-only; 0 while the file or its tables are being created).
 async fn rows_now(db: &Path) -> i64 {
-    let Ok(pool) = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(
-            sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(db)
-                .read_only(true),
-        )
-        .await
-    else {
+    let Ok(pool) = open_sqlite(db, true).await else {
         return 0;
     };
     let rows: Result<(i64,), _> =

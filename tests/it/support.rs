@@ -461,3 +461,17 @@ impl Drop for LazyFs {
         }
     }
 }
+
+/// A one-connection pool on the SQLite file `db`, as the tests read a daemon's store. Read-only
+/// leaves unsynced writes unsynced; read-write opens as a restarted daemon would (WAL recovery
+/// may write, and the last connection to close checkpoints, which syncs).
+pub async fn open_sqlite(db: &Path, read_only: bool) -> Result<sqlx::SqlitePool, sqlx::Error> {
+    sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(
+            sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(db)
+                .read_only(read_only),
+        )
+        .await
+}

@@ -308,15 +308,7 @@ pub(crate) fn reply_id(r: &Reply) -> i64 {
 }
 
 async fn row_count(db: &Path, source: &str) -> i64 {
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(
-            sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(db)
-                .read_only(true),
-        )
-        .await
-        .unwrap();
+    let pool = crate::support::open_sqlite(db, true).await.unwrap();
     let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM messages WHERE source = ?")
         .bind(source)
         .fetch_one(&pool)
