@@ -22,6 +22,8 @@ pub(crate) struct SqliteDb {
     pub(super) reader: SqlitePool,
     pub(super) path: PathBuf,
     pub(super) options: Box<SqliteConnectOptions>,
+    /// Raw IMAP bodies, appended beside the database (`store::bodies`).
+    pub(super) bodies: std::sync::Arc<super::bodies::BodyFile>,
 }
 
 /// A PostgreSQL database: one pool for reads and writes (the server serializes).

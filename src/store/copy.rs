@@ -14,6 +14,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
+use super::backend::SqliteDb;
+use super::messages::check_body;
 use super::{Backend, Error, Store};
 
 /// Tables in an order that satisfies the foreign keys; `health_probe` is not data.
@@ -151,7 +153,7 @@ async fn copy_between(source: &Store, target: &Store) -> Result<Vec<TableCopy>, 
         .await?;
     let mut copied = Vec::with_capacity(TABLES.len());
     for (table, shape) in TABLES.iter().zip(&shapes) {
-        let (rows, sha) = copy_table(&src.reader, &mut tx, table, shape).await?;
+        let (rows, sha) = copy_table(src, &mut tx, table, shape).await?;
         copied.push(TableCopy {
             table: table.to_string(),
             rows,
@@ -279,7 +281,7 @@ where
 
 /// Streams `table` out of SQLite in key order into `tx`; returns its row count and checksum.
 async fn copy_table(
-    reader: &sqlx::SqlitePool,
+    src: &SqliteDb,
     tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
     table: &str,
     shape: &Shape,
@@ -289,12 +291,16 @@ async fn copy_table(
         column_list(shape),
         key_order(shape, false)
     );
-    let mut rows = sqlx::query(sqlx::AssertSqlSafe(select)).fetch(reader);
+    let bodies = BodyColumns::of(table, shape);
+    let mut rows = sqlx::query(sqlx::AssertSqlSafe(select)).fetch(&src.reader);
     let mut hash = Sha256::new();
     let mut count = 0u64;
     let mut pending: Vec<Vec<Value>> = Vec::with_capacity(CHUNK);
     while let Some(r) = rows.try_next().await? {
-        let values = decode(&r, shape)?;
+        let mut values = decode(&r, shape)?;
+        if let Some(b) = &bodies {
+            b.inline(src, &mut values).await?;
+        }
         for v in &values {
             v.hash_into(&mut hash);
         }
@@ -309,6 +315,50 @@ async fn copy_table(
         insert_chunk(tx, table, shape, &pending).await?;
     }
     Ok((count, hex::encode(hash.finalize())))
+}
+
+/// Where `messages` keeps a body and its place in the bodies file (`store::bodies`): the copy
+/// moves every body into `raw`, the one place PostgreSQL keeps them.
+struct BodyColumns {
+    id: usize,
+    raw: usize,
+    sha: usize,
+    at: usize,
+    len: usize,
+}
+
+impl BodyColumns {
+    fn of(table: &str, shape: &Shape) -> Option<BodyColumns> {
+        let find = |name: &str| shape.columns.iter().position(|(n, _)| n == name);
+        if table != "messages" {
+            return None;
+        }
+        Some(BodyColumns {
+            id: find("id")?,
+            raw: find("raw")?,
+            sha: find("raw_sha256")?,
+            at: find("body_at")?,
+            len: find("body_len")?,
+        })
+    }
+
+    /// Reads the row's body into `raw` (checked against its hash) and clears its place.
+    async fn inline(&self, src: &SqliteDb, row: &mut [Value]) -> Result<(), Error> {
+        let (Value::Int(Some(at)), Value::Int(Some(len)), Value::Int(Some(id))) =
+            (&row[self.at], &row[self.len], &row[self.id])
+        else {
+            return Ok(());
+        };
+        let (id, at, len) = (*id, *at, *len);
+        let body = src.read_body(id, at, len).await?;
+        if let Value::Text(Some(sha)) = &row[self.sha] {
+            check_body(id, &body, sha)?;
+        }
+        row[self.raw] = Value::Blob(Some(body));
+        row[self.at] = Value::Int(None);
+        row[self.len] = Value::Int(None);
+        Ok(())
+    }
 }
 
 async fn insert_chunk(
@@ -388,27 +438,60 @@ mod tests {
                 .await
                 .unwrap();
             drop(writer);
+            // two IMAP messages, their bodies in the bodies file: the copy carries them inline
+            let imap = |uid: u32| {
+                let mut m = message("mail", &format!("imap{uid}"));
+                m.origin = crate::message::Origin::Imap {
+                    folder: "INBOX".into(),
+                    uid_validity: 3,
+                    uid,
+                };
+                m.raw = format!("Subject: imap {uid}\r\n\r\nbody").into_bytes();
+                m
+            };
+            let cursor = crate::store::ImapCursor {
+                uid_validity: 3,
+                last_uid: 2,
+                backfill_floor: 0,
+                backfill_skipped: 0,
+                backfill_cutoff: None,
+            };
+            store
+                .commit_imap_batch(
+                    "mail",
+                    "INBOX",
+                    vec![imap(1), imap(2)],
+                    &[],
+                    &cursor,
+                    Utc::now(),
+                )
+                .await
+                .unwrap();
             store.close().await;
         }
         let url = crate::store::test_pg::fresh_url().await;
         let copied = sqlite_to_postgres(&path, &url, None).await.unwrap();
         let rows = |t: &str| copied.iter().find(|c| c.table == t).unwrap().rows;
-        assert_eq!(rows("messages"), 451);
-        assert_eq!(rows("core_queue"), 451);
+        assert_eq!(rows("messages"), 453);
+        assert_eq!(rows("core_queue"), 453);
         assert_eq!(rows("webhook_replay_tokens"), 1);
         assert_eq!(rows("alert_events"), 1);
         // The copy is a working store: the same ids, new rows continue after them.
         let pg = Store::open_postgres(&url, None).await.unwrap();
-        assert_eq!(pg.message_count().await.unwrap(), 451);
-        assert_eq!(pg.pending_count().await.unwrap(), 451);
+        assert_eq!(pg.message_count().await.unwrap(), 453);
+        assert_eq!(pg.pending_count().await.unwrap(), 453);
+        assert_eq!(
+            pg.message_raw(453).await.unwrap().as_deref(),
+            Some(&b"Subject: imap 2\r\n\r\nbody"[..])
+        );
         let dup = pg.ingest(&message("hook", "k7"), Utc::now()).await.unwrap();
         assert!(dup.duplicate);
         let new = pg
             .ingest(&message("hook", "new"), Utc::now())
             .await
             .unwrap();
-        assert!(!new.duplicate && new.id > 451, "{new:?}");
-        assert_eq!(pg.pending_count().await.unwrap(), 452);
+        assert!(!new.duplicate && new.id > 453, "{new:?}");
+        assert_eq!(pg.pending_count().await.unwrap(), 454);
         pg.close().await;
         let again = sqlite_to_postgres(&path, &url, None).await.unwrap_err();
         assert!(again.to_string().contains("not empty"), "{again}");

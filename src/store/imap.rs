@@ -9,6 +9,7 @@ use serde::Serialize;
 use sqlx::Row;
 
 use super::backend::Driver;
+use super::bodies::Placed;
 use super::wal_sync::WalFile;
 use super::{Backend, Error, Store, Tx, from_ms, to_ms};
 
@@ -194,6 +195,7 @@ impl Store {
             source,
             folder,
             messages,
+            placed: None,
             accounted,
             cursor,
             now,
@@ -201,7 +203,15 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(db) => {
                 let mut writer = db.unsynced_writer().await?;
+                // BEGIN IMMEDIATE: the write lock is held from here, so the append below cannot
+                // interleave with another process's (`store::bodies`)
                 let mut tx = writer.begin().await?;
+                let (messages, placed) = db.place_bodies(batch.messages).await?;
+                let batch = BatchWrite {
+                    messages,
+                    placed: Some(placed),
+                    ..batch
+                };
                 let out = db.write_imap_batch(&mut tx, batch).await?;
                 tx.commit().await?;
                 writer.restore().await?;
@@ -614,11 +624,31 @@ impl Store {
     }
 }
 
+impl super::backend::SqliteDb {
+    /// Appends a batch's raw bytes to the bodies file and makes them durable (`store::bodies`);
+    /// gives the messages back with where each body went. Call with the write lock held.
+    async fn place_bodies(
+        &self,
+        messages: Vec<Message>,
+    ) -> Result<(Vec<Message>, Vec<Placed>), Error> {
+        let bodies = self.bodies.clone();
+        let (messages, placed) = tokio::task::spawn_blocking(move || {
+            let placed = bodies.append(messages.iter().map(|m| m.raw.as_slice()));
+            (messages, placed)
+        })
+        .await
+        .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)))?;
+        Ok((messages, placed.map_err(sqlx::Error::Io)?))
+    }
+}
+
 /// What one [`Store::commit_imap_batch`] writes, handed to whichever backend's transaction.
 struct BatchWrite<'a> {
     source: &'a str,
     folder: &'a str,
     messages: Vec<Message>,
+    /// Where each message's raw bytes were appended (SQLite's bodies file), if they were.
+    placed: Option<Vec<Placed>>,
     accounted: &'a [AccountedUid],
     cursor: &'a ImapCursor,
     now: DateTime<Utc>,
@@ -635,6 +665,7 @@ twin_impl! {
             source,
             folder,
             messages,
+            placed,
             accounted,
             cursor,
             now,
@@ -648,6 +679,7 @@ twin_impl! {
         const BYTES: usize = 256 * 1024;
         let mut out = BatchOutcome::default();
         let mut rest = messages.into_iter().peekable();
+        let mut first = 0;
         while rest.peek().is_some() {
             let mut chunk = Vec::new();
             let mut bytes = 0;
@@ -657,9 +689,19 @@ twin_impl! {
                 bytes += m.raw.len();
                 chunk.push(m);
             }
+            let places = placed
+                .as_deref()
+                .and_then(|p| p.get(first..first + chunk.len()));
+            if placed.is_some() && places.is_none() {
+                return Err(Error::Corrupt {
+                    table: "messages",
+                    reason: "fewer bodies placed than messages in the batch".into(),
+                });
+            }
+            first += chunk.len();
             // moved, not copied: the raw bytes go into the statement's arguments as they are
             let rows = chunk.len() as u64;
-            let new = self.insert_owned_messages(tx, chunk, now).await?;
+            let new = self.insert_owned_messages(tx, chunk, places, now).await?;
             out.inserted += new;
             out.duplicates += rows.saturating_sub(new);
         }

@@ -7,6 +7,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
+use super::bodies::Placed;
 use super::{Driver, Error, Qb, Store, from_ms, to_ms};
 use crate::message::{Automation, Message};
 
@@ -80,6 +81,16 @@ macro_rules! insert_into_messages {
         "INSERT INTO messages (source, origin_key, origin, direction, received_at, sent_at, \
          from_addr, from_name, to_addrs, subject, body_text, message_id, in_reply_to, refs, \
          thread_key, automation, parse, parse_reason, raw, raw_sha256, stored_at) "
+    };
+}
+
+/// [`insert_into_messages`] with the bodies file's columns (`store::bodies`) after `stored_at`.
+macro_rules! insert_into_messages_placed {
+    () => {
+        "INSERT INTO messages (source, origin_key, origin, direction, received_at, sent_at, \
+         from_addr, from_name, to_addrs, subject, body_text, message_id, in_reply_to, refs, \
+         thread_key, automation, parse, parse_reason, raw, raw_sha256, stored_at, body_at, \
+         body_len) "
     };
 }
 
@@ -189,10 +200,11 @@ pub(crate) async fn insert_owned_messages(
     &self,
     tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
     msgs: Vec<Message>,
+    placed: Option<&[Placed]>,
     now: DateTime<Utc>,
 ) -> Result<u64, Error> {
     match self
-        .insert_message_rows(tx, msgs.into_iter().map(Cow::Owned).collect(), now, false)
+        .insert_message_rows(tx, msgs.into_iter().map(Cow::Owned).collect(), placed, now, false)
         .await?
     {
         Inserted::Rows(rows) => Ok(rows.iter().filter(|r| !r.duplicate).count() as u64),
@@ -205,6 +217,7 @@ async fn insert_message_rows<'m>(
     &self,
     tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
     mut msgs: Vec<Cow<'m, Message>>,
+    placed: Option<&[Placed]>,
     now: DateTime<Utc>,
     with_ids: bool,
 ) -> Result<Inserted, Error> {
@@ -220,11 +233,17 @@ async fn insert_message_rows<'m>(
         .iter()
         .map(|m| MessageColumns::of(m))
         .collect::<Result<Vec<_>, _>>()?;
+    if placed.is_some_and(|p| p.len() != msgs.len()) {
+        return Err(Error::Corrupt {
+            table: "messages",
+            reason: "bodies placed for a different number of messages".into(),
+        });
+    }
     let mut bodies: Vec<Option<Body<'m>>> = msgs
         .iter_mut()
         .map(|m| {
             // `*m`: a borrowed message's reference is copied out with its full lifetime
-            Some(match *m {
+            let (raw, text) = match *m {
                 Cow::Borrowed(b) => (
                     Cow::Borrowed(b.raw.as_slice()),
                     b.text.as_deref().map(Cow::Borrowed),
@@ -233,7 +252,10 @@ async fn insert_message_rows<'m>(
                     Cow::Owned(std::mem::take(&mut o.raw)),
                     o.text.take().map(Cow::Owned),
                 ),
-            })
+            };
+            // a body in the bodies file leaves `raw` empty (its hash was taken above)
+            let raw = if placed.is_some() { Cow::Borrowed(&b""[..]) } else { raw };
+            Some((raw, text))
         })
         .collect();
     let mut first_of: std::collections::HashMap<(&str, String), usize> =
@@ -266,11 +288,12 @@ async fn insert_message_rows<'m>(
         order.sort_by(|a, b| (a.msg.source.as_str(), a.cols.key.as_str()).cmp(&(b.msg.source.as_str(), b.cols.key.as_str())));
     }
     for chunk in order.chunks(CHUNK) {
-        let mut qb = Qb::<Self>::new(insert_into_messages!());
-        let rows = chunk
-            .iter()
-            .map(|p| (*p, bodies[p.body].take().unwrap_or_default()));
-        qb.push_values(rows, |mut b, (p, (raw, text))| {
+        let mut qb = Qb::<Self>::new(insert_into_messages_placed!());
+        let rows = chunk.iter().map(|p| {
+            let place = placed.and_then(|all| all.get(p.body)).copied();
+            (*p, bodies[p.body].take().unwrap_or_default(), place)
+        });
+        qb.push_values(rows, |mut b, (p, (raw, text), place)| {
             let (m, c) = (p.msg, &p.cols);
             b.push_bind(m.source.as_str())
                 .push_bind(c.key.as_str())
@@ -292,7 +315,9 @@ async fn insert_message_rows<'m>(
                 .push_bind(parse_reason(m))
                 .push_bind(raw)
                 .push_bind(c.sha.as_str())
-                .push_bind(stored_at);
+                .push_bind(stored_at)
+                .push_bind(place.map(|p| p.at as i64))
+                .push_bind(place.map(|p| p.len as i64));
         });
         if !with_ids {
             qb.push(" ON CONFLICT (source, origin_key) DO NOTHING");
@@ -357,6 +382,7 @@ impl super::backend::PgDb {
             .insert_message_rows(
                 tx,
                 msgs.iter().map(|m| Cow::Borrowed(*m)).collect(),
+                None,
                 now,
                 true,
             )
@@ -413,6 +439,46 @@ impl Store {
             }
             Ok(out)
         })
+    }
+
+    /// The raw bytes of message `id` as they were received, checked against their stored
+    /// SHA-256; `None` when there is no such message.
+    pub async fn message_raw(&self, id: i64) -> Result<Option<Vec<u8>>, Error> {
+        // raw, raw_sha256, body_at, body_len
+        type BodyRow = (Vec<u8>, String, Option<i64>, Option<i64>);
+        let row: Option<BodyRow> = on_backend!(self, |db| {
+            sqlx::query_as(
+                db.sql("SELECT raw, raw_sha256, body_at, body_len FROM messages WHERE id = ?"),
+            )
+            .bind(id)
+            .fetch_optional(db.reader())
+            .await?
+        });
+        let Some((raw, sha, at, len)) = row else {
+            return Ok(None);
+        };
+        let raw = match (at, len) {
+            (None, None) => raw,
+            (Some(at), Some(len)) => {
+                let Some(db) = self.sqlite() else {
+                    return Err(Error::Corrupt {
+                        table: "messages",
+                        reason: format!(
+                            "message {id} points into a bodies file PostgreSQL has not"
+                        ),
+                    });
+                };
+                db.read_body(id, at, len).await?
+            }
+            _ => {
+                return Err(Error::Corrupt {
+                    table: "messages",
+                    reason: format!("message {id} has only one of body_at and body_len"),
+                });
+            }
+        };
+        check_body(id, &raw, &sha)?;
+        Ok(Some(raw))
     }
 
     /// How many messages wait for the core loop.
@@ -504,6 +570,38 @@ impl<'c, 'h> RawMessageInserter<'c, 'h> {
         Ok(Ingested {
             id,
             duplicate: true,
+        })
+    }
+}
+
+/// Refuses bytes that are not the ones stored for message `id` (a damaged or replaced file).
+pub(crate) fn check_body(id: i64, raw: &[u8], sha: &str) -> Result<(), Error> {
+    if hex::encode(Sha256::digest(raw)) == sha {
+        Ok(())
+    } else {
+        Err(Error::Corrupt {
+            table: "messages",
+            reason: format!("the raw bytes of message {id} do not match their SHA-256"),
+        })
+    }
+}
+
+impl super::backend::SqliteDb {
+    /// Reads a body from the bodies file (`store::bodies`) of message `id`.
+    pub(crate) async fn read_body(&self, id: i64, at: i64, len: i64) -> Result<Vec<u8>, Error> {
+        let (Ok(at), Ok(len)) = (u64::try_from(at), u64::try_from(len)) else {
+            return Err(Error::Corrupt {
+                table: "messages",
+                reason: format!("message {id} has a negative body_at or body_len"),
+            });
+        };
+        let bodies = self.bodies.clone();
+        let read = tokio::task::spawn_blocking(move || bodies.read(Placed { at, len }))
+            .await
+            .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)))?;
+        read.map_err(|e| Error::Corrupt {
+            table: "messages",
+            reason: format!("cannot read the body of message {id} from the bodies file: {e}"),
         })
     }
 }

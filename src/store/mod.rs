@@ -7,7 +7,8 @@
 //! before any caller acknowledges it. Two writes commit with `NORMAL` and are synced otherwise:
 //! a webhook batch (its syncer fdatasyncs the WAL before any 2xx) and an IMAP batch (atomic with
 //! its cursor, so a power loss only means fetching it again; `make_durable` ends each pass that wrote).
-//! One writer connection
+//! An IMAP batch's raw bytes go to the bodies file beside the database (`bodies`), synced before
+//! the batch commits. One writer connection
 //! serializes writes inside the process; `BEGIN IMMEDIATE` serializes them against other
 //! processes (the CLI). Readers use their own pool and never block the writer.
 //!
@@ -18,6 +19,7 @@
 
 #[macro_use]
 mod backend;
+mod bodies;
 pub mod copy;
 #[cfg(test)]
 #[macro_use]
@@ -172,6 +174,7 @@ impl Store {
                 reader,
                 path: path.to_path_buf(),
                 options: Box::new(options),
+                bodies: std::sync::Arc::new(bodies::BodyFile::beside(path)),
             }),
         })
     }
@@ -312,7 +315,8 @@ impl Store {
     /// running; on PostgreSQL, use the server's own tools (`pg_dump`).
     ///
     /// `VACUUM INTO` reads one snapshot, so the copy is a committed state even mid-ingest; the
-    /// target must not exist yet.
+    /// target must not exist yet. Bodies kept in the bodies file (`store::bodies`) are moved into
+    /// the copy, which is then the whole store in one file.
     pub async fn backup(&self, to: &Path) -> Result<(), Error> {
         let Some(db) = self.sqlite() else {
             return Err(Error::Open {
@@ -334,7 +338,7 @@ impl Store {
             .bind(target)
             .execute(&db.reader)
             .await?;
-        Ok(())
+        db.inline_bodies(to).await
     }
 
     /// Checkpoints the SQLite WAL from a connection of its own until `shutdown`, so commits no
@@ -370,6 +374,47 @@ impl Store {
 }
 
 impl SqliteDb {
+    /// Moves every body the copy at `to` keeps in the bodies file into its `raw` column, so a
+    /// backup is one self-contained file. The bodies file is only ever appended to, so every
+    /// place the copy's snapshot points at is there.
+    async fn inline_bodies(&self, to: &Path) -> Result<(), Error> {
+        use sqlx::{ConnectOptions, Connection};
+        /// Rows per transaction: bounds the memory held (bodies up to the IMAP size limit).
+        const ROWS: i64 = 200;
+        let mut copy = SqliteConnectOptions::new()
+            .filename(to)
+            .synchronous(SqliteSynchronous::Full)
+            .connect()
+            .await?;
+        loop {
+            let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+                "SELECT id, body_at, body_len, raw_sha256 FROM messages \
+                 WHERE body_at IS NOT NULL ORDER BY id LIMIT ?",
+            )
+            .bind(ROWS)
+            .fetch_all(&mut copy)
+            .await?;
+            if rows.is_empty() {
+                break;
+            }
+            let mut tx = copy.begin().await?;
+            for (id, at, len, sha) in rows {
+                let raw = self.read_body(id, at, len).await?;
+                messages::check_body(id, &raw, &sha)?;
+                sqlx::query(
+                    "UPDATE messages SET raw = ?, body_at = NULL, body_len = NULL WHERE id = ?",
+                )
+                .bind(raw)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        }
+        copy.close().await?;
+        Ok(())
+    }
+
     async fn run_checkpointer(
         &self,
         every: Duration,

@@ -510,3 +510,110 @@ async fn an_imap_batch_leaves_the_writer_at_synchronous_full_even_when_it_fails(
     assert_eq!(rows, 2, "nothing of the failed batch is stored");
     store.make_durable().await.unwrap();
 }
+
+/// IMAP bodies go to the bodies file, not the row, and come back byte for byte: from the store,
+/// from a backup (which carries them inline, so it stands alone), and never silently wrong.
+#[tokio::test]
+async fn imap_bodies_live_in_the_bodies_file_and_backups_carry_them_inline() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let store = Store::open(&path).await.unwrap();
+    let cursor = |last_uid| ImapCursor {
+        uid_validity: 7,
+        last_uid,
+        backfill_floor: 0,
+        backfill_skipped: 0,
+        backfill_cutoff: None,
+    };
+    let m = |uid: u32, raw: Vec<u8>| Message {
+        origin: Origin::Imap {
+            folder: "INBOX".into(),
+            uid_validity: 7,
+            uid,
+        },
+        raw,
+        ..msg("mail", &format!("u{uid}"), "text")
+    };
+    let raws: Vec<Vec<u8>> = vec![
+        b"Subject: one\r\n\r\nfirst".to_vec(),
+        Vec::new(),
+        (0..70_000u32).map(|i| (i % 251) as u8).collect(),
+    ];
+    let batch = |raws: &[Vec<u8>]| {
+        raws.iter()
+            .enumerate()
+            .map(|(i, r)| m(i as u32 + 1, r.clone()))
+            .collect::<Vec<_>>()
+    };
+    let now = Utc::now();
+    let out = store
+        .commit_imap_batch("mail", "INBOX", batch(&raws), &[], &cursor(3), now)
+        .await
+        .unwrap();
+    assert_eq!(out.inserted, 3);
+    let hook = store
+        .ingest(&msg("hook", "w1", "webhook body"), now)
+        .await
+        .unwrap();
+    let rows: Vec<(i64, i64, Option<i64>, Option<i64>)> =
+        sqlx::query_as("SELECT id, length(raw), body_at, body_len FROM messages ORDER BY id")
+            .fetch_all(&store.sqlite().unwrap().reader)
+            .await
+            .unwrap();
+    let file_len = std::fs::metadata(dir.path().join("q.db-bodies"))
+        .unwrap()
+        .len();
+    assert_eq!(file_len, raws.iter().map(|r| r.len() as u64).sum::<u64>());
+    for ((_, inline, at, len), raw) in rows.iter().zip(&raws) {
+        assert_eq!((*inline, *len), (0, Some(raw.len() as i64)), "{rows:?}");
+        assert!(at.is_some());
+    }
+    assert_eq!(rows[3].2, None, "a webhook body stays in its row");
+    for (id, raw) in rows.iter().map(|r| r.0).zip(&raws) {
+        assert_eq!(store.message_raw(id).await.unwrap().as_ref(), Some(raw));
+    }
+    assert_eq!(
+        store.message_raw(hook.id).await.unwrap().as_deref(),
+        Some(&b"webhook body"[..])
+    );
+    assert_eq!(store.message_raw(999).await.unwrap(), None);
+
+    // the same batch again (a re-fetch): no new rows; its bytes are garbage no row points at
+    let again = store
+        .commit_imap_batch("mail", "INBOX", batch(&raws), &[], &cursor(3), now)
+        .await
+        .unwrap();
+    assert_eq!((again.inserted, again.duplicates), (0, 3));
+    assert_eq!(
+        store.message_raw(rows[2].0).await.unwrap().as_ref(),
+        Some(&raws[2])
+    );
+
+    let backup = dir.path().join("backup.db");
+    store.backup(&backup).await.unwrap();
+    // damage the live file: the store refuses the body, the backup does not need the file
+    let bodies = dir.path().join("q.db-bodies");
+    let mut bytes = std::fs::read(&bodies).unwrap();
+    let first = rows[0].2.unwrap() as usize;
+    bytes[first] ^= 0xff;
+    std::fs::write(&bodies, &bytes).unwrap();
+    let err = store.message_raw(rows[0].0).await.unwrap_err();
+    assert!(err.to_string().contains("SHA-256"), "{err}");
+    std::fs::remove_file(&bodies).unwrap();
+    store.close().await;
+
+    let copy = Store::open(&backup).await.unwrap();
+    let (outside,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM messages WHERE body_at IS NOT NULL OR body_len IS NOT NULL",
+    )
+    .fetch_one(&copy.sqlite().unwrap().reader)
+    .await
+    .unwrap();
+    assert_eq!(outside, 0, "the backup keeps every body inline");
+    for (id, raw) in rows.iter().map(|r| r.0).zip(&raws) {
+        assert_eq!(copy.message_raw(id).await.unwrap().as_ref(), Some(raw));
+    }
+    assert_eq!(copy.integrity_check().await.unwrap(), "ok");
+    assert!(!dir.path().join("backup.db-bodies").exists());
+    copy.close().await;
+}

@@ -540,18 +540,10 @@ fn config(fake_port: u16, extra: &str) -> String {
 
 /// (uid from the origin, raw bytes) of every stored row.
 async fn stored(db: &std::path::Path) -> Vec<(u32, Vec<u8>)> {
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .connect(&format!("sqlite://{}?mode=ro", db.display()))
+    support::stored_messages(db)
         .await
-        .unwrap();
-    let rows: Vec<(String, Vec<u8>)> =
-        sqlx::query_as("SELECT origin, raw FROM messages ORDER BY id")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-    pool.close().await;
-    rows.into_iter()
-        .map(|(origin, raw)| {
+        .into_iter()
+        .map(|(origin, _, raw)| {
             let v: serde_json::Value = serde_json::from_str(&origin).unwrap();
             (v["uid"].as_u64().unwrap() as u32, raw)
         })
@@ -957,16 +949,11 @@ async fn uid_validity_flapping_a_b_a_stores_every_message_once() {
     let (out, _) = sync();
     assert!(out.contains("0 new"), "{out}");
 
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .connect(&format!("sqlite://{}?mode=ro", db.display()))
+    let ids: Vec<(Option<String>, Vec<u8>)> = support::stored_messages(&db)
         .await
-        .unwrap();
-    let ids: Vec<(Option<String>, Vec<u8>)> =
-        sqlx::query_as("SELECT message_id, raw FROM messages ORDER BY id")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-    pool.close().await;
+        .into_iter()
+        .map(|(_, id, raw)| (id, raw))
+        .collect();
     let raws: HashSet<Vec<u8>> = ids.iter().map(|r| r.1.clone()).collect();
     let distinct: HashSet<Option<String>> = ids.iter().map(|r| r.0.clone()).collect();
     assert_eq!(ids.len(), 8, "{ids:?}");

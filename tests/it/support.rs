@@ -465,6 +465,55 @@ impl Drop for LazyFs {
 /// A one-connection pool on the SQLite file `db`, as the tests read a daemon's store. Read-only
 /// leaves unsynced writes unsynced; read-write opens as a restarted daemon would (WAL recovery
 /// may write, and the last connection to close checkpoints, which syncs).
+/// (origin JSON, message_id, raw bytes) of every stored message in id order, each body read the
+/// way the on-disk contract says: from `raw`, or from `<db>-bodies` at [body_at, body_at +
+/// body_len) when the row points there. Panics on a body that does not match its SHA-256.
+pub async fn stored_messages(db: &Path) -> Vec<(String, Option<String>, Vec<u8>)> {
+    use sha2::Digest;
+    let pool = open_sqlite(db, true).await.unwrap();
+    // origin, message_id, raw, raw_sha256, body_at, body_len
+    type Row = (
+        String,
+        Option<String>,
+        Vec<u8>,
+        String,
+        Option<i64>,
+        Option<i64>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT origin, message_id, raw, raw_sha256, body_at, body_len FROM messages ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let mut bodies_path = db.as_os_str().to_owned();
+    bodies_path.push("-bodies");
+    let bodies = std::fs::read(&bodies_path).unwrap_or_default();
+    rows.into_iter()
+        .map(|(origin, id, raw, sha, at, len)| {
+            let raw = match (at, len) {
+                (Some(at), Some(len)) => {
+                    assert!(raw.is_empty(), "a row with a body_at keeps raw empty");
+                    let (at, len) = (at as usize, len as usize);
+                    bodies
+                        .get(at..at + len)
+                        .unwrap_or_else(|| panic!("body past the end of {bodies_path:?}"))
+                        .to_vec()
+                }
+                (None, None) => raw,
+                other => panic!("half a body place: {other:?}"),
+            };
+            assert_eq!(
+                hex::encode(sha2::Sha256::digest(&raw)),
+                sha,
+                "body of {origin}"
+            );
+            (origin, id, raw)
+        })
+        .collect()
+}
+
 pub async fn open_sqlite(db: &Path, read_only: bool) -> Result<sqlx::SqlitePool, sqlx::Error> {
     sqlx::sqlite::SqlitePoolOptions::new()
         .max_connections(1)
