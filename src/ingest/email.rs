@@ -659,6 +659,15 @@ Message-ID: <id1@x.test>\r\nIn-Reply-To: <id0@x.test>\r\nReferences: <a@x> <id0@
             ("single dash", mixed_with("b", &(pdf("QU-JD\r\n") + "--b--\r\n")), false),
             ("double dash, not a delimiter", mixed_with("b", &(pdf("QU--JD\r\n") + "--b--\r\n")), false),
             ("bad byte", mixed_with("b", &(pdf("QU*JD\r\n") + "--b--\r\n")), false),
+            (
+                "base64 text part",
+                mixed_with(
+                    "b",
+                    "Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n\
+aGVsbG8gdGhlcmU=\r\n--b--\r\n",
+                ),
+                false,
+            ),
             ("prefix of a longer boundary", mixed_with("b", &(pdf("QUJD\r\n") + "--bb\r\n--b--\r\n")), true),
             (
                 "boundary folded over two lines",
