@@ -730,6 +730,19 @@ Content-Type: application/zip\r\nContent-Transfer-Encoding: base64\r\n\r\nUEsD\r
     }
 
     proptest::proptest! {
+        /// mail-parser's base64 decoder accepts any run of the alphabet, `=` anywhere included,
+        /// and whitespace: such a body is always skipped and never changes the verdict.
+        #[test]
+        fn any_base64_alphabet_body_is_skipped(body in "[A-Za-z0-9+/= \t\r\n]{1,120}") {
+            let raw = mixed_with("b", &(pdf(&body) + "--b--\r\n"));
+            let origin = || Origin::Imap { folder: "INBOX".into(), uid_validity: 1, uid: 1 };
+            let lean = normalize("t", origin(), raw.clone(), DateTime::UNIX_EPOCH);
+            let full = normalize_unoptimized("t", origin(), raw.clone(), DateTime::UNIX_EPOCH);
+            proptest::prop_assert_eq!(&lean.parse, &ParseStatus::Ok);
+            proptest::prop_assert_eq!(lean, full);
+            proptest::prop_assert_eq!(lean_skipped_bytes(&raw), body.len());
+        }
+
         /// The byte-run `clean_text` keeps exactly what the char filter it replaced kept.
         #[test]
         fn clean_text_matches_the_char_filter(s in "(\\PC|\\r|\\n|\\t|\\x00|\\x7f|\\u{85}|\\u{9f}|\\u{a0}| )*") {
