@@ -86,23 +86,26 @@ pub fn email_normalize(data: &[u8]) {
 }
 
 /// Skipping the decoding of base64 attachments never changes the normalized message: the input
-/// as is, and, when it holds a `0xFF`, also as the pieces of a multipart/mixed message whose second
-/// part has them as its headers, base64 body and what follows the body's delimiter.
+/// as is, and as the base64 body of the second part of a fixed multipart/mixed message. A `0xFF`
+/// splits off that part's headers (application/pdf when absent), a second one what follows the
+/// body's delimiter, so every input exercises the attachment path.
 pub fn email_normalize_lean(data: &[u8]) {
     same_message_lean_and_full(data);
-    if data.contains(&0xFF) {
-        let [headers, body, rest] = pieces::<3>(data);
-        let mut raw =
-            b"From: a@x.test\r\nContent-Type: multipart/mixed; boundary=\"=_b-1\"\r\n\r\n\
+    let [body, headers, rest] = pieces::<3>(data);
+    let headers = if headers.is_empty() {
+        &b"Content-Type: application/pdf"[..]
+    } else {
+        headers
+    };
+    let mut raw = b"From: a@x.test\r\nContent-Type: multipart/mixed; boundary=\"=_b-1\"\r\n\r\n\
 --=_b-1\r\nContent-Type: text/plain\r\n\r\nhello\r\n--=_b-1\r\n"
-                .to_vec();
-        raw.extend_from_slice(headers);
-        raw.extend_from_slice(b"\r\nContent-Transfer-Encoding: base64\r\n\r\n");
-        raw.extend_from_slice(body);
-        raw.extend_from_slice(b"--=_b-1");
-        raw.extend_from_slice(rest);
-        same_message_lean_and_full(&raw);
-    }
+        .to_vec();
+    raw.extend_from_slice(headers);
+    raw.extend_from_slice(b"\r\nContent-Transfer-Encoding: base64\r\n\r\n");
+    raw.extend_from_slice(body);
+    raw.extend_from_slice(b"--=_b-1");
+    raw.extend_from_slice(rest);
+    same_message_lean_and_full(&raw);
 }
 
 fn same_message_lean_and_full(raw: &[u8]) {
