@@ -20,7 +20,7 @@ use crate::digest::{
     Alert, AlertEvent, ConversationRow, Digest, DigestInput, FailedSendRow, NewMessagesRow,
     Rendered, ReplyRow, SourceHealthRow, SourceKind, TargetKind,
 };
-use crate::ingest::email::{fingerprint, html_to_text, normalize};
+use crate::ingest::email::{fingerprint, html_to_text, normalize, normalize_unoptimized};
 use crate::ingest::webhook::auth::{Encoding, Inbound, Scheme, Verifier};
 use crate::ingest::webhook::preset::{self, Delivery, DirectionRule, Mapping, Outcome, Preset};
 use crate::message::Origin;
@@ -33,6 +33,7 @@ pub type Target = fn(&[u8]);
 /// Every target by its cargo-fuzz name.
 pub const TARGETS: &[(&str, Target)] = &[
     ("email_normalize", email_normalize),
+    ("email_normalize_lean", email_normalize_lean),
     ("oauth_redirect", oauth_redirect),
     ("webhook_body", webhook_body),
     ("webhook_mapping", webhook_mapping),
@@ -82,6 +83,40 @@ pub fn email_normalize(data: &[u8]) {
     // the fingerprint of an unchanged message is its stored Message-ID
     assert_eq!(fingerprint(data), id);
     let _ = html_to_text(&String::from_utf8_lossy(data));
+}
+
+/// Skipping the decoding of base64 attachments never changes the normalized message: the input
+/// as is, and as the base64 body of the second part of a fixed multipart/mixed message. A `0xFF`
+/// splits off that part's headers (application/pdf when absent), a second one what follows the
+/// body's delimiter, so every input exercises the attachment path.
+pub fn email_normalize_lean(data: &[u8]) {
+    same_message_lean_and_full(data);
+    let [body, headers, rest] = pieces::<3>(data);
+    let headers = if headers.is_empty() {
+        &b"Content-Type: application/pdf"[..]
+    } else {
+        headers
+    };
+    let mut raw = b"From: a@x.test\r\nContent-Type: multipart/mixed; boundary=\"=_b-1\"\r\n\r\n\
+--=_b-1\r\nContent-Type: text/plain\r\n\r\nhello\r\n--=_b-1\r\n"
+        .to_vec();
+    raw.extend_from_slice(headers);
+    raw.extend_from_slice(b"\r\nContent-Transfer-Encoding: base64\r\n\r\n");
+    raw.extend_from_slice(body);
+    raw.extend_from_slice(b"--=_b-1");
+    raw.extend_from_slice(rest);
+    same_message_lean_and_full(&raw);
+}
+
+fn same_message_lean_and_full(raw: &[u8]) {
+    let origin = || Origin::Imap {
+        folder: "INBOX".into(),
+        uid_validity: 1,
+        uid: 1,
+    };
+    let lean = normalize("fuzz", origin(), raw.to_vec(), DateTime::UNIX_EPOCH);
+    let full = normalize_unoptimized("fuzz", origin(), raw.to_vec(), DateTime::UNIX_EPOCH);
+    assert_eq!(lean, full, "the lean path changed the message");
 }
 
 /// The loopback redirect parser of `frontdesk auth login --browser`: only a target carrying the

@@ -14,6 +14,8 @@ use sha2::{Digest, Sha256};
 
 use crate::message::{Address, Automation, Direction, Message, Origin, ParseStatus};
 
+mod lean;
+
 /// The header frontdesk puts on everything it sends (digests, alerts); mail carrying it is
 /// frontdesk's own and is never ingested as a client message (the loop guard).
 pub const GENERATED_HEADER: &str = "X-Frontdesk-Generated";
@@ -29,10 +31,60 @@ pub fn normalize(
     raw: Vec<u8>,
     received_at: DateTime<Utc>,
 ) -> Message {
-    let fields = catch_unwind(AssertUnwindSafe(|| extract(&raw))).unwrap_or_else(|_| Fields {
+    let fields = guarded(|| extract_lean(&raw));
+    assemble(source, origin, raw, received_at, fields)
+}
+
+/// `normalize` with every body part decoded: the reference the lean path is tested against.
+#[doc(hidden)]
+pub fn normalize_unoptimized(
+    source: &str,
+    origin: Origin,
+    raw: Vec<u8>,
+    received_at: DateTime<Utc>,
+) -> Message {
+    let fields = guarded(|| extract(&raw));
+    assemble(source, origin, raw, received_at, fields)
+}
+
+/// How many body bytes `normalize` skips decoding in `raw` (0 when it parses the whole message).
+#[doc(hidden)]
+pub fn lean_skipped_bytes(raw: &[u8]) -> usize {
+    catch_unwind(AssertUnwindSafe(|| {
+        with_lean_parse(raw, |_, skipped| skipped)
+    }))
+    .ok()
+    .flatten()
+    .unwrap_or(0)
+}
+
+/// `then` applied to the parse of `raw`'s lean copy and the number of bytes left out, when there
+/// is a lean copy and its parse explains every body left out.
+fn with_lean_parse<T>(
+    raw: &[u8],
+    then: impl FnOnce(&mail_parser::Message<'_>, usize) -> T,
+) -> Option<T> {
+    let copy = lean::LeanCopy::new(raw, &FULL_PARSER)?;
+    let msg = FULL_PARSER.parse(copy.bytes())?;
+    copy.explains(&msg)
+        .then(|| then(&msg, raw.len() - copy.bytes().len()))
+}
+
+/// `extract` in `catch_unwind`: mail-parser has panicked on crafted input before.
+fn guarded(extract: impl FnOnce() -> Fields) -> Fields {
+    catch_unwind(AssertUnwindSafe(extract)).unwrap_or_else(|_| Fields {
         reasons: vec!["mail parser panicked".to_string()],
         ..Fields::default()
-    });
+    })
+}
+
+fn assemble(
+    source: &str,
+    origin: Origin,
+    raw: Vec<u8>,
+    received_at: DateTime<Utc>,
+    fields: Fields,
+) -> Message {
     // the stored id is by construction the UIDVALIDITY fingerprint (a header-only parse): the
     // full parse can disagree on crafted headers (fuzzer find), which would defeat the matching
     let message_id = fingerprint(&raw);
@@ -125,14 +177,36 @@ struct Fields {
     reasons: Vec<String>,
 }
 
-fn extract(raw: &[u8]) -> Fields {
-    let mut f = Fields::default();
-    let Some(msg) = FULL_PARSER.parse(raw) else {
-        f.reasons.push("no header found".to_string());
-        return f;
-    };
+/// `extract`, parsing a copy without the base64 attachment bodies when that provably gives the
+/// same fields (`lean`'s module doc says why); otherwise `extract` itself.
+fn extract_lean(raw: &[u8]) -> Fields {
+    // a panic here says nothing about the original bytes: they get their own parse below
+    let lean = catch_unwind(AssertUnwindSafe(|| {
+        with_lean_parse(raw, |msg, _| fields_of(msg, raw))
+    }));
+    match lean {
+        Ok(Some(fields)) => fields,
+        _ => extract(raw),
+    }
+}
 
-    f.from = msg.from().and_then(|a| a.iter().find_map(address));
+fn extract(raw: &[u8]) -> Fields {
+    match FULL_PARSER.parse(raw) {
+        Some(msg) => fields_of(&msg, raw),
+        None => Fields {
+            reasons: vec!["no header found".to_string()],
+            ..Fields::default()
+        },
+    }
+}
+
+/// The fields of `msg`, parsed from `raw` or from its lean copy: everything read here lies in the
+/// headers or in parts the two have in common.
+fn fields_of(msg: &mail_parser::Message<'_>, raw: &[u8]) -> Fields {
+    let mut f = Fields {
+        from: msg.from().and_then(|a| a.iter().find_map(address)),
+        ..Fields::default()
+    };
     if f.from.is_none() {
         f.reasons.push("no sender address".to_string());
     }
@@ -150,10 +224,10 @@ fn extract(raw: &[u8]) -> Fields {
         Some(d) if d.is_valid() => DateTime::from_timestamp(d.to_timestamp(), 0),
         _ => None,
     };
-    if f.sent_at.is_none() && raw_header(&msg, "Date").is_some() {
+    if f.sent_at.is_none() && raw_header(msg, "Date").is_some() {
         f.reasons.push("unparseable Date header".to_string());
     }
-    f.automation = automation(|name| raw_header(&msg, name));
+    f.automation = automation(|name| raw_header(msg, name));
 
     // text/plain parts, else HTML parts made readable (mail-parser lists HTML in text_body
     // when a part has no plain alternative)
@@ -560,7 +634,115 @@ Message-ID: <id1@x.test>\r\nIn-Reply-To: <id0@x.test>\r\nReferences: <a@x> <id0@
         assert!(!s.contains(['\r', '\n', '\0']), "{s:?}");
     }
 
+    /// A multipart/mixed message: a text part, then `tail` right after the next delimiter.
+    fn mixed_with(boundary: &str, tail: &str) -> Vec<u8> {
+        format!(
+            "From: a@x.test\r\nSubject: s\r\nContent-Type: multipart/mixed; boundary=\"{boundary}\"\r\n\r\n\
+--{boundary}\r\nContent-Type: text/plain\r\n\r\nthe text\r\n--{boundary}\r\n{tail}"
+        )
+        .into_bytes()
+    }
+
+    fn pdf(body: &str) -> String {
+        format!("Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n{body}")
+    }
+
+    /// Crafted MIME where a pre-scan could misjudge a part: the lean path either skips exactly the
+    /// attachment or falls back, and the message is the full parse's either way.
+    #[test]
+    fn lean_path_equals_the_full_parse_on_crafted_mime() {
+        let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+            ("plain attachment", mixed_with("b", &(pdf("QUJD\r\nREVG\r\n") + "--b--\r\n")), true),
+            ("padding inside", mixed_with("b", &(pdf("QUJD=QU=JD\r\n") + "--b--\r\n")), true),
+            ("delimiter mid-line", mixed_with("b", &(pdf("QUJD") + "--b--")), true),
+            ("no closing delimiter", mixed_with("b", &pdf("QUJD\r\n")), false),
+            ("single dash", mixed_with("b", &(pdf("QU-JD\r\n") + "--b--\r\n")), false),
+            ("double dash, not a delimiter", mixed_with("b", &(pdf("QU--JD\r\n") + "--b--\r\n")), false),
+            ("bad byte", mixed_with("b", &(pdf("QU*JD\r\n") + "--b--\r\n")), false),
+            (
+                "base64 text part",
+                mixed_with(
+                    "b",
+                    "Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n\
+aGVsbG8gdGhlcmU=\r\n--b--\r\n",
+                ),
+                false,
+            ),
+            ("prefix of a longer boundary", mixed_with("b", &(pdf("QUJD\r\n") + "--bb\r\n--b--\r\n")), true),
+            (
+                "boundary folded over two lines",
+                b"From: a@x\r\nContent-Type: multipart/mixed; boundary=\"x\r\n y\"\r\n\r\n--x\r\n y\r\n\
+Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\nQUJD\r\n--x\r\n y--\r\n"
+                    .to_vec(),
+                false,
+            ),
+            (
+                "digest with an untyped part",
+                b"From: a@x\r\nContent-Type: multipart/digest; boundary=d\r\n\r\n--d\r\n\r\n\
+From: c@x\r\n\r\ninner\r\n--d\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n\
+QUJD\r\n--d--\r\n"
+                    .to_vec(),
+                false,
+            ),
+            (
+                "base64 message/rfc822",
+                mixed_with(
+                    "b",
+                    "Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n\
+RnJvbTogY0B4DQoNCmlubmVy\r\n--b\r\nContent-Type: image/gif\r\nContent-Transfer-Encoding: base64\r\n\r\n\
+R0lGODlh\r\n--b--\r\n",
+                ),
+                true,
+            ),
+            (
+                "inner multipart without its boundary",
+                mixed_with(
+                    "b",
+                    "Content-Type: multipart/related; boundary=zz\r\n\r\nno parts\r\n--b\r\n\
+Content-Type: application/zip\r\nContent-Transfer-Encoding: base64\r\n\r\nUEsD\r\n--b--\r\n",
+                ),
+                true,
+            ),
+            (
+                "headers end on a line with a space",
+                mixed_with("b", "Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n \r\n\r\nQUJD\r\n--b--\r\n"),
+                true,
+            ),
+            (
+                "lf line ends",
+                b"From: a@x\nContent-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/plain\n\nt\n\
+--b\nContent-Type: audio/ogg\nContent-Transfer-Encoding: Base64\n\nT2dnUw==\n--b--\n"
+                    .to_vec(),
+                true,
+            ),
+        ];
+        for (name, raw, skipped) in cases {
+            let origin = || Origin::Imap {
+                folder: "INBOX".into(),
+                uid_validity: 1,
+                uid: 1,
+            };
+            let lean = normalize("t", origin(), raw.clone(), DateTime::UNIX_EPOCH);
+            let full = normalize_unoptimized("t", origin(), raw.clone(), DateTime::UNIX_EPOCH);
+            assert_eq!(lean, full, "{name}");
+            assert_eq!(lean_skipped_bytes(&raw) > 0, skipped, "{name}");
+        }
+    }
+
     proptest::proptest! {
+        /// mail-parser's base64 decoder accepts any run of the alphabet, `=` anywhere included,
+        /// and whitespace: such a body is always skipped and never changes the verdict.
+        #[test]
+        fn any_base64_alphabet_body_is_skipped(body in "[A-Za-z0-9+/= \t\r\n]{1,120}") {
+            let raw = mixed_with("b", &(pdf(&body) + "--b--\r\n"));
+            let origin = || Origin::Imap { folder: "INBOX".into(), uid_validity: 1, uid: 1 };
+            let lean = normalize("t", origin(), raw.clone(), DateTime::UNIX_EPOCH);
+            let full = normalize_unoptimized("t", origin(), raw.clone(), DateTime::UNIX_EPOCH);
+            proptest::prop_assert_eq!(&lean.parse, &ParseStatus::Ok);
+            proptest::prop_assert_eq!(lean, full);
+            proptest::prop_assert_eq!(lean_skipped_bytes(&raw), body.len());
+        }
+
         /// The byte-run `clean_text` keeps exactly what the char filter it replaced kept.
         #[test]
         fn clean_text_matches_the_char_filter(s in "(\\PC|\\r|\\n|\\t|\\x00|\\x7f|\\u{85}|\\u{9f}|\\u{a0}| )*") {

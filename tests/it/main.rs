@@ -7,6 +7,7 @@ mod daemon;
 mod deploy;
 mod digest;
 mod email_golden;
+mod email_lean;
 mod fake_imap;
 mod fault_proxy;
 mod imap;
