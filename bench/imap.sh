@@ -16,7 +16,9 @@
 #        cursor in SQLite's WAL, and each folder's pass ends with an fsync of the WAL),
 #        frontdesk-pg (the same on PostgreSQL, fsync=on, synchronous_commit=on, same machine),
 #        mbsync with FSync yes (its default) and with FSync no (Maildir copy only).
-# Prints wall time, messages/s and peak RSS (/usr/bin/time) per peer and phase, and the ratios.
+# Prints wall time, messages/s, peak RSS and CPU (/usr/bin/time) per peer and phase, the whole
+# machine's busy CPU during each run (the peer plus Dovecot: on 2 cores the wall time cannot go
+# below half of it), and the ratios.
 # STAGES=1 also prints, per frontdesk run, the time its sync spent fetching, waiting for the
 # previous batch's commit, and committing (from its debug log lines).
 # Needs root (the rig's Dovecot delivers as nobody) and a release build (built if missing).
@@ -179,17 +181,27 @@ imap.logout()
 PYEOF
 }
 
+# busy_ticks: CPU time the whole machine spent busy so far (user, nice, system, irq, softirq), in
+# clock ticks: a peer's run costs its own CPU plus Dovecot's, and on 2 cores their sum bounds the
+# wall time from below (sum / 2), whatever the pipelining
+busy_ticks() {
+    awk '/^cpu /{print $2 + $3 + $4 + $7 + $8; exit}' /proc/stat
+}
+
 RESULTS=$W/results.tsv
 : >"$RESULTS"
 measure() { # measure PHASE PEER EXPECTED_TOTAL MSGS
-    local phase=$1 peer=$2 expect=$3 msgs=$4 out wall rss got
+    local phase=$1 peer=$2 expect=$3 msgs=$4 wall rss user sys cpu all got
     sync
     warm
     local log_filter=${FRONTDESK_LOG:-info}
     [[ ${STAGES:-0} == 1 && $peer == frontdesk* ]] && log_filter=info,frontdesk::ingest::imap=debug
+    local busy0 busy1
+    busy0=$(busy_ticks)
     # shellcheck disable=SC2046
-    FRONTDESK_LOG=$log_filter /usr/bin/time -o "$W/time.out" -f '%e %M' $(peer_cmd "$peer") >/dev/null 2>"$W/$peer.$phase.log" ||
+    FRONTDESK_LOG=$log_filter /usr/bin/time -o "$W/time.out" -f '%e %M %U %S' $(peer_cmd "$peer") >/dev/null 2>"$W/$peer.$phase.log" ||
         { echo "FAILED $peer $phase:"; tail -5 "$W/$peer.$phase.log"; } >&2
+    busy1=$(busy_ticks)
     if [[ ${STAGES:-0} == 1 && $peer == frontdesk* ]]; then
         # the sync's two stages from its debug lines: fetching (and normalizing) batches, waiting
         # for the previous batch's commit, and the commits themselves (which overlap the fetches)
@@ -205,12 +217,12 @@ print(f"stages {sys.argv[3]} {sys.argv[2]}: {batches} batches, fetch {fetch / 10
       f"waiting for commits {wait / 1000:.2f} s, commits {store / 1000:.2f} s")
 PYEOF
     fi
-    out=$(tail -1 "$W/time.out")
-    wall=${out% *}
-    rss=${out#* }
+    read -r wall rss user sys < <(tail -1 "$W/time.out")
+    cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')
+    all=$(awk -v a="$busy0" -v b="$busy1" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", (b - a) / hz }')
     got=$(peer_count "$peer")
     [ "$got" = "$expect" ] || { echo "MISMATCH $peer $phase: $got stored, $expect expected" >&2; tail -5 "$W/$peer.$phase.log" >&2; }
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$phase" "$peer" "$wall" "$rss" "$msgs" "$got" >>"$RESULTS"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$phase" "$peer" "$wall" "$rss" "$msgs" "$got" "$cpu" "$all" >>"$RESULTS"
 }
 
 case $STORAGE in
@@ -247,33 +259,38 @@ echo "load average (1, 5, 15 min): $LOAD_START at the start, $LOAD_END at the en
 import statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 n = int(sys.argv[2])
-def stat(phase):
-    return min if phase == "initial" else statistics.median
-med = {}
-for phase, peer, wall, rss, msgs, got in rows:
-    med.setdefault((phase, peer), []).append((float(wall), int(rss), int(msgs)))
-print(f"IMAP sync, {n} messages in INBOX, implicit TLS on loopback (initial: best run; incr, noop: median)\n")
-for (phase, peer), runs in sorted(med.items()):
+runs_of = {}
+for phase, peer, wall, rss, msgs, got, cpu, everything in rows:
+    runs_of.setdefault((phase, peer), []).append(
+        (float(wall), int(rss), int(msgs), float(cpu), float(everything)))
+def pick(phase, runs):
+    """(wall, own CPU, machine CPU): the best run for the initial sync, else medians."""
     if phase == "initial":
-        print(f"initial runs, {peer}: " + ", ".join(f"{w:.2f} s" for w, _, _ in runs))
+        w, _, _, c, a = min(runs)
+        return w, c, a
+    return tuple(statistics.median(r[i] for r in runs) for i in (0, 3, 4))
+print(f"IMAP sync, {n} messages in INBOX, implicit TLS on loopback (initial: best run; incr, noop: median)\n")
+for (phase, peer), runs in sorted(runs_of.items()):
+    if phase == "initial":
+        print(f"initial runs, {peer}: " + ", ".join(f"{w:.2f} s" for w, *_ in runs))
 print()
-print("| phase | peer | wall s | msgs/s | peak RSS MB | wall vs mbsync FSync no | wall vs mbsync FSync yes | wall vs frontdesk SQLite |")
-print("|---|---|---:|---:|---:|---:|---:|---:|")
+print("CPU s: the peer's own user+sys; machine CPU s: every process's (the peer, Dovecot, and any")
+print("other load) during the run. On 2 cores, wall >= machine CPU / 2 whatever the pipelining.\n")
+print("| phase | peer | wall s | msgs/s | peak RSS MB | CPU s | machine CPU s | wall vs mbsync FSync no | wall vs mbsync FSync yes | wall vs frontdesk SQLite |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for phase in ("initial", "incr", "noop"):
     base = {}
-    for peer in ("mbsync-nofsync", "mbsync-fsync"):
-        if (phase, peer) in med:
-            base[peer] = stat(phase)(w for w, _, _ in med[(phase, peer)])
-    lite = med.get((phase, "frontdesk"))
-    base["frontdesk"] = stat(phase)(w for w, _, _ in lite) if lite else None
+    for peer in ("mbsync-nofsync", "mbsync-fsync", "frontdesk"):
+        if (phase, peer) in runs_of:
+            base[peer] = pick(phase, runs_of[(phase, peer)])[0]
     for peer in ("frontdesk", "frontdesk-pg", "mbsync-fsync", "mbsync-nofsync"):
-        runs = med.get((phase, peer))
+        runs = runs_of.get((phase, peer))
         if not runs:
             continue
-        wall = stat(phase)(w for w, _, _ in runs)
-        rss = max(r for _, r, _ in runs) / 1024
+        wall, cpu, everything = pick(phase, runs)
+        rss = max(r[1] for r in runs) / 1024
         msgs = runs[0][2]
         rate = f"{msgs / wall:.0f}" if msgs and wall > 0 else "-"
         ratio = lambda b: f"{wall / b:.2f}x" if b else "-"
-        print(f"| {phase} | {peer} | {wall:.2f} | {rate} | {rss:.1f} | {ratio(base.get('mbsync-nofsync'))} | {ratio(base.get('mbsync-fsync'))} | {ratio(base.get('frontdesk'))} |")
+        print(f"| {phase} | {peer} | {wall:.2f} | {rate} | {rss:.1f} | {cpu:.2f} | {everything:.2f} | {ratio(base.get('mbsync-nofsync'))} | {ratio(base.get('mbsync-fsync'))} | {ratio(base.get('frontdesk'))} |")
 PYEOF

@@ -26,6 +26,59 @@ async fn health_of(
         .await?;
     Ok(row.map(|(h,)| h != 0))
 }
+
+/// The UIDs of `folder`'s message rows under `uid_validity`.
+///
+/// The database hands over the folder's keys as one string instead of one row per key: on a
+/// 10,000-message folder the row-per-key read took 5-13 ms of a 70 ms incremental
+/// `frontdesk sync` (every pass reconciles), the aggregate about 1-3 ms. Each key comes
+/// length-prefixed (`{bytes}:{key}`), since a folder's name may hold any separator.
+async fn folder_uids(
+    &self,
+    source: &str,
+    folder: &str,
+    uid_validity: u32,
+) -> Result<Vec<u32>, Error> {
+    // keys of one UIDVALIDITY share the prefix `imap:{v}:`; `;` sorts right after `:`
+    let prefix = format!("imap:{uid_validity}:");
+    let sql = self.pick(
+        "SELECT group_concat(length(CAST(origin_key AS BLOB)) || ':' || origin_key, '') \
+         FROM messages WHERE source = ? AND origin_key >= ? AND origin_key < ?",
+        "SELECT string_agg(octet_length(origin_key) || ':' || origin_key, '') \
+         FROM messages WHERE source = ? AND origin_key >= ? AND origin_key < ?",
+    );
+    let (keys,): (Option<String>,) = sqlx::query_as(sql)
+        .bind(source)
+        .bind(&prefix)
+        .bind(format!("imap:{uid_validity};"))
+        .fetch_one(self.reader())
+        .await?;
+    let mut uids = Vec::new();
+    let mut rest = keys.as_deref().unwrap_or_default();
+    while !rest.is_empty() {
+        let key = rest
+            .split_once(':')
+            .and_then(|(len, tail)| Some((len.parse::<usize>().ok()?, tail)))
+            .and_then(|(len, tail)| Some((tail.get(..len)?, tail.get(len..)?)));
+        let Some((key, tail)) = key else {
+            return Err(Error::Corrupt {
+                table: "messages",
+                reason: format!("the origin keys of source {source} did not read back whole"),
+            });
+        };
+        // `imap:{uid_validity}:{uid}:{folder}`, see `Origin::key`
+        if let Some((uid, f)) = key
+            .strip_prefix(prefix.as_str())
+            .and_then(|k| k.split_once(':'))
+            && f == folder
+            && let Ok(uid) = uid.parse()
+        {
+            uids.push(uid);
+        }
+        rest = tail;
+    }
+    Ok(uids)
+}
 }
 use crate::message::Message;
 
@@ -135,13 +188,6 @@ pub struct SourceHealth {
     pub last_error_at: Option<DateTime<Utc>>,
     /// Consecutive failures since the last success.
     pub failures: u32,
-}
-
-/// `imap:{uid_validity}:{uid}:{folder}` -> (uid, folder); see `Origin::key`.
-fn parse_origin_key(key: &str, uid_validity: u32) -> Option<(u32, &str)> {
-    let rest = key.strip_prefix(&format!("imap:{uid_validity}:"))?;
-    let (uid, folder) = rest.split_once(':')?;
-    Some((uid.parse().ok()?, folder))
 }
 
 impl Store {
@@ -313,23 +359,11 @@ impl Store {
         uid_validity: u32,
     ) -> Result<HashSet<u32>, Error> {
         on_backend!(self, |db| {
-            let mut known = HashSet::new();
-            // origin keys of one UIDVALIDITY share the prefix `imap:{v}:`; `;` sorts right after `:`
-            let rows: Vec<(String,)> = sqlx::query_as(
-            db.sql("SELECT origin_key FROM messages WHERE source = ? AND origin_key >= ? AND origin_key < ?"),
-        )
-        .bind(source)
-        .bind(format!("imap:{uid_validity}:"))
-        .bind(format!("imap:{uid_validity};"))
-        .fetch_all(db.reader())
-        .await?;
-            for (key,) in &rows {
-                if let Some((uid, f)) = parse_origin_key(key, uid_validity)
-                    && f == folder
-                {
-                    known.insert(uid);
-                }
-            }
+            let mut known: HashSet<u32> = db
+                .folder_uids(source, folder, uid_validity)
+                .await?
+                .into_iter()
+                .collect();
             let rows: Vec<(i64,)> = sqlx::query_as(
             db.sql("SELECT uid FROM imap_accounted WHERE source = ? AND folder = ? AND uid_validity = ?"),
         )
@@ -584,20 +618,7 @@ impl Store {
                         .find(|(kind, _)| kind == k.as_str())
                         .map_or(0, |(_, n)| u64::try_from(*n).unwrap_or(0))
                 };
-                let keys: Vec<(String,)> = sqlx::query_as(
-                db.sql("SELECT origin_key FROM messages WHERE source = ? AND origin_key >= ? AND origin_key < ?"),
-            )
-            .bind(&source)
-            .bind(format!("imap:{uid_validity}:"))
-            .bind(format!("imap:{uid_validity};"))
-            .fetch_all(db.reader())
-            .await?;
-                let ingested = keys
-                    .iter()
-                    .filter(|(k,)| {
-                        parse_origin_key(k, uid_validity).is_some_and(|(_, f)| f == folder)
-                    })
-                    .count() as u64;
+                let ingested = db.folder_uids(&source, &folder, uid_validity).await?.len() as u64;
                 let skipped: i64 = r.try_get("backfill_skipped")?;
                 out.push(FolderLedger {
                     uid_validity,

@@ -353,6 +353,59 @@ async fn read_side_queries_run_and_agree(store: Store) {
     assert_eq!(store.alert_oldest_pending().await.unwrap(), Some(now));
 }
 
+/// A folder's known UIDs are exactly its own rows' (`folder_uids` scans the keys in SQL): folder
+/// names with `:`, a line feed or multi-byte characters in them, a folder whose name starts another's, another UIDVALIDITY, another
+/// source and the accounted UIDs do not mix.
+async fn known_uids_are_the_folders_own(store: Store) {
+    let now = Utc::now();
+    let rows: &[(&str, &str, u32, u32)] = &[
+        ("mail", "INBOX", 7, 1),
+        ("mail", "INBOX", 7, 20),
+        ("mail", "INBOX", 7, 300),
+        ("mail", "INBOX:x", 7, 2),
+        ("mail", "a:b", 7, 3),
+        ("mail", "a", 7, 4),
+        ("mail", "", 7, 5),
+        ("mail", "INBOX", 70, 6),
+        ("mail", "INBOX", 8, 9),
+        ("other", "INBOX", 7, 10),
+        ("mail", "Entwürfe, 2026", 7, 11),
+        ("mail", "x\ny:1", 7, 12),
+    ];
+    for (i, (source, folder, uid_validity, uid)) in rows.iter().enumerate() {
+        let mut m = msg(source, &format!("k{i}"), "body");
+        m.origin = Origin::Imap {
+            folder: (*folder).into(),
+            uid_validity: *uid_validity,
+            uid: *uid,
+        };
+        store.ingest(&m, now).await.unwrap();
+    }
+    let known = |folder: &'static str, uid_validity: u32| {
+        let store = store.clone();
+        async move {
+            let mut v: Vec<u32> = store
+                .imap_known_uids("mail", folder, uid_validity)
+                .await
+                .unwrap()
+                .into_iter()
+                .collect();
+            v.sort_unstable();
+            v
+        }
+    };
+    assert_eq!(known("INBOX", 7).await, [1, 20, 300]);
+    assert_eq!(known("INBOX:x", 7).await, [2]);
+    assert_eq!(known("a:b", 7).await, [3]);
+    assert_eq!(known("a", 7).await, [4]);
+    assert_eq!(known("", 7).await, [5]);
+    assert_eq!(known("INBOX", 70).await, [6]);
+    assert_eq!(known("INBOX", 8).await, [9]);
+    assert_eq!(known("Entwürfe, 2026", 7).await, [11]);
+    assert_eq!(known("x\ny:1", 7).await, [12]);
+    assert!(known("Sent", 7).await.is_empty());
+}
+
 async fn same_origin_twice_is_one_row(store: Store) {
     let now = Utc::now();
     let a = store
