@@ -74,23 +74,25 @@ enum Inserted {
 /// The raw bytes and text of one message on their way into a statement.
 type Body<'m> = (Cow<'m, [u8]>, Option<Cow<'m, str>>);
 
-/// `INSERT INTO messages (...) ` with every column, in the order [`MessageColumns`] binds them;
-/// a macro so `concat!` can append the rest of each statement at compile time.
+/// `INSERT INTO messages (...) ` with every column, in the order [`MessageColumns`] binds them,
+/// then any `, column` given; a macro so `concat!` can append the rest of each statement at
+/// compile time.
 macro_rules! insert_into_messages {
-    () => {
-        "INSERT INTO messages (source, origin_key, origin, direction, received_at, sent_at, \
-         from_addr, from_name, to_addrs, subject, body_text, message_id, in_reply_to, refs, \
-         thread_key, automation, parse, parse_reason, raw, raw_sha256, stored_at) "
+    ($($more:literal)?) => {
+        concat!(
+            "INSERT INTO messages (source, origin_key, origin, direction, received_at, sent_at, \
+             from_addr, from_name, to_addrs, subject, body_text, message_id, in_reply_to, refs, \
+             thread_key, automation, parse, parse_reason, raw, raw_sha256, stored_at",
+            $($more,)?
+            ") "
+        )
     };
 }
 
 /// [`insert_into_messages`] with the bodies file's columns (`store::bodies`) after `stored_at`.
 macro_rules! insert_into_messages_placed {
     () => {
-        "INSERT INTO messages (source, origin_key, origin, direction, received_at, sent_at, \
-         from_addr, from_name, to_addrs, subject, body_text, message_id, in_reply_to, refs, \
-         thread_key, automation, parse, parse_reason, raw, raw_sha256, stored_at, body_at, \
-         body_len) "
+        insert_into_messages!(", body_at, body_len")
     };
 }
 
