@@ -235,15 +235,13 @@ async fn insert_message_rows<'m>(
         .iter()
         .map(|m| MessageColumns::of(m))
         .collect::<Result<Vec<_>, _>>()?;
-    if placed.is_some_and(|p| p.len() != msgs.len()) {
-        return Err(Error::Corrupt {
-            table: "messages",
-            reason: "bodies placed for a different number of messages".into(),
-        });
-    }
+    // `place_bodies` gives one place per message; should a place be missing all the same, that
+    // row keeps its body inline rather than pointing nowhere
+    let place_of = |i: usize| placed.and_then(|all| all.get(i)).copied();
     let mut bodies: Vec<Option<Body<'m>>> = msgs
         .iter_mut()
-        .map(|m| {
+        .enumerate()
+        .map(|(i, m)| {
             // `*m`: a borrowed message's reference is copied out with its full lifetime
             let (raw, text) = match *m {
                 Cow::Borrowed(b) => (
@@ -256,7 +254,7 @@ async fn insert_message_rows<'m>(
                 ),
             };
             // a body in the bodies file leaves `raw` empty (its hash was taken above)
-            let raw = if placed.is_some() { Cow::Borrowed(&b""[..]) } else { raw };
+            let raw = if place_of(i).is_some() { Cow::Borrowed(&b""[..]) } else { raw };
             Some((raw, text))
         })
         .collect();
@@ -292,8 +290,7 @@ async fn insert_message_rows<'m>(
     for chunk in order.chunks(CHUNK) {
         let mut qb = Qb::<Self>::new(insert_into_messages_placed!());
         let rows = chunk.iter().map(|p| {
-            let place = placed.and_then(|all| all.get(p.body)).copied();
-            (*p, bodies[p.body].take().unwrap_or_default(), place)
+            (*p, bodies[p.body].take().unwrap_or_default(), place_of(p.body))
         });
         qb.push_values(rows, |mut b, (p, (raw, text), place)| {
             let (m, c) = (p.msg, &p.cols);

@@ -546,6 +546,13 @@ async fn imap_bodies_live_in_the_bodies_file_and_backups_carry_them_inline() {
             .collect::<Vec<_>>()
     };
     let now = Utc::now();
+    // a cursor-only first commit has nothing to append: the file waits for the first body
+    let empty = store
+        .commit_imap_batch("mail", "INBOX", Vec::new(), &[], &cursor(0), now)
+        .await
+        .unwrap();
+    assert_eq!((empty.inserted, empty.duplicates), (0, 0));
+    assert!(!dir.path().join("q.db-bodies").exists());
     let out = store
         .commit_imap_batch("mail", "INBOX", batch(&raws), &[], &cursor(3), now)
         .await
