@@ -16,26 +16,11 @@ use frontdesk::message::{Message, Origin};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-// The options `frontdesk` sets (src/main.rs says why): freed memory goes back to the OS at once,
-// so a decoded attachment buffer page-faults anew each time, as in `frontdesk sync`.
-const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
-const MI_OPTION_ALLOW_THP: std::ffi::c_int = 43;
-
-unsafe extern "C" {
-    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
-}
-
-extern "C" fn mimalloc_options() {
-    // SAFETY: plain stores into mimalloc's option table, before `main` and any allocation.
-    unsafe {
-        mi_option_set(MI_OPTION_ALLOW_THP, 0);
-        mi_option_set(MI_OPTION_PURGE_DELAY, 0);
-    }
-}
-
+// The options `frontdesk` sets, from the same function: freed memory goes back to the OS at
+// once, so a decoded attachment buffer page-faults anew each time, as in `frontdesk sync`.
 #[used]
 #[unsafe(link_section = ".init_array")]
-static MIMALLOC_OPTIONS: extern "C" fn() = mimalloc_options;
+static MIMALLOC_OPTIONS: extern "C" fn() = frontdesk::mimalloc_options;
 
 const ROUNDS: usize = 5;
 

@@ -14,30 +14,12 @@ use frontdesk::store::{MessageFilter, Store};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-// mimalloc 3.3's option numbers (`mi_option_t` in libmimalloc-sys 0.1.49's v3/include/mimalloc.h,
-// both crates pinned): `mimalloc_options` below is the only user.
-const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
-const MI_OPTION_ALLOW_THP: std::ffi::c_int = 43;
-
-unsafe extern "C" {
-    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
-}
-
-/// Runs before `main` and before any allocation: with transparent huge pages on `madvise` (as on
-/// Debian) mimalloc's defaults took `frontdesk sync`'s peak RSS from 33 to 60 MB against the
-/// IMAP issue's 32 MB budget. No huge pages, and freed memory goes back to the OS at once.
-extern "C" fn mimalloc_options() {
-    // SAFETY: plain stores into mimalloc's option table, done while the process is still
-    // single-threaded (ELF initializers run before `main`).
-    unsafe {
-        mi_option_set(MI_OPTION_ALLOW_THP, 0);
-        mi_option_set(MI_OPTION_PURGE_DELAY, 0);
-    }
-}
-
+/// Sets mimalloc's options (`frontdesk::mimalloc_options` says why) before `main` and before any
+/// allocation. The entry belongs to the binary that chose mimalloc, not to the library: there it
+/// would run in every binary linking it, the tests and fuzz targets among them.
 #[used]
 #[unsafe(link_section = ".init_array")]
-static MIMALLOC_OPTIONS: extern "C" fn() = mimalloc_options;
+static MIMALLOC_OPTIONS: extern "C" fn() = frontdesk::mimalloc_options;
 
 /// EX_CONFIG from sysexits.h: the unit's `RestartPreventExitStatus=78` keeps systemd from looping.
 const EXIT_CONFIG: u8 = 78;

@@ -647,11 +647,16 @@ impl Store {
 
 impl super::backend::SqliteDb {
     /// Appends a batch's raw bytes to the bodies file and makes them durable (`store::bodies`);
-    /// gives the messages back with where each body went. Call with the write lock held.
+    /// gives the messages back with where each body went, one place per message. Call with the
+    /// write lock held.
     async fn place_bodies(
         &self,
         messages: Vec<Message>,
     ) -> Result<(Vec<Message>, Vec<Placed>), Error> {
+        // a cursor-only commit: no thread hand-off, and no bodies file created before it is needed
+        if messages.is_empty() {
+            return Ok((messages, Vec::new()));
+        }
         let bodies = self.bodies.clone();
         let (messages, placed) = tokio::task::spawn_blocking(move || {
             let placed = bodies.append(messages.iter().map(|m| m.raw.as_slice()));
@@ -659,7 +664,15 @@ impl super::backend::SqliteDb {
         })
         .await
         .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)))?;
-        Ok((messages, placed.map_err(sqlx::Error::Io)?))
+        let placed = placed.map_err(sqlx::Error::Io)?;
+        // the one check of this invariant: `insert_message_rows` takes each place by its index
+        if placed.len() != messages.len() {
+            return Err(Error::Corrupt {
+                table: "messages",
+                reason: "bodies placed for a different number of messages".into(),
+            });
+        }
+        Ok((messages, placed))
     }
 }
 
@@ -713,12 +726,6 @@ twin_impl! {
             let places = placed
                 .as_deref()
                 .and_then(|p| p.get(first..first + chunk.len()));
-            if placed.is_some() && places.is_none() {
-                return Err(Error::Corrupt {
-                    table: "messages",
-                    reason: "fewer bodies placed than messages in the batch".into(),
-                });
-            }
             first += chunk.len();
             // moved, not copied: the raw bytes go into the statement's arguments as they are
             let rows = chunk.len() as u64;

@@ -74,23 +74,25 @@ enum Inserted {
 /// The raw bytes and text of one message on their way into a statement.
 type Body<'m> = (Cow<'m, [u8]>, Option<Cow<'m, str>>);
 
-/// `INSERT INTO messages (...) ` with every column, in the order [`MessageColumns`] binds them;
-/// a macro so `concat!` can append the rest of each statement at compile time.
+/// `INSERT INTO messages (...) ` with every column, in the order [`MessageColumns`] binds them,
+/// then any `, column` given; a macro so `concat!` can append the rest of each statement at
+/// compile time.
 macro_rules! insert_into_messages {
-    () => {
-        "INSERT INTO messages (source, origin_key, origin, direction, received_at, sent_at, \
-         from_addr, from_name, to_addrs, subject, body_text, message_id, in_reply_to, refs, \
-         thread_key, automation, parse, parse_reason, raw, raw_sha256, stored_at) "
+    ($($more:literal)?) => {
+        concat!(
+            "INSERT INTO messages (source, origin_key, origin, direction, received_at, sent_at, \
+             from_addr, from_name, to_addrs, subject, body_text, message_id, in_reply_to, refs, \
+             thread_key, automation, parse, parse_reason, raw, raw_sha256, stored_at",
+            $($more,)?
+            ") "
+        )
     };
 }
 
 /// [`insert_into_messages`] with the bodies file's columns (`store::bodies`) after `stored_at`.
 macro_rules! insert_into_messages_placed {
     () => {
-        "INSERT INTO messages (source, origin_key, origin, direction, received_at, sent_at, \
-         from_addr, from_name, to_addrs, subject, body_text, message_id, in_reply_to, refs, \
-         thread_key, automation, parse, parse_reason, raw, raw_sha256, stored_at, body_at, \
-         body_len) "
+        insert_into_messages!(", body_at, body_len")
     };
 }
 
@@ -233,15 +235,13 @@ async fn insert_message_rows<'m>(
         .iter()
         .map(|m| MessageColumns::of(m))
         .collect::<Result<Vec<_>, _>>()?;
-    if placed.is_some_and(|p| p.len() != msgs.len()) {
-        return Err(Error::Corrupt {
-            table: "messages",
-            reason: "bodies placed for a different number of messages".into(),
-        });
-    }
+    // `place_bodies` gives one place per message; should a place be missing all the same, that
+    // row keeps its body inline rather than pointing nowhere
+    let place_of = |i: usize| placed.and_then(|all| all.get(i)).copied();
     let mut bodies: Vec<Option<Body<'m>>> = msgs
         .iter_mut()
-        .map(|m| {
+        .enumerate()
+        .map(|(i, m)| {
             // `*m`: a borrowed message's reference is copied out with its full lifetime
             let (raw, text) = match *m {
                 Cow::Borrowed(b) => (
@@ -254,7 +254,7 @@ async fn insert_message_rows<'m>(
                 ),
             };
             // a body in the bodies file leaves `raw` empty (its hash was taken above)
-            let raw = if placed.is_some() { Cow::Borrowed(&b""[..]) } else { raw };
+            let raw = if place_of(i).is_some() { Cow::Borrowed(&b""[..]) } else { raw };
             Some((raw, text))
         })
         .collect();
@@ -290,8 +290,7 @@ async fn insert_message_rows<'m>(
     for chunk in order.chunks(CHUNK) {
         let mut qb = Qb::<Self>::new(insert_into_messages_placed!());
         let rows = chunk.iter().map(|p| {
-            let place = placed.and_then(|all| all.get(p.body)).copied();
-            (*p, bodies[p.body].take().unwrap_or_default(), place)
+            (*p, bodies[p.body].take().unwrap_or_default(), place_of(p.body))
         });
         qb.push_values(rows, |mut b, (p, (raw, text), place)| {
             let (m, c) = (p.msg, &p.cols);

@@ -506,6 +506,17 @@ async fn a_step_handling_an_already_handled_message_is_a_conflict(store: Store) 
 }
 }
 
+/// The cursor of the IMAP batch tests' folder (UIDVALIDITY 7) after `last_uid`.
+fn cursor_at(last_uid: u32) -> ImapCursor {
+    ImapCursor {
+        uid_validity: 7,
+        last_uid,
+        backfill_floor: 0,
+        backfill_skipped: 0,
+        backfill_cutoff: None,
+    }
+}
+
 /// An IMAP batch commits with `synchronous=NORMAL`; the writer connection every other write uses
 /// must be back at FULL afterwards, and a batch that fails half-way must not leave it at NORMAL.
 #[tokio::test]
@@ -519,13 +530,6 @@ async fn an_imap_batch_leaves_the_writer_at_synchronous_full_even_when_it_fails(
             .unwrap();
         sync
     };
-    let cursor = |last_uid| ImapCursor {
-        uid_validity: 7,
-        last_uid,
-        backfill_floor: 0,
-        backfill_skipped: 0,
-        backfill_cutoff: None,
-    };
     let now = Utc::now();
     let m = |uid| Message {
         origin: Origin::Imap {
@@ -536,7 +540,7 @@ async fn an_imap_batch_leaves_the_writer_at_synchronous_full_even_when_it_fails(
         ..msg("mail", &format!("u{uid}"), "hello")
     };
     let out = store
-        .commit_imap_batch("mail", "INBOX", vec![m(1), m(2)], &[], &cursor(2), now)
+        .commit_imap_batch("mail", "INBOX", vec![m(1), m(2)], &[], &cursor_at(2), now)
         .await
         .unwrap();
     assert_eq!(out.inserted, 2);
@@ -548,7 +552,7 @@ async fn an_imap_batch_leaves_the_writer_at_synchronous_full_even_when_it_fails(
         .await
         .unwrap();
     let failed = store
-        .commit_imap_batch("mail", "INBOX", vec![m(3)], &[], &cursor(3), now)
+        .commit_imap_batch("mail", "INBOX", vec![m(3)], &[], &cursor_at(3), now)
         .await;
     assert!(failed.is_err(), "{failed:?}");
     assert_eq!(
@@ -571,13 +575,6 @@ async fn imap_bodies_live_in_the_bodies_file_and_backups_carry_them_inline() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q.db");
     let store = Store::open(&path).await.unwrap();
-    let cursor = |last_uid| ImapCursor {
-        uid_validity: 7,
-        last_uid,
-        backfill_floor: 0,
-        backfill_skipped: 0,
-        backfill_cutoff: None,
-    };
     let m = |uid: u32, raw: Vec<u8>| Message {
         origin: Origin::Imap {
             folder: "INBOX".into(),
@@ -599,8 +596,15 @@ async fn imap_bodies_live_in_the_bodies_file_and_backups_carry_them_inline() {
             .collect::<Vec<_>>()
     };
     let now = Utc::now();
+    // a cursor-only first commit has nothing to append: the file waits for the first body
+    let empty = store
+        .commit_imap_batch("mail", "INBOX", Vec::new(), &[], &cursor_at(0), now)
+        .await
+        .unwrap();
+    assert_eq!((empty.inserted, empty.duplicates), (0, 0));
+    assert!(!dir.path().join("q.db-bodies").exists());
     let out = store
-        .commit_imap_batch("mail", "INBOX", batch(&raws), &[], &cursor(3), now)
+        .commit_imap_batch("mail", "INBOX", batch(&raws), &[], &cursor_at(3), now)
         .await
         .unwrap();
     assert_eq!(out.inserted, 3);
@@ -633,7 +637,7 @@ async fn imap_bodies_live_in_the_bodies_file_and_backups_carry_them_inline() {
 
     // the same batch again (a re-fetch): no new rows; its bytes are garbage no row points at
     let again = store
-        .commit_imap_batch("mail", "INBOX", batch(&raws), &[], &cursor(3), now)
+        .commit_imap_batch("mail", "INBOX", batch(&raws), &[], &cursor_at(3), now)
         .await
         .unwrap();
     assert_eq!((again.inserted, again.duplicates), (0, 3));
