@@ -462,9 +462,6 @@ impl Drop for LazyFs {
     }
 }
 
-/// A one-connection pool on the SQLite file `db`, as the tests read a daemon's store. Read-only
-/// leaves unsynced writes unsynced; read-write opens as a restarted daemon would (WAL recovery
-/// may write, and the last connection to close checkpoints, which syncs).
 /// (origin JSON, message_id, raw bytes) of every stored message in id order, each body read the
 /// way the on-disk contract says: from `raw`, or from `<db>-bodies` at [body_at, body_at +
 /// body_len) when the row points there. Panics on a body that does not match its SHA-256.
@@ -514,6 +511,9 @@ pub async fn stored_messages(db: &Path) -> Vec<(String, Option<String>, Vec<u8>)
         .collect()
 }
 
+/// A one-connection pool on the SQLite file `db`, as the tests read a daemon's store. Read-only
+/// leaves unsynced writes unsynced; read-write opens as a restarted daemon would (WAL recovery
+/// may write, and the last connection to close checkpoints, which syncs).
 pub async fn open_sqlite(db: &Path, read_only: bool) -> Result<sqlx::SqlitePool, sqlx::Error> {
     sqlx::sqlite::SqlitePoolOptions::new()
         .max_connections(1)
