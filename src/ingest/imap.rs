@@ -910,7 +910,7 @@ impl SourceCtx {
                         .copied()
                         .collect()
                 };
-                let run = self.fetch_run_len(&all[next..], folder, poison);
+                let run = fetch_run_len(&all[next..], &folder.name, poison);
                 if run >= 2 {
                     let run_batches: Vec<(Vec<Listed>, u32, u64)> = all[next..next + run]
                         .iter()
@@ -1261,31 +1261,6 @@ impl SourceCtx {
             next,
             messages_listed: 0,
         })
-    }
-
-    /// How many of `batches` (at least one) the next `UID FETCH` covers: consecutive batches up
-    /// to `FETCH_RUN_BYTES`, none holding a UID that failed before (those go one by one).
-    fn fetch_run_len(
-        &self,
-        batches: &[&[Listed]],
-        folder: &Folder,
-        poison: &PoisonTracker,
-    ) -> usize {
-        let mut bytes = 0u64;
-        let mut n = 0;
-        for b in batches {
-            let size: u64 = b.iter().map(|l| u64::from(l.size)).sum();
-            let clean = b.iter().all(|l| poison.attempts(&folder.name, l.uid) == 0);
-            if n > 0 && (!clean || bytes + size > FETCH_RUN_BYTES) {
-                break;
-            }
-            n += 1;
-            bytes += size;
-            if !clean {
-                break;
-            }
-        }
-        n.max(1)
     }
 
     /// Fetches several batches with ONE `UID FETCH` and hands each to the commit stage as soon as
@@ -1824,6 +1799,27 @@ fn fetched_body(f: &Fetch) -> Option<RawFetched> {
     })
 }
 
+/// How many of `batches` (at least one) the next `UID FETCH` covers: consecutive batches up to
+/// `FETCH_RUN_BYTES`, stopping after a batch with a UID that failed before (`fetch_batch` then
+/// fetches that batch alone, one UID at a time where needed).
+fn fetch_run_len(batches: &[&[Listed]], folder: &str, poison: &PoisonTracker) -> usize {
+    let mut bytes = 0u64;
+    let mut n = 0;
+    for b in batches {
+        let size: u64 = b.iter().map(|l| u64::from(l.size)).sum();
+        let clean = b.iter().all(|l| poison.attempts(folder, l.uid) == 0);
+        if n > 0 && (!clean || bytes + size > FETCH_RUN_BYTES) {
+            break;
+        }
+        n += 1;
+        bytes += size;
+        if !clean {
+            break;
+        }
+    }
+    n.max(1)
+}
+
 /// Splits listed messages into batches of at most `max` messages and about `MAX_BATCH_BYTES`.
 fn batches(listed: &[Listed], max: usize) -> Vec<&[Listed]> {
     let mut out = Vec::new();
@@ -2299,6 +2295,34 @@ mod tests {
             assert_eq!(got.as_deref(), Some(want), "{text:?}");
         }
         assert_eq!(internal_date("yesterday"), None);
+    }
+
+    #[test]
+    fn a_fetch_run_stops_at_its_byte_bound_and_at_a_batch_that_failed_before() {
+        let l = |uid, size| Listed {
+            uid,
+            size,
+            internal_date: None,
+        };
+        let mib = 1024 * 1024;
+        let a = [l(1, mib), l(2, mib)];
+        let b = [l(3, 3 * mib)];
+        let c = [l(4, 4 * mib)];
+        let d = [l(5, 10)];
+        let all: Vec<&[Listed]> = vec![&a, &b, &c, &d];
+        let clean = PoisonTracker::default();
+        // 2 + 3 MiB fit in 8, the next 4 MiB would make 9
+        assert_eq!(fetch_run_len(&all, "INBOX", &clean), 2);
+        assert_eq!(fetch_run_len(&all[2..], "INBOX", &clean), 2);
+        assert_eq!(fetch_run_len(&all[3..], "INBOX", &clean), 1);
+        // a batch bigger than the bound still goes, alone
+        let huge = [l(6, 20 * mib)];
+        assert_eq!(fetch_run_len(&[&huge[..], &d[..]], "INBOX", &clean), 1);
+        let mut failed = PoisonTracker::default();
+        failed.record("INBOX", 3, "cut");
+        assert_eq!(fetch_run_len(&all, "INBOX", &failed), 1, "stops before it");
+        assert_eq!(fetch_run_len(&all[1..], "INBOX", &failed), 1, "alone");
+        assert_eq!(fetch_run_len(&all, "Sent", &failed), 2, "per folder");
     }
 
     #[test]
