@@ -582,6 +582,17 @@ async fn wait_for(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> bo
 
 #[tokio::test]
 async fn star_quirk_uid_gaps_and_an_expunge_between_listing_and_fetch() {
+    star_quirk_case("").await;
+}
+
+/// The same with one message per batch: the pass fetches its batches with one `UID FETCH`
+/// (`stream_run`), and the batch whose UID was expunged is settled after it, in order.
+#[tokio::test]
+async fn an_expunge_inside_one_fetch_of_many_batches_is_settled_in_order() {
+    star_quirk_case("      batch_size: 1\n").await;
+}
+
+async fn star_quirk_case(extra: &str) {
     let fake = FakeImap::start(Script {
         uid_validity: 77,
         messages: mailbox(&[3, 7, 8, 20, 50]),
@@ -589,7 +600,7 @@ async fn star_quirk_uid_gaps_and_an_expunge_between_listing_and_fetch() {
         ..Script::default()
     });
     let dir = tempfile::tempdir().unwrap();
-    let text = config(fake.port, "")
+    let text = config(fake.port, extra)
         .replace("{dir}", dir.path().to_str().unwrap())
         .replace("{port}", "0");
     let cfg = dir.path().join("frontdesk.yaml");
@@ -603,6 +614,16 @@ async fn star_quirk_uid_gaps_and_an_expunge_between_listing_and_fetch() {
 
     let out = sync();
     assert!(out.contains("4 new"), "{out}");
+    if !extra.is_empty() {
+        // one command for the five one-message batches, not one each
+        assert!(
+            fake.commands()
+                .iter()
+                .any(|c| c.starts_with("UID FETCH 3,7:8,20,50 (")),
+            "{:?}",
+            fake.commands()
+        );
+    }
     let rows = stored(&dir.path().join("frontdesk.db")).await;
     let uids: Vec<u32> = rows.iter().map(|r| r.0).collect();
     assert_eq!(uids, [3, 7, 20, 50], "8 was expunged before its FETCH");
@@ -643,13 +664,24 @@ async fn star_quirk_uid_gaps_and_an_expunge_between_listing_and_fetch() {
 
 #[tokio::test]
 async fn a_cut_literal_is_retried_and_a_message_that_keeps_failing_is_quarantined() {
+    cut_literal_case("").await;
+}
+
+/// The same with one message per batch, so the first attempt is one `UID FETCH` for all of
+/// them (`stream_run`): the cut counts against the UIDs that had not arrived.
+#[tokio::test]
+async fn a_cut_literal_inside_one_fetch_of_many_batches_is_quarantined_alone() {
+    cut_literal_case("      batch_size: 1\n").await;
+}
+
+async fn cut_literal_case(extra: &str) {
     let fake = FakeImap::start(Script {
         uid_validity: 5,
         messages: mailbox(&[1, 2, 3, 4]),
         cut_literal: [(2, 1), (3, u32::MAX)].into(),
         ..Script::default()
     });
-    let d = TestDaemon::start(&config(fake.port, ""));
+    let d = TestDaemon::start(&config(fake.port, extra));
     wait_for("quarantine", Duration::from_secs(30), async || {
         stored(&d.db()).await.len() == 3
     })
