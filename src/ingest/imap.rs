@@ -822,7 +822,8 @@ impl SourceCtx {
 
     /// Syncs one folder: first-run backfill, UIDVALIDITY reconciliation, then new UIDs in batches.
     ///
-    /// The folder's lease is checked before the folder is opened and before each fetch batch;
+    /// The folder's lease is checked before the folder is opened and before each batch is fetched
+    /// or, in a run fetched by one command, handed to the commit;
     /// once it is lost the pass stops (`lease_lost`), since another replica may now hold it.
     pub async fn sync_folder(
         &self,
@@ -920,6 +921,7 @@ impl SourceCtx {
                     let streamed = self
                         .stream_run(
                             session,
+                            lease,
                             folder,
                             uid_validity,
                             run_batches,
@@ -933,6 +935,9 @@ impl SourceCtx {
                     if let Err(e) = streamed {
                         pipe.settle(folder, &mut report, progress).await?;
                         return Err(e);
+                    }
+                    if report.lease_lost {
+                        break;
                     }
                     continue;
                 }
@@ -1271,10 +1276,16 @@ impl SourceCtx {
     /// `run` holds per batch: the UIDs to fetch, the batch's last listed UID (its cursor) and how
     /// many listed UIDs it covers. A batch whose UIDs do not all arrive is settled after the
     /// FETCH ends, the way `fetch_batch` settles a group (`check_unanswered`).
+    ///
+    /// The folder's lease is checked before each batch is handed over, as `sync_folder` checks
+    /// it before each batch it fetches alone. Once it is lost nothing more is committed: the rest
+    /// of the response is read and dropped (the session stays usable for the other folders) and
+    /// `report.lease_lost` is set.
     #[allow(clippy::too_many_arguments)]
     async fn stream_run(
         &self,
         session: &mut Session,
+        lease: &mut Lease,
         folder: &Folder,
         uid_validity: u32,
         run: Vec<(Vec<Listed>, u32, u64)>,
@@ -1329,10 +1340,16 @@ impl SourceCtx {
         }
         let mut answered: HashSet<u32> = HashSet::new();
         let mut ready = 0;
-        // hands over every batch at the front whose messages are all in, in order
+        // hands over every batch at the front whose messages are all in, in order, while the
+        // lease holds
         macro_rules! hand_off_ready {
             () => {
-                while ready < pending.len() && pending[ready].outstanding == 0 {
+                while !report.lease_lost && ready < pending.len() && pending[ready].outstanding == 0
+                {
+                    if lease.check().await.is_err() {
+                        report.lease_lost = true;
+                        break;
+                    }
                     let p = &mut pending[ready];
                     let mut fetched = std::mem::replace(
                         &mut p.fetched,
@@ -1382,6 +1399,9 @@ impl SourceCtx {
                     let Some(&i) = batch_of.get(&raw.uid) else {
                         continue;
                     };
+                    if report.lease_lost {
+                        continue; // read to the end, committed by the lease's next holder
+                    }
                     if !answered.insert(raw.uid) {
                         continue;
                     }
@@ -1421,7 +1441,7 @@ impl SourceCtx {
             }
         }
         // the FETCH is over: what did not arrive is settled batch by batch, in order
-        while ready < pending.len() {
+        while !report.lease_lost && ready < pending.len() {
             let missing: Vec<u32> = pending[ready]
                 .wanted
                 .iter()
