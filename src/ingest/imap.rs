@@ -740,6 +740,9 @@ pub struct FolderReport {
     pub uid_validity_changed: bool,
     /// The folder's lease was lost during the pass, which then stopped.
     pub lease_lost: bool,
+    /// The folder's UIDVALIDITY as this pass's EXAMINE found it (`None`: the pass stopped
+    /// before opening the folder).
+    pub uid_validity: Option<u32>,
 }
 
 /// Failure counts per (folder, UID) across reconnects: how poison messages are found. The
@@ -850,6 +853,7 @@ impl SourceCtx {
             what: "examine",
             reason: format!("folder {} has no UIDVALIDITY", folder.name),
         })?;
+        report.uid_validity = Some(uid_validity);
         let stored = self.store.imap_cursor(&self.name, &folder.name).await?;
         // a first run and a UIDVALIDITY change commit a cursor before any batch
         let mut wrote = stored.is_none_or(|c| c.uid_validity != uid_validity);
@@ -1642,21 +1646,33 @@ impl SourceCtx {
     /// Compares the folder on the server with the store and saves the figures: UIDs above the
     /// backfill floor and up to the cursor that are neither stored nor accounted for are
     /// unaccounted (must be 0). UIDs above the cursor are pending, not lost.
+    ///
+    /// `selected`: the folder is the session's selected mailbox, opened by this session's pass
+    /// with that UIDVALIDITY (which cannot change while it stays selected), so it is not
+    /// examined again. Selecting it anew after a pass that fetched new mail made Dovecot write
+    /// its index first: 14-18 ms of a ~100 ms incremental `frontdesk sync`.
     pub async fn reconcile(
         &self,
         session: &mut Session,
         folder: &Folder,
+        selected: Option<u32>,
     ) -> Result<Option<u64>, ImapError> {
         let t = self.cfg.timeout;
-        let mailbox = session
-            .examine(&folder.name)
-            .await
-            .map_err(protocol("examine", t))?;
-        // async-imap ends EXAMINE quietly too when the connection closes: no UIDVALIDITY then
-        let uid_validity = mailbox.uid_validity.ok_or(ImapError::Protocol {
-            what: "examine",
-            reason: format!("folder {} has no UIDVALIDITY", folder.name),
-        })?;
+        let uid_validity = match selected {
+            Some(v) => v,
+            None => {
+                let mailbox = session
+                    .examine(&folder.name)
+                    .await
+                    .map_err(protocol("examine", t))?;
+                // async-imap ends EXAMINE quietly too when the connection closes: no
+                // UIDVALIDITY then
+                mailbox.uid_validity.ok_or(ImapError::Protocol {
+                    what: "examine",
+                    reason: format!("folder {} has no UIDVALIDITY", folder.name),
+                })?
+            }
+        };
         let Some(cursor) = self.store.imap_cursor(&self.name, &folder.name).await? else {
             return Ok(None);
         };
@@ -1876,10 +1892,20 @@ pub async fn sync_once(
         let reports = ctx
             .sync_folders(&mut session, &mut leases, poison, progress)
             .await?;
-        for folder in &ctx.cfg.folders {
-            if leases.is_held(&folder.name) {
-                ctx.reconcile(&mut session, folder).await?;
-            }
+        // the folder the pass opened last is still selected: reconciled first, as it is
+        let selected = reports
+            .iter()
+            .rev()
+            .find_map(|r| Some((r.folder.as_str(), r.uid_validity?)));
+        let held = ctx.cfg.folders.iter().filter(|f| leases.is_held(&f.name));
+        let (open, others): (Vec<&Folder>, Vec<&Folder>) =
+            held.partition(|f| selected.is_some_and(|(name, _)| name == f.name));
+        for folder in open {
+            ctx.reconcile(&mut session, folder, selected.map(|(_, v)| v))
+                .await?;
+        }
+        for folder in others {
+            ctx.reconcile(&mut session, folder, None).await?;
         }
         let _ = session.logout().await;
         Ok(reports)
@@ -1894,7 +1920,7 @@ pub async fn sync_once(
 pub async fn reconcile_source(ctx: &SourceCtx) -> Result<(), ImapError> {
     let (mut session, _) = connect(&ctx.name, &ctx.cfg).await?;
     for folder in &ctx.cfg.folders {
-        ctx.reconcile(&mut session, folder).await?;
+        ctx.reconcile(&mut session, folder, None).await?;
     }
     let _ = session.logout().await;
     Ok(())
@@ -2132,7 +2158,7 @@ async fn watch(
         if last_reconcile.is_none_or(|at| at.elapsed() >= RECONCILE_EVERY) {
             for folder in &ctx.cfg.folders {
                 if leases.is_held(&folder.name) {
-                    ctx.reconcile(&mut session, folder).await?;
+                    ctx.reconcile(&mut session, folder, None).await?;
                 }
             }
             last_reconcile = Some(tokio::time::Instant::now());

@@ -843,6 +843,44 @@ async fn ints(db: &std::path::Path, sql: &'static str) -> Vec<Option<i64>> {
     rows.into_iter().map(|r| r.0).collect()
 }
 
+/// A `sync` pass reconciles the folder it still has selected without opening it again (Dovecot
+/// writes a folder's index before selecting it anew after new mail: ~15 ms of a ~100 ms pass).
+#[tokio::test]
+async fn a_sync_pass_reconciles_its_open_folder_without_examining_it_again() {
+    let fake = FakeImap::start(Script {
+        uid_validity: 4,
+        messages: mailbox(&[1, 2, 3]),
+        ..Script::default()
+    });
+    let (_dir, cfg) = sync_setup(fake.port, "");
+    let (code, out, err) = run_sync(&cfg);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("3 new"), "{out}");
+    let commands = fake.commands();
+    let examines = commands
+        .iter()
+        .filter(|c| c.to_ascii_uppercase().starts_with("EXAMINE"))
+        .count();
+    assert_eq!(examines, 1, "{commands:?}");
+    // the reconcile's SEARCH came after the pass's fetch, on the same selection
+    let fetch = commands
+        .iter()
+        .position(|c| c.starts_with("UID FETCH") && c.contains("BODY.PEEK"));
+    let search = commands
+        .iter()
+        .rposition(|c| c.starts_with("UID SEARCH ALL"));
+    assert!(
+        matches!((fetch, search), (Some(f), Some(s)) if s > f),
+        "{commands:?}"
+    );
+    let l = ledger(&cfg);
+    assert_eq!(
+        (l["server_messages"].as_u64(), l["unaccounted"].as_u64()),
+        (Some(3), Some(0)),
+        "{l}"
+    );
+}
+
 #[tokio::test]
 async fn a_search_cut_by_a_closed_connection_records_no_figures() {
     let fake = FakeImap::start(Script {
