@@ -61,9 +61,10 @@ const IDLE_SILENCE: Duration = Duration::from_secs(5 * 60);
 /// under load: one more fsync'd commit per MiB).
 const MAX_BATCH_BYTES: u64 = 1024 * 1024;
 /// One `UID FETCH` covers consecutive batches up to this many bytes (`stream_run`): Dovecot
-/// then streams them without a round trip per batch. 8 MiB commands took bench/imap.sh's sync
-/// from 1.90-3.03 s to 1.49-1.86 s with 1 MiB commit batches kept; memory grows past two batches
-/// only while a batch waits for a UID that has not arrived (at most this much).
+/// then streams them without a round trip per batch. On the bench's 10,000 messages, alternating
+/// syncs took a median 1.62 s with 8 MiB runs, 1.67 s with 4 MiB, 1.77 s with a command per
+/// 1 MiB batch, peak RSS 31.1 MB against 30.5. Memory grows past two batches only while a batch
+/// waits for a UID that has not arrived (at most this much).
 const FETCH_RUN_BYTES: u64 = 8 * 1024 * 1024;
 /// A UID that failed this many times on its own is quarantined.
 const POISON_ATTEMPTS: u32 = 3;
