@@ -1183,27 +1183,7 @@ impl SourceCtx {
         poison: &mut PoisonTracker,
     ) -> Result<Fetched, ImapError> {
         let t = self.cfg.timeout;
-        let mut accounted = Vec::new();
-        let mut wanted = Vec::new();
-        for l in todo {
-            if u64::from(l.size) > self.cfg.max_message_size {
-                accounted.push(AccountedUid {
-                    uid: l.uid,
-                    kind: AccountedKind::Quarantined,
-                    detail: format!("too large: {} bytes", l.size),
-                    raw: None,
-                });
-            } else if poison.attempts(&folder.name, l.uid) >= POISON_ATTEMPTS {
-                accounted.push(AccountedUid {
-                    uid: l.uid,
-                    kind: AccountedKind::Quarantined,
-                    detail: poison.last_error(&folder.name, l.uid),
-                    raw: None,
-                });
-            } else {
-                wanted.push(l.uid);
-            }
-        }
+        let (wanted, mut accounted) = self.fetchable(folder, todo, poison);
         // a batch that failed before is fetched one UID at a time, so the culprit is found
         let suspicious = wanted.iter().any(|u| poison.attempts(&folder.name, *u) > 0);
         let groups: Vec<Vec<u32>> = if suspicious {
@@ -1313,21 +1293,8 @@ impl SourceCtx {
         let mut batch_of: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
         let mut all_wanted = Vec::new();
         for (todo, last, listed) in run {
-            let mut accounted = Vec::new();
-            let mut wanted = Vec::new();
-            for l in &todo {
-                if u64::from(l.size) > self.cfg.max_message_size {
-                    accounted.push(AccountedUid {
-                        uid: l.uid,
-                        kind: AccountedKind::Quarantined,
-                        detail: format!("too large: {} bytes", l.size),
-                        raw: None,
-                    });
-                } else {
-                    batch_of.insert(l.uid, pending.len());
-                    wanted.push(l.uid);
-                }
-            }
+            let (wanted, accounted) = self.fetchable(folder, &todo, poison);
+            batch_of.extend(wanted.iter().map(|u| (*u, pending.len())));
             all_wanted.extend_from_slice(&wanted);
             pending.push(Pending {
                 outstanding: wanted.len(),
@@ -1531,6 +1498,35 @@ impl SourceCtx {
             return Err(err);
         }
         Ok(())
+    }
+
+    /// Splits `todo` into the UIDs to fetch and those quarantined without a fetch: too large, or
+    /// failed `POISON_ATTEMPTS` times already.
+    fn fetchable(
+        &self,
+        folder: &Folder,
+        todo: &[Listed],
+        poison: &PoisonTracker,
+    ) -> (Vec<u32>, Vec<AccountedUid>) {
+        let mut wanted = Vec::new();
+        let mut accounted = Vec::new();
+        for l in todo {
+            let detail = if u64::from(l.size) > self.cfg.max_message_size {
+                format!("too large: {} bytes", l.size)
+            } else if poison.attempts(&folder.name, l.uid) >= POISON_ATTEMPTS {
+                poison.last_error(&folder.name, l.uid)
+            } else {
+                wanted.push(l.uid);
+                continue;
+            };
+            accounted.push(AccountedUid {
+                uid: l.uid,
+                kind: AccountedKind::Quarantined,
+                detail,
+                raw: None,
+            });
+        }
+        (wanted, accounted)
     }
 
     /// Counts a failed fetch of `uids`, in memory and in the store (so `sync` runs add up).

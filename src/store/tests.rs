@@ -353,9 +353,9 @@ async fn read_side_queries_run_and_agree(store: Store) {
     assert_eq!(store.alert_oldest_pending().await.unwrap(), Some(now));
 }
 
-/// A folder's known UIDs are exactly its own rows' (`folder_uids` scans the keys in SQL): folder
-/// names with `:`, a line feed or multi-byte characters in them, a folder whose name starts another's, another UIDVALIDITY, another
-/// source and the accounted UIDs do not mix.
+/// A folder's known UIDs are exactly its own rows' (`folder_uids` reads the keys aggregated):
+/// folder names with `:`, a comma, a line feed or multi-byte characters in them, a folder whose
+/// name starts another's, another UIDVALIDITY and another source do not mix.
 async fn known_uids_are_the_folders_own(store: Store) {
     let now = Utc::now();
     let rows: &[(&str, &str, u32, u32)] = &[
