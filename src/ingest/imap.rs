@@ -13,7 +13,7 @@
 //! TLS, `imap_guard` refuses literals over `max_message_size` before async-imap buffers them and
 //! times out a server that drips data too slowly for the per-read timeout to notice.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,7 +26,7 @@ use rand::Rng;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 use tokio_io_timeout::TimeoutStream;
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
@@ -828,7 +828,8 @@ impl SourceCtx {
     ///
     /// The folder's lease is checked before the folder is opened and before each batch is fetched
     /// or, in a run fetched by one command, handed to the commit;
-    /// once it is lost the pass stops (`lease_lost`), since another replica may now hold it.
+    /// once it is lost the pass stops (`lease_lost`), since another replica may now hold it (the
+    /// batches already handed over, at most `CommitPipeline::DEPTH`, still commit).
     pub async fn sync_folder(
         &self,
         session: &mut Session,
@@ -895,12 +896,7 @@ impl SourceCtx {
                     .imap_accounted_above(&self.name, &folder.name, uid_validity, cursor.last_uid)
                     .await?
             };
-            let mut pipe = CommitPipeline {
-                inflight: None,
-                done: 0,
-                total: listed.len() as u64,
-                started: std::time::Instant::now(),
-            };
+            let mut pipe = CommitPipeline::new(listed.len() as u64);
             pipe.report_progress(folder, progress);
             let all = batches(&listed, self.cfg.batch_size.max(1) as usize);
             let mut next = 0;
@@ -1591,6 +1587,8 @@ impl SourceCtx {
         &self,
         folder: &Folder,
         fetched: Fetched,
+        after: Option<oneshot::Receiver<bool>>,
+        committed: oneshot::Sender<bool>,
     ) -> Result<BatchCounts, ImapError> {
         let Fetched {
             messages,
@@ -1600,20 +1598,36 @@ impl SourceCtx {
         } = fetched;
         let started = std::time::Instant::now();
         let stored = messages.len();
+        // overlaps the previous batch's commit
+        let staged = self.store.stage_imap_batch(messages).await;
+        let stage_ms = started.elapsed().as_millis() as u64;
+        // a predecessor that failed (or whose task died) drops its sender: false
+        if let Some(after) = after
+            && !after.await.unwrap_or(false)
+        {
+            return Err(ImapError::Protocol {
+                what: "commit",
+                reason: "an earlier batch of the folder did not commit".into(),
+            });
+        }
+        let started = std::time::Instant::now();
         let out = self
             .store
-            .commit_imap_batch(
+            .commit_staged_imap_batch(
                 &self.name,
                 &folder.name,
-                messages,
+                staged?,
                 &accounted,
                 &next,
                 Utc::now(),
             )
             .await?;
+        // a receiver gone (its pass ended early) has nothing to wait for
+        let _ = committed.send(true);
         debug!(
             folder = %folder.name,
             messages = stored,
+            stage_ms,
             store_ms = started.elapsed().as_millis() as u64,
             "batch committed"
         );
@@ -1731,10 +1745,15 @@ struct BatchCounts {
     messages: u64,
 }
 
-/// The commit stage of a folder's pass: fetching batch N+1 overlaps committing batch N, at most
-/// one commit is in flight, and batches commit in order (each carries its own cursor).
+/// The commit stages of a folder's pass: while batch N's rows commit, batch N+1 stages its bodies
+/// (`Store::stage_imap_batch`) and batch N+2 is fetched. At most two batches are in flight, and
+/// their rows commit in order: each carries the cursor past it, so a batch whose predecessor did
+/// not commit does not commit either.
 struct CommitPipeline {
-    inflight: Option<tokio::task::JoinHandle<Result<BatchCounts, ImapError>>>,
+    /// The batches handed over and not yet counted, oldest first.
+    inflight: VecDeque<tokio::task::JoinHandle<Result<BatchCounts, ImapError>>>,
+    /// Told whether the newest batch handed over committed its rows (the next one waits for it).
+    committed: Option<oneshot::Receiver<bool>>,
     /// Listed UIDs handled so far, and in all (progress).
     done: u64,
     total: u64,
@@ -1743,6 +1762,20 @@ struct CommitPipeline {
 }
 
 impl CommitPipeline {
+    /// Batches in flight at most: one committing its rows, one staging its bodies.
+    const DEPTH: usize = 2;
+
+    /// An empty pipeline for `total` listed UIDs.
+    fn new(total: u64) -> CommitPipeline {
+        CommitPipeline {
+            inflight: VecDeque::new(),
+            committed: None,
+            done: 0,
+            total,
+            started: std::time::Instant::now(),
+        }
+    }
+
     fn report_progress(&self, folder: &Folder, progress: &mut (dyn FnMut(Progress) + Send)) {
         progress(Progress {
             folder: folder.name.clone(),
@@ -1751,14 +1784,31 @@ impl CommitPipeline {
         });
     }
 
-    /// Waits for the commit in flight, if any, and counts it.
+    /// Waits for every batch in flight and counts the ones that committed; the first error wins
+    /// (a later batch's is only that its predecessor failed).
     async fn settle(
         &mut self,
         folder: &Folder,
         report: &mut FolderReport,
         progress: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<(), ImapError> {
-        let Some(h) = self.inflight.take() else {
+        let mut first_err = None;
+        while !self.inflight.is_empty() {
+            if let Err(e) = self.settle_oldest(folder, report, progress).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Waits for the oldest batch in flight, if any, and counts it.
+    async fn settle_oldest(
+        &mut self,
+        folder: &Folder,
+        report: &mut FolderReport,
+        progress: &mut (dyn FnMut(Progress) + Send),
+    ) -> Result<(), ImapError> {
+        let Some(h) = self.inflight.pop_front() else {
             return Ok(());
         };
         let c = join_commit(h).await?;
@@ -1770,7 +1820,7 @@ impl CommitPipeline {
         Ok(())
     }
 
-    /// Starts committing a fetched batch once the previous one is committed.
+    /// Starts committing a fetched batch once there is room in the pipeline.
     async fn hand_over(
         &mut self,
         ctx: &SourceCtx,
@@ -1780,7 +1830,13 @@ impl CommitPipeline {
         progress: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<(), ImapError> {
         let fetch_ms = self.started.elapsed().as_millis() as u64;
-        self.settle(folder, report, progress).await?;
+        while self.inflight.len() >= Self::DEPTH {
+            if let Err(e) = self.settle_oldest(folder, report, progress).await {
+                // nothing after a failed batch commits: the rest is waited for, then the error
+                let _ = self.settle(folder, report, progress).await;
+                return Err(e);
+            }
+        }
         debug!(
             folder = %folder.name,
             messages = fetched.messages_listed,
@@ -1790,9 +1846,12 @@ impl CommitPipeline {
         );
         let me = ctx.clone();
         let f = folder.clone();
-        self.inflight = Some(tokio::spawn(
-            async move { me.commit_fetched(&f, fetched).await },
-        ));
+        let after = self.committed.take();
+        let (committed, next_waits) = oneshot::channel();
+        self.committed = Some(next_waits);
+        self.inflight.push_back(tokio::spawn(async move {
+            me.commit_fetched(&f, fetched, after, committed).await
+        }));
         self.started = std::time::Instant::now();
         Ok(())
     }

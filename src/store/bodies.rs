@@ -9,9 +9,10 @@
 //! The ordering that keeps "nothing lost": the appended bytes are fdatasync'd before the
 //! transaction that points at them commits, so no committed row, durable or not, can point at
 //! bytes a power loss could take. Bytes whose transaction was lost stay behind as garbage: never
-//! read, never pointed at. Appends happen while the SQLite write lock is held (after the batch's
-//! first write statement), so two processes on one database (`frontdesk run` and a `frontdesk
-//! sync`) never append at the same offset.
+//! read, never pointed at. Appends take an exclusive `flock` of the file, so two processes on one
+//! database (`frontdesk run` and a `frontdesk sync`) never append at the same offset; not SQLite's
+//! write lock, so that one batch's bodies are appended and synced while the previous batch's rows
+//! commit (`Store::stage_imap_batch`).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -83,28 +84,43 @@ impl BodyFile {
     }
 
     /// Appends `bodies` at the file's end and makes them durable; returns where each one is.
-    /// Blocking: call from a blocking thread, with the database's write lock held.
+    /// Blocking: call from a blocking thread.
     pub(crate) fn append<'b>(
         &self,
         bodies: impl IntoIterator<Item = &'b [u8]>,
     ) -> io::Result<Vec<Placed>> {
         self.with_file(|file| {
-            // The end as it is now, not as this process last left it: another process may have
-            // appended since (each under the write lock this caller holds now). A torn append of
-            // a crashed process stays as garbage before it.
-            let mut at = file.metadata()?.len();
-            let mut placed = Vec::new();
-            for body in bodies {
-                file.write_all_at(body, at)?;
-                let len = body.len() as u64;
-                placed.push(Placed { at, len });
-                at += len;
-            }
-            if !placed.is_empty() {
-                file.sync_data()?;
-            }
+            // this process's appends are serialized by `open`'s mutex, other processes' by the
+            // flock (released by the kernel should this one die holding it)
+            file.lock()?;
+            let placed = Self::append_locked(file, bodies);
+            let unlocked = file.unlock();
+            let placed = placed?;
+            unlocked?;
             Ok(placed)
         })
+    }
+
+    /// [`BodyFile::append`] with the file's lock held.
+    fn append_locked<'b>(
+        file: &File,
+        bodies: impl IntoIterator<Item = &'b [u8]>,
+    ) -> io::Result<Vec<Placed>> {
+        // The end as it is now, not as this process last left it: another process may have
+        // appended since (each under the lock this caller holds now). A torn append of a
+        // crashed process stays as garbage before it.
+        let mut at = file.metadata()?.len();
+        let mut placed = Vec::new();
+        for body in bodies {
+            file.write_all_at(body, at)?;
+            let len = body.len() as u64;
+            placed.push(Placed { at, len });
+            at += len;
+        }
+        if !placed.is_empty() {
+            file.sync_data()?;
+        }
+        Ok(placed)
     }
 
     /// Reads the body at `place`. Blocking.
@@ -149,5 +165,42 @@ mod tests {
         assert_eq!(other.read(first[0]).unwrap(), b"hello");
         // a place past the end is an error, not short or zeroed bytes
         assert!(bodies.read(Placed { at: 20, len: 10 }).is_err());
+    }
+
+    #[test]
+    fn appends_of_other_processes_never_overlap() {
+        // each handle is its own open file, as another process's would be: only the flock keeps
+        // them from reading the same end and writing over each other
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("x.db");
+        let threads: Vec<_> = (0..3u8)
+            .map(|t| {
+                let handle = BodyFile::beside(&db);
+                std::thread::spawn(move || {
+                    let mut mine = Vec::new();
+                    for i in 0..60u8 {
+                        let bodies: Vec<Vec<u8>> = (0..4u8)
+                            .map(|k| vec![t * 64 + (i % 16) * 4 + k; 100 + usize::from(k)])
+                            .collect();
+                        let placed = handle.append(bodies.iter().map(Vec::as_slice)).unwrap();
+                        mine.extend(placed.into_iter().zip(bodies));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        let all: Vec<(Placed, Vec<u8>)> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        let reader = BodyFile::beside(&db);
+        let mut spans: Vec<(u64, u64)> = all.iter().map(|(p, _)| (p.at, p.at + p.len)).collect();
+        spans.sort_unstable();
+        for w in spans.windows(2) {
+            assert!(w[0].1 <= w[1].0, "overlapping appends: {w:?}");
+        }
+        for (place, body) in &all {
+            assert_eq!(&reader.read(*place).unwrap(), body);
+        }
     }
 }

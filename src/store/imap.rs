@@ -6,10 +6,11 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use sqlx::Row;
 
 use super::backend::Driver;
-use super::bodies::Placed;
+use super::messages::StagedBody;
 use super::wal_sync::WalFile;
 use super::{Backend, Error, Store, Tx, from_ms, to_ms};
 
@@ -220,14 +221,7 @@ impl Store {
     }
 
     /// Stores a batch, the UIDs accounted for without a row and the new cursor in ONE transaction:
-    /// after a crash either all of it is there or none of it, so the cursor never runs ahead.
-    ///
-    /// On SQLite the commit is atomic but not yet durable (see `UnsyncedWriter`): a batch's only
-    /// acknowledgement is its own cursor, so a power loss can at worst make the folder's last
-    /// batches be fetched again. [`Store::make_durable`] ends a pass, and the checkpointer syncs
-    /// the WAL before it copies any of it. The fsync per batch (two per batch with the checkpoints,
-    /// 0.65 s in all under strace for 10,000 messages) held up the sync's store stage, its
-    /// bottleneck (bench/README.md).
+    /// [`Store::stage_imap_batch`] then [`Store::commit_staged_imap_batch`].
     pub async fn commit_imap_batch(
         &self,
         source: &str,
@@ -237,11 +231,59 @@ impl Store {
         cursor: &ImapCursor,
         now: DateTime<Utc>,
     ) -> Result<BatchOutcome, Error> {
+        let staged = self.stage_imap_batch(messages).await?;
+        self.commit_staged_imap_batch(source, folder, staged, accounted, cursor, now)
+            .await
+    }
+
+    /// Readies a fetched batch for its commit without taking the database's write lock, so that
+    /// it can overlap the previous batch's commit: every body is hashed and, on SQLite, appended
+    /// to the bodies file and made durable (`store::bodies`), its raw bytes then freed.
+    pub async fn stage_imap_batch(&self, messages: Vec<Message>) -> Result<StagedBatch, Error> {
+        // a cursor-only commit: no thread hand-off, and no bodies file created before it is needed
+        if messages.is_empty() {
+            return Ok(StagedBatch { items: Vec::new() });
+        }
+        let items = match &self.backend {
+            Backend::Sqlite(db) => db.place_bodies(messages).await?,
+            Backend::Postgres(_) => tokio::task::spawn_blocking(move || {
+                let shas: Vec<[u8; 32]> = messages.iter().map(|m| sha256(&m.raw)).collect();
+                messages
+                    .into_iter()
+                    .zip(shas)
+                    .map(|(m, sha)| (m, StagedBody { sha, place: None }))
+                    .collect()
+            })
+            .await
+            .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)))?,
+        };
+        Ok(StagedBatch { items })
+    }
+
+    /// Commits a staged batch, the UIDs accounted for without a row and the new cursor in ONE
+    /// transaction: after a crash either all of it is there or none of it, so the cursor never
+    /// runs ahead. Batches of one folder must commit in the order they were fetched.
+    ///
+    /// On SQLite the commit is atomic but not yet durable (see `UnsyncedWriter`): a batch's only
+    /// acknowledgement is its own cursor, so a power loss can at worst make the folder's last
+    /// batches be fetched again. [`Store::make_durable`] ends a pass, and the checkpointer syncs
+    /// the WAL before it copies any of it. The fsync per batch (two per batch with the checkpoints,
+    /// 0.65 s in all under strace for 10,000 messages) held up the sync's store stage, its
+    /// bottleneck (bench/README.md). The bodies the rows point at were made durable when the batch
+    /// was staged, before this transaction began.
+    pub async fn commit_staged_imap_batch(
+        &self,
+        source: &str,
+        folder: &str,
+        staged: StagedBatch,
+        accounted: &[AccountedUid],
+        cursor: &ImapCursor,
+        now: DateTime<Utc>,
+    ) -> Result<BatchOutcome, Error> {
         let batch = BatchWrite {
             source,
             folder,
-            messages,
-            placed: None,
+            messages: staged.items,
             accounted,
             cursor,
             now,
@@ -249,15 +291,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(db) => {
                 let mut writer = db.unsynced_writer().await?;
-                // BEGIN IMMEDIATE: the write lock is held from here, so the append below cannot
-                // interleave with another process's (`store::bodies`)
                 let mut tx = writer.begin().await?;
-                let (messages, placed) = db.place_bodies(batch.messages).await?;
-                let batch = BatchWrite {
-                    messages,
-                    placed: Some(placed),
-                    ..batch
-                };
                 let out = db.write_imap_batch(&mut tx, batch).await?;
                 tx.commit().await?;
                 writer.restore().await?;
@@ -646,43 +680,67 @@ impl Store {
 }
 
 impl super::backend::SqliteDb {
-    /// Appends a batch's raw bytes to the bodies file and makes them durable (`store::bodies`);
-    /// gives the messages back with where each body went, one place per message. Call with the
-    /// write lock held.
+    /// Hashes a batch's bodies, appends them to the bodies file and makes them durable
+    /// (`store::bodies`); gives each message back, its raw bytes freed, with its hash and where its
+    /// body went.
     async fn place_bodies(
         &self,
         messages: Vec<Message>,
-    ) -> Result<(Vec<Message>, Vec<Placed>), Error> {
-        // a cursor-only commit: no thread hand-off, and no bodies file created before it is needed
-        if messages.is_empty() {
-            return Ok((messages, Vec::new()));
-        }
+    ) -> Result<Vec<(Message, StagedBody)>, Error> {
         let bodies = self.bodies.clone();
-        let (messages, placed) = tokio::task::spawn_blocking(move || {
+        let joined = tokio::task::spawn_blocking(move || {
+            // hashed before the append, outside the bodies file's lock
+            let shas: Vec<[u8; 32]> = messages.iter().map(|m| sha256(&m.raw)).collect();
             let placed = bodies.append(messages.iter().map(|m| m.raw.as_slice()));
-            (messages, placed)
+            (messages, shas, placed)
         })
         .await
         .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)))?;
+        let (messages, shas, placed) = joined;
         let placed = placed.map_err(sqlx::Error::Io)?;
-        // the one check of this invariant: `insert_message_rows` takes each place by its index
+        // checked before any raw bytes are let go: each message must keep its place
         if placed.len() != messages.len() {
             return Err(Error::Corrupt {
                 table: "messages",
                 reason: "bodies placed for a different number of messages".into(),
             });
         }
-        Ok((messages, placed))
+        Ok(messages
+            .into_iter()
+            .zip(shas)
+            .zip(placed)
+            .map(|((mut m, sha), place)| {
+                // the bytes are durable in the bodies file: the batch holds only its rows now
+                m.raw = Vec::new();
+                (
+                    m,
+                    StagedBody {
+                        sha,
+                        place: Some(place),
+                    },
+                )
+            })
+            .collect())
     }
+}
+
+/// A fetched batch made ready for its commit (`Store::stage_imap_batch`).
+#[derive(Debug)]
+pub struct StagedBatch {
+    items: Vec<(Message, StagedBody)>,
+}
+
+/// SHA-256 of a body.
+fn sha256(raw: &[u8]) -> [u8; 32] {
+    Sha256::digest(raw).into()
 }
 
 /// What one [`Store::commit_imap_batch`] writes, handed to whichever backend's transaction.
 struct BatchWrite<'a> {
     source: &'a str,
     folder: &'a str,
-    messages: Vec<Message>,
-    /// Where each message's raw bytes were appended (SQLite's bodies file), if they were.
-    placed: Option<Vec<Placed>>,
+    /// Each message with its staged body.
+    messages: Vec<(Message, StagedBody)>,
     accounted: &'a [AccountedUid],
     cursor: &'a ImapCursor,
     now: DateTime<Utc>,
@@ -699,37 +757,32 @@ twin_impl! {
             source,
             folder,
             messages,
-            placed,
             accounted,
             cursor,
             now,
         } = batch;
         // A few multi-row INSERTs per batch instead of one per message (each statement is a round
-        // trip to sqlx's SQLite thread), each cut at ROWS or BYTES of raw mail: SQLite copies a
-        // statement's arguments, so its size is memory held twice. Each chunk is dropped once
+        // trip to sqlx's SQLite thread), each cut at ROWS or BYTES of raw mail still in the rows
+        // (PostgreSQL's; SQLite's went to the bodies file when staged): a statement's arguments
+        // are copied, so its size is memory held twice. Each chunk is dropped once
         // inserted: the batch's memory is given back while the commit runs and the next batch is
         // being fetched.
         const ROWS: usize = 64;
         const BYTES: usize = 256 * 1024;
         let mut out = BatchOutcome::default();
         let mut rest = messages.into_iter().peekable();
-        let mut first = 0;
         while rest.peek().is_some() {
             let mut chunk = Vec::new();
             let mut bytes = 0;
-            while let Some(m) = rest.next_if(|m| {
+            while let Some(m) = rest.next_if(|(m, _)| {
                 chunk.is_empty() || (chunk.len() < ROWS && bytes + m.raw.len() <= BYTES)
             }) {
-                bytes += m.raw.len();
+                bytes += m.0.raw.len();
                 chunk.push(m);
             }
-            let places = placed
-                .as_deref()
-                .and_then(|p| p.get(first..first + chunk.len()));
-            first += chunk.len();
             // moved, not copied: the raw bytes go into the statement's arguments as they are
             let rows = chunk.len() as u64;
-            let new = self.insert_owned_messages(tx, chunk, places, now).await?;
+            let new = self.insert_owned_messages(tx, chunk, now).await?;
             out.inserted += new;
             out.duplicates += rows.saturating_sub(new);
         }

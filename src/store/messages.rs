@@ -117,8 +117,20 @@ struct MessageColumns {
     sha: String,
 }
 
+/// What was worked out for one message's body before its transaction (`Store::stage_imap_batch`):
+/// its hash, and on SQLite where its bytes were appended to the bodies file (its `raw` is then
+/// empty).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StagedBody {
+    /// SHA-256 of the raw bytes.
+    pub sha: [u8; 32],
+    /// Where the raw bytes are in the bodies file, if they were appended there.
+    pub place: Option<Placed>,
+}
+
 impl MessageColumns {
-    fn of(msg: &Message) -> Result<MessageColumns, Error> {
+    /// The derived columns of `msg`; `sha`, when given, is its raw bytes' hash taken earlier.
+    fn of(msg: &Message, sha: Option<[u8; 32]>) -> Result<MessageColumns, Error> {
         let corrupt = |e: serde_json::Error| Error::Corrupt {
             table: "messages",
             reason: e.to_string(),
@@ -129,7 +141,7 @@ impl MessageColumns {
             to_json: serde_json::to_string(&msg.to).map_err(corrupt)?,
             irt_json: serde_json::to_string(&msg.in_reply_to).map_err(corrupt)?,
             refs_json: serde_json::to_string(&msg.references).map_err(corrupt)?,
-            sha: hex::encode(Sha256::digest(&msg.raw)),
+            sha: hex::encode(sha.unwrap_or_else(|| Sha256::digest(&msg.raw).into())),
         })
     }
 }
@@ -150,7 +162,7 @@ pub(crate) async fn insert_message(
     msg: &Message,
     now: DateTime<Utc>,
 ) -> Result<Ingested, Error> {
-    let c = MessageColumns::of(msg)?;
+    let c = MessageColumns::of(msg, None)?;
     let inserted: Option<(i64,)> = sqlx::query_as(self.sql(INSERT_ONE))
     .bind(&msg.source)
     .bind(&c.key)
@@ -196,17 +208,19 @@ pub(crate) async fn insert_message(
 /// `insert_messages` for messages the caller gives up, when only the number of new rows matters:
 /// their raw bytes and text are moved into the statement instead of copied (an IMAP sync writes
 /// every byte of the mailbox through here), and no row ids come back (sqlx hands each returned
-/// row to the caller's task on its own, a thread wake-up per message). Returns how many rows were
-/// new; the rest were duplicates.
+/// row to the caller's task on its own, a thread wake-up per message). Each message comes with
+/// its staged body (`Store::stage_imap_batch`). Returns how many rows were new; the rest were
+/// duplicates.
 pub(crate) async fn insert_owned_messages(
     &self,
     tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
-    msgs: Vec<Message>,
-    placed: Option<&[Placed]>,
+    msgs: Vec<(Message, StagedBody)>,
     now: DateTime<Utc>,
 ) -> Result<u64, Error> {
+    let (msgs, staged): (Vec<_>, Vec<_>) =
+        msgs.into_iter().map(|(m, s)| (Cow::Owned(m), s)).unzip();
     match self
-        .insert_message_rows(tx, msgs.into_iter().map(Cow::Owned).collect(), placed, now, false)
+        .insert_message_rows(tx, msgs, Some(&staged), now, false)
         .await?
     {
         Inserted::Rows(rows) => Ok(rows.iter().filter(|r| !r.duplicate).count() as u64),
@@ -219,7 +233,7 @@ async fn insert_message_rows<'m>(
     &self,
     tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
     mut msgs: Vec<Cow<'m, Message>>,
-    placed: Option<&[Placed]>,
+    staged: Option<&[StagedBody]>,
     now: DateTime<Utc>,
     with_ids: bool,
 ) -> Result<Inserted, Error> {
@@ -230,14 +244,23 @@ async fn insert_message_rows<'m>(
         body: usize,
         cols: MessageColumns,
     }
-    // the columns (the hash among them) are taken before an owned body is moved out of its message
+    // a staged body whose bytes went to the bodies file has left its message's `raw` empty: a
+    // row without its place would point nowhere
+    if staged.is_some_and(|s| s.len() != msgs.len()) {
+        return Err(Error::Corrupt {
+            table: "messages",
+            reason: "bodies staged for a different number of messages".into(),
+        });
+    }
+    let staged_of = |i: usize| staged.and_then(|all| all.get(i)).copied();
+    let place_of = |i: usize| staged_of(i).and_then(|s| s.place);
+    // the columns (the hash among them, unless staged) are taken before an owned body is moved
+    // out of its message
     let cols = msgs
         .iter()
-        .map(|m| MessageColumns::of(m))
+        .enumerate()
+        .map(|(i, m)| MessageColumns::of(m, staged_of(i).map(|s| s.sha)))
         .collect::<Result<Vec<_>, _>>()?;
-    // `place_bodies` gives one place per message; should a place be missing all the same, that
-    // row keeps its body inline rather than pointing nowhere
-    let place_of = |i: usize| placed.and_then(|all| all.get(i)).copied();
     let mut bodies: Vec<Option<Body<'m>>> = msgs
         .iter_mut()
         .enumerate()
@@ -523,7 +546,7 @@ impl<'c, 'h> RawMessageInserter<'c, 'h> {
     /// Stores `msg` unless its origin exists.
     pub(crate) fn insert(&mut self, msg: &Message, now: DateTime<Utc>) -> Result<Ingested, Error> {
         use super::sqlite_raw::Value;
-        let c = MessageColumns::of(msg)?;
+        let c = MessageColumns::of(msg, None)?;
         self.insert.bind_all(&[
             Value::Text(&msg.source),
             Value::Text(&c.key),

@@ -7,8 +7,8 @@
 //! before any caller acknowledges it. Two writes commit with `NORMAL` and are synced otherwise:
 //! a webhook batch (its syncer fdatasyncs the WAL before any 2xx) and an IMAP batch (atomic with
 //! its cursor, so a power loss only means fetching it again; `make_durable` ends each pass that wrote).
-//! An IMAP batch's raw bytes go to the bodies file beside the database (`bodies`), synced before
-//! the batch commits. One writer connection
+//! An IMAP batch's raw bytes go to the bodies file beside the database (`bodies`), appended under
+//! that file's own lock and synced when the batch is staged, before its transaction begins. One writer connection
 //! serializes writes inside the process; `BEGIN IMMEDIATE` serializes them against other
 //! processes (the CLI). Readers use their own pool and never block the writer.
 //!
@@ -36,7 +36,9 @@ mod wal_sync;
 pub mod webhook;
 
 pub use digest::SourceRef;
-pub use imap::{AccountedKind, AccountedUid, BatchOutcome, FolderLedger, ImapCursor, SourceHealth};
+pub use imap::{
+    AccountedKind, AccountedUid, BatchOutcome, FolderLedger, ImapCursor, SourceHealth, StagedBatch,
+};
 pub use messages::{Ingested, MessageFilter, StoredMessage};
 pub use outbox::{NewOutboxItem, OutboxRow};
 

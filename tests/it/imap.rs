@@ -98,6 +98,25 @@ impl Setup {
         self.store.message_count().await.unwrap()
     }
 
+    /// Runs `sql` on the store's database from a connection of its own.
+    async fn execute(&self, sql: &'static str) {
+        if let Some(url) = &self.pg_url {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+            return;
+        }
+        let pool = SqlitePoolOptions::new()
+            .connect(&format!(
+                "sqlite://{}/frontdesk.db",
+                self.dir.path().display()
+            ))
+            .await
+            .unwrap();
+        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+        pool.close().await;
+    }
+
     /// (message_id, direction, in_reply_to JSON, automation) of every row.
     async fn rows(&self) -> Vec<(Option<String>, String, String, String)> {
         const SQL: &str =
@@ -219,6 +238,70 @@ async fn five_hundred_varied_messages_exactly_once_then_five_more_on(backend: Ba
     // the mailbox is untouched: nothing deleted, no \Seen added
     assert_eq!(rig.status(&user, "INBOX").messages, 505);
     no_seen_added(rig, &user, "INBOX");
+}
+
+#[tokio::test]
+async fn a_batch_failing_to_commit_stops_the_later_ones_and_a_rerun_completes_sqlite() {
+    a_batch_failing_to_commit_stops_the_later_ones_and_a_rerun_completes_on(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_batch_failing_to_commit_stops_the_later_ones_and_a_rerun_completes_postgres() {
+    a_batch_failing_to_commit_stops_the_later_ones_and_a_rerun_completes_on(Backend::Postgres)
+        .await;
+}
+
+/// Batches commit in order, two in flight (one committing, the next staging its bodies): when
+/// the sixth batch's transaction fails (a trigger in the real database refuses one of its rows),
+/// the five before it are committed, none after it is, and the cursor stops before it. The next
+/// sync, with the fault gone, takes the rest exactly once.
+async fn a_batch_failing_to_commit_stops_the_later_ones_and_a_rerun_completes_on(backend: Backend) {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("commitfail");
+    rig.append_many(&user, "INBOX", (0..200).map(|i| simple(i, "cf")));
+    let s = Setup::new_on(
+        backend,
+        rig,
+        &user,
+        "      backfill: all\n      batch_size: 20\n",
+    )
+    .await;
+    // UID 101 is the first message of the sixth batch (UIDs 101-120)
+    let (arm, disarm) = if s.pg_url.is_some() {
+        (
+            "CREATE FUNCTION refuse_cf_100() RETURNS trigger AS $$ BEGIN \
+               IF NEW.message_id = 'cf-100@client.test' THEN RAISE EXCEPTION 'injected fault'; \
+               END IF; RETURN NEW; END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER refuse BEFORE INSERT ON messages FOR EACH ROW \
+               EXECUTE FUNCTION refuse_cf_100()",
+            "DROP TRIGGER refuse ON messages",
+        )
+    } else {
+        (
+            "CREATE TRIGGER refuse BEFORE INSERT ON messages \
+               WHEN NEW.message_id = 'cf-100@client.test' \
+               BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
+            "DROP TRIGGER refuse",
+        )
+    };
+    s.execute(arm).await;
+
+    let err = s.sync().await.expect_err("the sixth batch cannot commit");
+    assert!(err.to_string().contains("injected fault"), "{err}");
+    assert_eq!(
+        s.count().await,
+        100,
+        "the five batches before it, none after it"
+    );
+    let cursor = s.store.imap_cursor("mail", "INBOX").await.unwrap().unwrap();
+    assert_eq!(cursor.last_uid, 100, "{cursor:?}");
+
+    s.execute(disarm).await;
+    assert_eq!(s.inserted().await, 100);
+    assert_eq!(s.count().await, 200);
+    let ledger = imap::ledger(&s.config, &s.store).await.unwrap();
+    assert_eq!(ledger[0].folder.unaccounted, Some(0), "{:?}", ledger[0]);
+    assert_eq!(ledger[0].folder.ingested, 200);
 }
 
 #[tokio::test]
