@@ -2,6 +2,7 @@
 # IMAP sync benchmark: frontdesk next to mbsync (Debian isync) on the same private Dovecot, same run.
 #
 #   bench/imap.sh [N]        # default N=10000 messages (gen_mail.py: 2-20 KB text/HTML, 3% with 200 KiB attachments)
+#   FRONTDESK_BASE=path bench/imap.sh  # also another frontdesk build, side by side (frontdesk-base)
 #   STORAGE=both bench/imap.sh   # also frontdesk on PostgreSQL 15 (a private cluster, tests/servers/pg.sh);
 #                                # STORAGE=postgres: frontdesk on PostgreSQL only; default: sqlite
 #
@@ -19,8 +20,8 @@
 # Prints wall time, messages/s, peak RSS and CPU (/usr/bin/time) per peer and phase, the whole
 # machine's busy CPU during each run (the peer plus Dovecot: on 2 cores the wall time cannot go
 # below half of it), and the ratios.
-# STAGES=1 also prints, per frontdesk run, the time its sync spent fetching, waiting for the
-# previous batch's commit, and committing (from its debug log lines).
+# STAGES=1 also prints, per frontdesk run, the time its sync spent fetching, waiting for room in
+# the commit pipeline, staging bodies and committing rows (from its debug log lines).
 # Needs root (the rig's Dovecot delivers as nobody) and a release build (built if missing).
 set -euo pipefail
 N=${1:-10000}
@@ -97,6 +98,10 @@ channels:
 YAML
 printf 'secret' >"$W/fd/password"
 chmod 600 "$W/fd/password"
+if [ -n "${FRONTDESK_BASE:-}" ]; then
+    mkdir -p "$W/fd-base"
+    sed -e "s|$W/fd/|$W/fd-base/|g" "$W/fd/frontdesk.yaml" >"$W/fd-base/frontdesk.yaml"
+fi
 if [ "$STORAGE" != sqlite ]; then
     mkdir -p "$W/fd-pg"
     sed -e "s|^  sqlite: .*|  postgres: $PG_BENCH_URL|" -e "s|$W/fd/outbox|$W/fd-pg/outbox|" \
@@ -142,12 +147,14 @@ peer_cmd() {
     case $1 in
     frontdesk) echo "$FD --config $W/fd/frontdesk.yaml sync" ;;
     frontdesk-pg) echo "$FD --config $W/fd-pg/frontdesk.yaml sync" ;;
+    frontdesk-base) echo "$FRONTDESK_BASE --config $W/fd-base/frontdesk.yaml sync" ;;
     mbsync-fsync | mbsync-nofsync) echo "mbsync -q -c $W/$1/mbsyncrc -a" ;;
     esac
 }
 peer_count() {
     case $1 in
     frontdesk) "$PY" -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*) from messages").fetchone()[0])' "$W/fd/frontdesk.db" ;;
+    frontdesk-base) "$PY" -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*) from messages").fetchone()[0])' "$W/fd-base/frontdesk.db" ;;
     frontdesk-pg) psql "$PG_BENCH_URL" -Atc "select count(*) from messages" ;;
     *) find "$W/$1/mail/INBOX" -type f \( -path '*/cur/*' -o -path '*/new/*' \) 2>/dev/null | wc -l ;;
     esac
@@ -161,6 +168,7 @@ reset() {
     aside=$(mktemp -d "$W/aside.XXXXXX")
     case $1 in
     frontdesk) mv "$W"/fd/frontdesk.db* "$aside/" 2>/dev/null || true ;;
+    frontdesk-base) mv "$W"/fd-base/frontdesk.db* "$aside/" 2>/dev/null || true ;;
     frontdesk-pg)
         psql "$PG_URL" -qc "DROP DATABASE bench" -c "CREATE DATABASE bench" >/dev/null ;;
     *) mv "$W/$1/mail" "$aside/" 2>/dev/null || true
@@ -203,18 +211,22 @@ measure() { # measure PHASE PEER EXPECTED_TOTAL MSGS
         { echo "FAILED $peer $phase:"; tail -5 "$W/$peer.$phase.log"; } >&2
     busy1=$(busy_ticks)
     if [[ ${STAGES:-0} == 1 && $peer == frontdesk* ]]; then
-        # the sync's two stages from its debug lines: fetching (and normalizing) batches, waiting
-        # for the previous batch's commit, and the commits themselves (which overlap the fetches)
+        # the sync's stages from its debug lines: fetching (and normalizing) batches, waiting for
+        # room in the commit pipeline, staging bodies (hash, append, sync) and committing rows
+        # (the three overlap one another)
         "$PY" - "$W/$peer.$phase.log" "$phase" "$peer" <<'PYEOF'
 import re, sys
-fetch = wait = store = batches = 0
+fetch = wait = stage = store = batches = 0
 for line in open(sys.argv[1], errors="replace"):
     if m := re.search(r"fetch_ms=(\d+) commit_wait_ms=(\d+)", line):
         fetch += int(m[1]); wait += int(m[2]); batches += 1
     elif m := re.search(r"store_ms=(\d+)", line):
         store += int(m[1])
+        if s := re.search(r"stage_ms=(\d+)", line):
+            stage += int(s[1])
 print(f"stages {sys.argv[3]} {sys.argv[2]}: {batches} batches, fetch {fetch / 1000:.2f} s, "
-      f"waiting for commits {wait / 1000:.2f} s, commits {store / 1000:.2f} s")
+      f"waiting for the pipeline {wait / 1000:.2f} s, staging bodies {stage / 1000:.2f} s, "
+      f"committing rows {store / 1000:.2f} s")
 PYEOF
     fi
     read -r wall rss user sys < <(tail -1 "$W/time.out")
@@ -231,6 +243,9 @@ postgres) PEERS=(frontdesk-pg mbsync-fsync mbsync-nofsync) ;;
 both) PEERS=(frontdesk frontdesk-pg mbsync-fsync mbsync-nofsync) ;;
 *) echo "STORAGE must be sqlite, postgres or both" >&2; exit 2 ;;
 esac
+# FRONTDESK_BASE=path: another frontdesk build as one more peer (SQLite), to compare two builds
+# side by side in the same run
+[ -z "${FRONTDESK_BASE:-}" ] || PEERS+=(frontdesk-base)
 # ONLY_FRONTDESK=1 skips the mbsync peers (a quick frontdesk-only comparison)
 if [ "${ONLY_FRONTDESK:-0}" = 1 ]; then
     PEERS=("${PEERS[@]/mbsync-*/}")
@@ -283,7 +298,7 @@ for phase in ("initial", "incr", "noop"):
     for peer in ("mbsync-nofsync", "mbsync-fsync", "frontdesk"):
         if (phase, peer) in runs_of:
             base[peer] = pick(phase, runs_of[(phase, peer)])[0]
-    for peer in ("frontdesk", "frontdesk-pg", "mbsync-fsync", "mbsync-nofsync"):
+    for peer in ("frontdesk", "frontdesk-base", "frontdesk-pg", "mbsync-fsync", "mbsync-nofsync"):
         runs = runs_of.get((phase, peer))
         if not runs:
             continue
