@@ -100,7 +100,8 @@ printf 'secret' >"$W/fd/password"
 chmod 600 "$W/fd/password"
 if [ -n "${FRONTDESK_BASE:-}" ]; then
     mkdir -p "$W/fd-base"
-    sed -e "s|$W/fd/|$W/fd-base/|g" "$W/fd/frontdesk.yaml" >"$W/fd-base/frontdesk.yaml"
+    sed -e "s|$W/fd/frontdesk.db|$W/fd-base/frontdesk.db|" -e "s|$W/fd/outbox|$W/fd-base/outbox|" \
+        "$W/fd/frontdesk.yaml" >"$W/fd-base/frontdesk.yaml"
 fi
 if [ "$STORAGE" != sqlite ]; then
     mkdir -p "$W/fd-pg"
@@ -287,7 +288,12 @@ def pick(phase, runs):
 print(f"IMAP sync, {n} messages in INBOX, implicit TLS on loopback (initial: best run; incr, noop: median)\n")
 for (phase, peer), runs in sorted(runs_of.items()):
     if phase == "initial":
-        print(f"initial runs, {peer}: " + ", ".join(f"{w:.2f} s" for w, *_ in runs))
+        print(f"initial runs, {peer}: " + ", ".join(
+            f"{w:.2f} s ({c:.2f} CPU s, {rss / 1024:.1f} MB)" for w, rss, _, c, _ in runs))
+        if len(runs) >= 3:
+            print(f"  median {statistics.median(r[0] for r in runs):.2f} s, "
+                  f"CPU {statistics.median(r[3] for r in runs):.2f} s, "
+                  f"peak RSS {statistics.median(r[1] for r in runs) / 1024:.1f} MB")
 print()
 print("CPU s: the peer's own user+sys; machine CPU s: every process's (the peer, Dovecot, and any")
 print("other load) during the run. On 2 cores, wall >= machine CPU / 2 whatever the pipelining.\n")
