@@ -265,8 +265,13 @@ total=$N
 for r in $(seq 1 "$RUNS"); do
     deliver "$total" "$NEW"
     total=$((total + NEW))
-    for p in "${PEERS[@]}"; do measure incr "$p" "$total" "$NEW"; done
-    for p in "${PEERS[@]}"; do measure noop "$p" "$total" 0; done
+    # rotated too: the first sync after a delivery ran ~20 ms slower whoever it was
+    for i in "${!PEERS[@]}"; do
+        measure incr "${PEERS[$(((i + r - 1) % ${#PEERS[@]}))]}" "$total" "$NEW"
+    done
+    for i in "${!PEERS[@]}"; do
+        measure noop "${PEERS[$(((i + r - 1) % ${#PEERS[@]}))]}" "$total" 0
+    done
 done
 
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
