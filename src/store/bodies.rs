@@ -52,12 +52,20 @@ impl BodyFile {
         PathBuf::from(path)
     }
 
-    fn with_file<T>(&self, f: impl FnOnce(&File) -> io::Result<T>) -> io::Result<T> {
+    /// Runs `f` on the open file, opening it first; `create`: an append may create the file, a
+    /// read of a missing file is an error (it must not leave an empty file behind).
+    fn with_file<T>(&self, create: bool, f: impl FnOnce(&File) -> io::Result<T>) -> io::Result<T> {
         let mut open = self
             .open
             .lock()
             .map_err(|_| io::Error::other("bodies file lock poisoned"))?;
         if open.is_none() {
+            if !create && !self.path.exists() {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{} does not exist", self.path.display()),
+                ));
+            }
             let created = !self.path.exists();
             let file = OpenOptions::new()
                 .read(true)
@@ -89,7 +97,7 @@ impl BodyFile {
         &self,
         bodies: impl IntoIterator<Item = &'b [u8]>,
     ) -> io::Result<Vec<Placed>> {
-        self.with_file(|file| {
+        self.with_file(true, |file| {
             // this process's appends are serialized by `open`'s mutex, other processes' by the
             // flock (released by the kernel should this one die holding it)
             file.lock()?;
@@ -126,7 +134,7 @@ impl BodyFile {
     /// Reads the body at `place`. Blocking.
     pub(crate) fn read(&self, place: Placed) -> io::Result<Vec<u8>> {
         let len = usize::try_from(place.len).map_err(io::Error::other)?;
-        self.with_file(|file| {
+        self.with_file(false, |file| {
             let mut buf = vec![0; len];
             file.read_exact_at(&mut buf, place.at)?;
             Ok(buf)
@@ -165,6 +173,18 @@ mod tests {
         assert_eq!(other.read(first[0]).unwrap(), b"hello");
         // a place past the end is an error, not short or zeroed bytes
         assert!(bodies.read(Placed { at: 20, len: 10 }).is_err());
+    }
+
+    #[test]
+    fn a_read_of_a_missing_file_is_an_error_and_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let bodies = BodyFile::beside(&dir.path().join("x.db"));
+        let err = bodies.read(Placed { at: 0, len: 1 }).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+        assert!(!bodies.path.exists(), "a read created the bodies file");
+        // an append still creates it, and a later read finds it
+        let placed = bodies.append([&b"x"[..]]).unwrap();
+        assert_eq!(bodies.read(placed[0]).unwrap(), b"x");
     }
 
     #[test]
