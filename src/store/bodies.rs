@@ -60,13 +60,13 @@ impl BodyFile {
             .lock()
             .map_err(|_| io::Error::other("bodies file lock poisoned"))?;
         if open.is_none() {
-            if !create && !self.path.exists() {
+            let created = !self.path.exists();
+            if created && !create {
                 return Err(io::Error::new(
                     io::ErrorKind::NotFound,
                     format!("{} does not exist", self.path.display()),
                 ));
             }
-            let created = !self.path.exists();
             let file = OpenOptions::new()
                 .read(true)
                 .append(false)

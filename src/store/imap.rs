@@ -6,11 +6,10 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use sqlx::Row;
 
 use super::backend::Driver;
-use super::messages::StagedBody;
+use super::messages::{StagedBody, sha256};
 use super::wal_sync::WalFile;
 use super::{Backend, Error, Store, Tx, from_ms, to_ms};
 
@@ -730,12 +729,7 @@ pub struct StagedBatch {
     items: Vec<(Message, StagedBody)>,
 }
 
-/// SHA-256 of a body.
-fn sha256(raw: &[u8]) -> [u8; 32] {
-    Sha256::digest(raw).into()
-}
-
-/// What one [`Store::commit_imap_batch`] writes, handed to whichever backend's transaction.
+/// What one [`Store::commit_staged_imap_batch`] writes, handed to whichever backend's transaction.
 struct BatchWrite<'a> {
     source: &'a str,
     folder: &'a str,

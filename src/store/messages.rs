@@ -128,6 +128,11 @@ pub(crate) struct StagedBody {
     pub place: Option<Placed>,
 }
 
+/// SHA-256 of a message's raw bytes, the `raw_sha256` column.
+pub(super) fn sha256(raw: &[u8]) -> [u8; 32] {
+    Sha256::digest(raw).into()
+}
+
 impl MessageColumns {
     /// The derived columns of `msg`; `sha`, when given, is its raw bytes' hash taken earlier.
     fn of(msg: &Message, sha: Option<[u8; 32]>) -> Result<MessageColumns, Error> {
@@ -141,7 +146,7 @@ impl MessageColumns {
             to_json: serde_json::to_string(&msg.to).map_err(corrupt)?,
             irt_json: serde_json::to_string(&msg.in_reply_to).map_err(corrupt)?,
             refs_json: serde_json::to_string(&msg.references).map_err(corrupt)?,
-            sha: hex::encode(sha.unwrap_or_else(|| Sha256::digest(&msg.raw).into())),
+            sha: hex::encode(sha.unwrap_or_else(|| sha256(&msg.raw))),
         })
     }
 }

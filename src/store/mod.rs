@@ -8,9 +8,9 @@
 //! a webhook batch (its syncer fdatasyncs the WAL before any 2xx) and an IMAP batch (atomic with
 //! its cursor, so a power loss only means fetching it again; `make_durable` ends each pass that wrote).
 //! An IMAP batch's raw bytes go to the bodies file beside the database (`bodies`), appended under
-//! that file's own lock and synced when the batch is staged, before its transaction begins. One writer connection
-//! serializes writes inside the process; `BEGIN IMMEDIATE` serializes them against other
-//! processes (the CLI). Readers use their own pool and never block the writer.
+//! that file's own lock and synced when the batch is staged, before its transaction begins. One
+//! writer connection serializes writes inside the process; `BEGIN IMMEDIATE` serializes them
+//! against other processes (the CLI). Readers use their own pool and never block the writer.
 //!
 //! PostgreSQL gives the same promise only with `fsync=on` and `synchronous_commit` not `off`;
 //! [`Store::open_storage`] refuses to start otherwise. Most SQL is shared: each method's body is

@@ -98,6 +98,17 @@ impl Setup {
         self.store.message_count().await.unwrap()
     }
 
+    /// A pool of its own on the store's SQLite database.
+    async fn sqlite_pool(&self) -> sqlx::SqlitePool {
+        SqlitePoolOptions::new()
+            .connect(&format!(
+                "sqlite://{}/frontdesk.db",
+                self.dir.path().display()
+            ))
+            .await
+            .unwrap()
+    }
+
     /// Runs `sql` on the store's database from a connection of its own.
     async fn execute(&self, sql: &'static str) {
         if let Some(url) = &self.pg_url {
@@ -106,13 +117,7 @@ impl Setup {
             pool.close().await;
             return;
         }
-        let pool = SqlitePoolOptions::new()
-            .connect(&format!(
-                "sqlite://{}/frontdesk.db",
-                self.dir.path().display()
-            ))
-            .await
-            .unwrap();
+        let pool = self.sqlite_pool().await;
         sqlx::raw_sql(sql).execute(&pool).await.unwrap();
         pool.close().await;
     }
@@ -127,19 +132,8 @@ impl Setup {
             pool.close().await;
             return rows;
         }
-        let pool = SqlitePoolOptions::new()
-            .connect(&format!(
-                "sqlite://{}/frontdesk.db",
-                self.dir.path().display()
-            ))
-            .await
-            .unwrap();
-        let rows = sqlx::query_as(
-            "SELECT message_id, direction, in_reply_to, automation FROM messages ORDER BY id",
-        )
-        .fetch_all(&pool)
-        .await
-        .unwrap();
+        let pool = self.sqlite_pool().await;
+        let rows = sqlx::query_as(SQL).fetch_all(&pool).await.unwrap();
         pool.close().await;
         rows
     }
