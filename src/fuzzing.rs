@@ -85,10 +85,12 @@ pub fn email_normalize(data: &[u8]) {
     let _ = html_to_text(&String::from_utf8_lossy(data));
 }
 
-/// Skipping the decoding of base64 attachments never changes the normalized message: the input
-/// as is, and as the base64 body of the second part of a fixed multipart/mixed message. A `0xFF`
-/// splits off that part's headers (application/pdf when absent), a second one what follows the
-/// body's delimiter, so every input exercises the attachment path.
+/// Skipping the decoding of base64 attachments and of an alternative's HTML half never changes
+/// the normalized message: the input as is, as the base64 body of the second part of a fixed
+/// multipart/mixed message, and as the HTML half (quoted-printable or 7bit) of a fixed
+/// multipart/alternative. A `0xFF` splits off the attachment's headers (application/pdf when
+/// absent; their length's parity picks the HTML half's encoding), a second one what follows the
+/// body's delimiter, so every input exercises both skipping paths.
 pub fn email_normalize_lean(data: &[u8]) {
     same_message_lean_and_full(data);
     let [body, headers, rest] = pieces::<3>(data);
@@ -102,6 +104,22 @@ pub fn email_normalize_lean(data: &[u8]) {
         .to_vec();
     raw.extend_from_slice(headers);
     raw.extend_from_slice(b"\r\nContent-Transfer-Encoding: base64\r\n\r\n");
+    raw.extend_from_slice(body);
+    raw.extend_from_slice(b"--=_b-1");
+    raw.extend_from_slice(rest);
+    same_message_lean_and_full(&raw);
+
+    // the same pieces as the HTML half of an alternative (skipped when it decodes)
+    let mut raw =
+        b"From: a@x.test\r\nContent-Type: multipart/alternative; boundary=\"=_b-1\"\r\n\r\n\
+--=_b-1\r\nContent-Type: text/plain\r\n\r\nhello\r\n--=_b-1\r\nContent-Type: text/html\r\n"
+            .to_vec();
+    raw.extend_from_slice(if headers.len() % 2 == 0 {
+        b"Content-Transfer-Encoding: quoted-printable"
+    } else {
+        b"Content-Transfer-Encoding: 7bit"
+    });
+    raw.extend_from_slice(b"\r\n\r\n");
     raw.extend_from_slice(body);
     raw.extend_from_slice(b"--=_b-1");
     raw.extend_from_slice(rest);

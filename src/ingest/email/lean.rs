@@ -1,29 +1,48 @@
-//! The lean copy: a message without the bodies of its base64 attachments, which mail-parser would
-//! otherwise decode only for `normalize` to throw them away (7.6% of `frontdesk sync`'s CPU on the
-//! bench mailbox, plus the page faults of the decoded buffers).
+//! The lean copy: a message without the bodies `normalize` never reads, which mail-parser would
+//! otherwise decode only for them to be thrown away. Two kinds are left out:
+//! - the bodies of base64 attachments (7.6% of `frontdesk sync`'s CPU on the bench mailbox, plus
+//!   the page faults of the decoded buffers);
+//! - the HTML half of a `multipart/alternative` that has a plain-text half, in quoted-printable or
+//!   no transfer encoding (decoding and converting it was ~10% of the sync's CPU: most mail is
+//!   such an alternative, and the HTML half is the larger one). `normalize` reads the HTML only
+//!   when there is no plain text.
 //!
 //! mail-parser 0.11 decodes every part and cannot be told not to. So a pre-scan walks the MIME
 //! structure the way mail-parser's `parse_` loop does and picks the leaf parts whose bodies are safe
 //! to drop; the full parse then runs on a copy without those bodies.
 //!
-//! Why the result equals the full parse of the original bytes. Every dropped body `R` starts where a
-//! part's headers end (after a `\n`) and holds only the base64 alphabet, `=`, space, tab, CR and LF:
-//! mail-parser's base64 decoder consumes all of those without error, and no boundary delimiter
-//! (`--` + boundary) can start inside `R`, which has no `-`. Up to the start of `R` both parses read
-//! the same bytes and nothing beyond them (the header parser stops on the blank line; boundary
-//! look-aheads end before the part's headers), so they reach `R` in the same state; the decoder
-//! then stops where it would have stopped without `R`, with the same verdict. After it, the bytes
-//! are the same again. What differs is only the decoded bytes and the offsets of that binary part,
-//! which `normalize` never reads. Two conditions make that hold, and `LeanCopy::explains` checks
-//! them on the lean parse itself, so a pre-scan that misread the structure costs a second parse,
+//! Why the result equals the full parse of the original bytes. Up to the start of a dropped body
+//! `R` both parses read the same bytes and nothing beyond them (the header parser stops on the
+//! blank line; boundary look-aheads end before the part's headers), so they reach `R` in the same
+//! state. From there:
+//! - **Base64.** `R` holds only the base64 alphabet, `=`, space, tab, CR and LF: mail-parser's
+//!   base64 decoder consumes all of those without error, and no boundary delimiter (`--` +
+//!   boundary) can start inside `R`, which has no `-`. The decoder then stops where it would have
+//!   stopped without `R`, with the same verdict.
+//! - **HTML.** `R` runs from the body start to the first delimiter of the part's boundary. Both
+//!   decoders that can read it (quoted-printable, and none) end a part at the first occurrence of
+//!   the delimiter after the body start, wherever it is, so both copies end the part at the same
+//!   delimiter. The undecoded reader cannot fail once the delimiter is found; the quoted-printable
+//!   one fails only on a `=` met inside an escape, which `quoted_printable_decodes` checks on `R`
+//!   with the decoder's own rules and hex table. The lean copy's empty body decodes without error.
+//!   Membership in the text or HTML body lists depends on the part's type and that verdict, not on
+//!   the bytes.
+//!
+//! After `R`, the bytes are the same again. What differs is only the dropped part's decoded body
+//! and the offsets of that part, which `normalize` never reads. `LeanCopy::explains` checks the
+//! rest on the lean parse itself, so a pre-scan that misread the structure costs a second parse,
 //! never a different `Message`:
-//! - each dropped body is, in the lean parse, the body of a base64 part decoded without a problem
-//!   into binary (not text, not a message);
+//! - each dropped base64 body is, in the lean parse, the body of a base64 part decoded without a
+//!   problem into binary (not text, not a message);
+//! - each dropped HTML body is, in the lean parse, an HTML part decoded without a problem, with the
+//!   transfer encoding the pre-scan saw, not among the text bodies `normalize` reads, and a direct
+//!   child of a `multipart/alternative` whose boundary is the one the pre-scan ended it at;
 //! - no boundary contains `\n`: the byte before each `R` is `\n`, so a boundary delimiter could
 //!   otherwise straddle `R` and be found in one copy but not the other.
 
 use std::ops::Range;
 
+use mail_parser::decoders::quoted_printable::HEX_MAP;
 use mail_parser::{
     ContentType, Encoding, GetHeader, HeaderName, HeaderValue, Message, MessageParser, PartType,
 };
@@ -33,11 +52,34 @@ use memchr::memmem;
 /// and memory a hostile message can make the pre-scan spend.
 const MAX_DEPTH: usize = 64;
 
-/// A message with some attachment bodies removed, and where each removed body began.
+/// A body the lean copy leaves out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Skipped {
+    /// A base64 attachment's body.
+    Base64,
+    /// The HTML half of an alternative, ended at the first delimiter of `boundary`.
+    Html {
+        /// The boundary of the enclosing `multipart/alternative`, without the leading `--`.
+        boundary: Vec<u8>,
+        /// Its transfer encoding: quoted-printable or none.
+        encoding: Encoding,
+    },
+}
+
+/// A body the pre-scan found safe to leave out: where it is in the original and what it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Skip {
+    /// The body's bytes in the original.
+    pub(super) range: Range<usize>,
+    /// What kind of body it is.
+    pub(super) kind: Skipped,
+}
+
+/// A message with some bodies removed, and where each removed body began.
 pub(super) struct LeanCopy {
     bytes: Vec<u8>,
-    /// Offsets in `bytes` where a removed body was, ascending.
-    holes: Vec<usize>,
+    /// Offsets in `bytes` where a removed body was, ascending, with what it was.
+    holes: Vec<(usize, Skipped)>,
 }
 
 impl LeanCopy {
@@ -45,24 +87,24 @@ impl LeanCopy {
     /// parser the lean copy is then parsed with, so both read the same part headers.
     pub(super) fn new(raw: &[u8], parser: &MessageParser) -> Option<LeanCopy> {
         // offsets in mail-parser are u32
-        if u32::try_from(raw.len()).is_err() || !mentions_base64(raw) {
+        if u32::try_from(raw.len()).is_err() || !(mentions_base64(raw) || mentions_html(raw)) {
             return None;
         }
-        let regions = skippable_bodies(raw, parser);
-        if regions.is_empty() {
+        let skips = skippable_bodies(raw, parser);
+        if skips.is_empty() {
             return None;
         }
-        let removed: usize = regions.iter().map(|r| r.len()).sum();
+        let removed: usize = skips.iter().map(|s| s.range.len()).sum();
         let mut bytes = Vec::with_capacity(raw.len() - removed);
-        let mut holes = Vec::with_capacity(regions.len());
+        let mut holes = Vec::with_capacity(skips.len());
         let mut from = 0;
-        for r in regions {
+        for Skip { range: r, kind } in skips {
             // strictly apart: two holes at one offset would be explained by one part
             if r.start <= from || r.is_empty() {
                 return None;
             }
             bytes.extend_from_slice(raw.get(from..r.start)?);
-            holes.push(bytes.len());
+            holes.push((bytes.len(), kind));
             from = r.end;
         }
         bytes.extend_from_slice(raw.get(from..)?);
@@ -74,8 +116,9 @@ impl LeanCopy {
         &self.bytes
     }
 
-    /// Whether `msg`, the parse of `bytes()`, shows that each removed body belonged to a binary
-    /// base64 part and that no boundary could have matched across a hole (see the module doc).
+    /// Whether `msg`, the parse of `bytes()`, shows that each removed body belonged to a part
+    /// `normalize` does not read, of the kind the pre-scan took it for, and that no boundary could
+    /// have matched across a hole (see the module doc).
     pub(super) fn explains(&self, msg: &Message<'_>) -> bool {
         let mut binary_bodies: Vec<usize> = msg
             .parts
@@ -88,11 +131,45 @@ impl LeanCopy {
             .map(|p| p.offset_body as usize)
             .collect();
         binary_bodies.sort_unstable();
-        self.holes
-            .iter()
-            .all(|h| binary_bodies.binary_search(h).is_ok())
-            && !any_boundary_has_newline(msg)
+        self.holes.iter().all(|(at, kind)| match kind {
+            Skipped::Base64 => binary_bodies.binary_search(at).is_ok(),
+            Skipped::Html { boundary, encoding } => unread_html_at(msg, *at, boundary, *encoding),
+        }) && !any_boundary_has_newline(msg)
     }
+}
+
+/// Whether `msg` has, at body offset `at`, an HTML part decoded without a problem from
+/// `encoding`, which `normalize` does not read (not a text body), and which is a direct child of
+/// a `multipart/alternative` with `boundary`.
+fn unread_html_at(msg: &Message<'_>, at: usize, boundary: &[u8], encoding: Encoding) -> bool {
+    let Some(id) = msg
+        .parts
+        .iter()
+        .position(|p| p.offset_body as usize == at && matches!(p.body, PartType::Html(_)))
+    else {
+        return false;
+    };
+    let part = &msg.parts[id];
+    if part.is_encoding_problem
+        || part.encoding != encoding
+        || msg.text_body.iter().any(|&t| t as usize == id)
+    {
+        return false;
+    }
+    msg.parts.iter().any(|parent| {
+        matches!(&parent.body, PartType::Multipart(ids) if ids.iter().any(|&c| c as usize == id))
+            && parent
+                .headers
+                .header_value(&HeaderName::ContentType)
+                .and_then(HeaderValue::as_content_type)
+                .is_some_and(|ct| {
+                    ct.ctype().eq_ignore_ascii_case("multipart")
+                        && ct
+                            .subtype()
+                            .is_some_and(|s| s.eq_ignore_ascii_case("alternative"))
+                        && ct.attribute("boundary").map(str::as_bytes) == Some(boundary)
+                })
+    })
 }
 
 /// Whether any part, nested messages included, declares a boundary containing `\n`.
@@ -119,8 +196,21 @@ fn any_boundary_has_newline(msg: &Message<'_>) -> bool {
     false
 }
 
-/// Whether `base64` appears in any case: a message without it has no base64 part, and most mail
-/// skips the walk on this one scan.
+/// Whether `text/html` or `text/HTML` appears, `text` in any case: a message without either has
+/// no HTML part worth the walk (other spellings only miss the shortcut).
+fn mentions_html(raw: &[u8]) -> bool {
+    [&b"/html"[..], b"/HTML"].iter().any(|needle| {
+        memmem::find_iter(raw, needle).any(|i| {
+            i >= 4
+                && raw
+                    .get(i - 4..i)
+                    .is_some_and(|b| b.eq_ignore_ascii_case(b"text"))
+        })
+    })
+}
+
+/// Whether `base64` appears in any case: a message without it has no base64 part, and mail
+/// without it or `text/html` skips the walk on these scans.
 fn mentions_base64(raw: &[u8]) -> bool {
     memmem::find_iter(raw, b"64").any(|i| {
         i >= 4
@@ -130,12 +220,25 @@ fn mentions_base64(raw: &[u8]) -> bool {
     })
 }
 
-/// The byte ranges of leaf bodies the full parse can skip, ascending. Follows mail-parser 0.11's
-/// `parse_` loop and stops (keeping what it found so far) wherever it would have to guess.
-pub(super) fn skippable_bodies(raw: &[u8], parser: &MessageParser) -> Vec<Range<usize>> {
+/// An open multipart in the pre-scan.
+struct Open {
+    /// `--` + its boundary.
+    delimiter: Vec<u8>,
+    /// multipart/digest: parts without a type are messages.
+    digest: bool,
+    /// multipart/alternative.
+    alternative: bool,
+    /// A plain-text leaf was among its parts so far (then mail-parser does not read an HTML
+    /// sibling as the text; `explains` checks it).
+    has_plain: bool,
+}
+
+/// The leaf bodies the full parse can skip, ascending. Follows mail-parser 0.11's `parse_` loop
+/// and stops (keeping what it found so far) wherever it would have to guess.
+pub(super) fn skippable_bodies(raw: &[u8], parser: &MessageParser) -> Vec<Skip> {
     let mut found = Vec::new();
-    // the open multiparts, innermost last: `--boundary` and whether it is multipart/digest
-    let mut open: Vec<(Vec<u8>, bool)> = Vec::new();
+    // the open multiparts, innermost last
+    let mut open: Vec<Open> = Vec::new();
     let mut pos = 0;
     'parts: while open.len() <= MAX_DEPTH {
         let Some(body) = body_start(raw, pos) else {
@@ -167,15 +270,21 @@ pub(super) fn skippable_bodies(raw: &[u8], parser: &MessageParser) -> Vec<Range<
             let delimiter = [b"--", b.as_bytes()].concat();
             if let Some(i) = find(raw, body, &delimiter) {
                 pos = skip_crlf(raw, i + delimiter.len());
-                let digest = ct
-                    .and_then(|c| c.subtype())
-                    .is_some_and(|s| s.eq_ignore_ascii_case("digest"));
-                open.push((delimiter, digest));
+                let subtype = |t: &str| {
+                    ct.and_then(|c| c.subtype())
+                        .is_some_and(|s| s.eq_ignore_ascii_case(t))
+                };
+                open.push(Open {
+                    delimiter,
+                    digest: subtype("digest"),
+                    alternative: subtype("alternative"),
+                    has_plain: false,
+                });
                 continue;
             }
             // mail-parser reads a multipart without its boundary as one text leaf
         }
-        let in_digest = open.last().is_some_and(|(_, d)| *d);
+        let in_digest = open.last().is_some_and(|o| o.digest);
         let message = match ctype {
             Some(_) => {
                 is("message")
@@ -190,9 +299,22 @@ pub(super) fn skippable_bodies(raw: &[u8], parser: &MessageParser) -> Vec<Range<
             break;
         }
         // a leaf; at the top level it runs to the end, so nothing follows it
-        let Some((delimiter, _)) = open.last() else {
+        let Some(parent) = open.last_mut() else {
             break;
         };
+        let subtype_is = |t: &str| {
+            ct.and_then(|c| c.subtype())
+                .is_some_and(|s| s.eq_ignore_ascii_case(t))
+        };
+        let html = parent.alternative
+            && parent.has_plain
+            && is("text")
+            && subtype_is("html")
+            && matches!(encoding, Encoding::QuotedPrintable | Encoding::None);
+        if parent.alternative && (ctype.is_none() || is("text") && subtype_is("plain")) {
+            parent.has_plain = true;
+        }
+        let delimiter = &parent.delimiter;
         let blankable = encoding == Encoding::Base64
             && ctype.is_some()
             && !is("text")
@@ -205,16 +327,30 @@ pub(super) fn skippable_bodies(raw: &[u8], parser: &MessageParser) -> Vec<Range<
         };
         let end = if blankable && raw.get(run_end..).is_some_and(|r| r.starts_with(delimiter)) {
             if run_end > body {
-                found.push(body..run_end);
+                found.push(Skip {
+                    range: body..run_end,
+                    kind: Skipped::Base64,
+                });
             }
             run_end
         } else {
             // every decoder, and its fallback on a decoding error, ends a part at the first
             // delimiter after the body start; none found ends the parse
-            match find(raw, body, delimiter) {
-                Some(i) => i,
-                None => break,
+            let Some(i) = find(raw, body, delimiter) else {
+                break;
+            };
+            let decodes = encoding == Encoding::None
+                || raw.get(body..i).is_some_and(quoted_printable_decodes);
+            if html && i > body && decodes {
+                found.push(Skip {
+                    range: body..i,
+                    kind: Skipped::Html {
+                        boundary: delimiter[2..].to_vec(),
+                        encoding,
+                    },
+                });
             }
+            i
         };
         pos = end + delimiter.len();
         // mail-parser's `is_multipart_end`, repeated while multiparts close
@@ -226,12 +362,12 @@ pub(super) fn skippable_bodies(raw: &[u8], parser: &MessageParser) -> Vec<Range<
                     open.pop();
                     // the enclosing multipart goes on at its next delimiter; at the top, the
                     // parse ends
-                    let Some((parent, _)) = open.last() else {
+                    let Some(parent) = open.last() else {
                         break 'parts;
                     };
-                    match find(raw, pos, parent) {
+                    match find(raw, pos, &parent.delimiter) {
                         Some(i) => {
-                            pos = i + parent.len();
+                            pos = i + parent.delimiter.len();
                             continue;
                         }
                         None => break 'parts,
@@ -245,6 +381,31 @@ pub(super) fn skippable_bodies(raw: &[u8], parser: &MessageParser) -> Vec<Range<
         }
     }
     found
+}
+
+/// Whether mail-parser's quoted-printable decoder reads `body`, a part's body up to the delimiter
+/// that ends it, without an error. Its only error is a `=` met inside an escape: after `=` with
+/// nothing but spaces, tabs, form feeds and CRs since, or after `=` and a hex digit with nothing
+/// but CRs and LFs since (its LF ends only the first state, as a soft line break).
+fn quoted_printable_decodes(body: &[u8]) -> bool {
+    let mut i = 0;
+    while let Some(at) = body.get(i..).and_then(|rest| memchr::memchr(b'=', rest)) {
+        i += at + 1;
+        // inside an escape: after `=`, or after `=` and one hex digit
+        let mut digit = false;
+        while let Some(&c) = body.get(i) {
+            i += 1;
+            match c {
+                b'=' => return false,
+                b'\n' if !digit => break,
+                b'\n' | b'\r' => {}
+                b' ' | b'\t' | 0x0c if !digit => {}
+                c if !digit && HEX_MAP[usize::from(c)] != -1 => digit = true,
+                _ => break,
+            }
+        }
+    }
+    true
 }
 
 /// The first occurrence of `needle` at or after `from`.
@@ -336,7 +497,7 @@ mod tests {
     fn regions(raw: &[u8]) -> Vec<&str> {
         skippable_bodies(raw, &parser())
             .into_iter()
-            .map(|r| std::str::from_utf8(&raw[r]).unwrap())
+            .map(|s| std::str::from_utf8(&raw[s.range]).unwrap())
             .collect()
     }
 
@@ -354,6 +515,121 @@ mod tests {
 
     fn attachment(ctype: &str, body: &str) -> String {
         format!("Content-Type: {ctype}\r\nContent-Transfer-Encoding: base64\r\n\r\n{body}")
+    }
+
+    fn alternative(boundary: &str, plain: &str, html_cte: &str, html: &str) -> String {
+        format!(
+            "From: a@x.test\r\nContent-Type: multipart/alternative; boundary=\"{boundary}\"\r\n\r\n\
+--{boundary}\r\n{plain}\
+--{boundary}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: {html_cte}\r\n\r\n\
+{html}\r\n--{boundary}--\r\n"
+        )
+    }
+
+    const PLAIN: &str = "Content-Type: text/plain; charset=utf-8\r\n\r\nhello\r\n";
+
+    #[test]
+    fn skips_the_html_half_of_an_alternative() {
+        for cte in ["quoted-printable", "7bit", "8bit"] {
+            let html = "<p>hello=20there, a=3Db --not-it</p>=\r\n<p>more</p>";
+            let raw = alternative("=_b-1", PLAIN, cte, html);
+            // up to the delimiter's first `-`: the line end before it goes too
+            assert_eq!(regions(raw.as_bytes()), [format!("{html}\r\n")], "{cte}");
+            let p = parser();
+            let lean = LeanCopy::new(raw.as_bytes(), &p).unwrap();
+            assert!(lean.explains(&p.parse(lean.bytes()).unwrap()), "{cte}");
+        }
+    }
+
+    #[test]
+    fn keeps_html_that_is_read_or_fails_to_decode() {
+        // no plain sibling: the HTML is the text
+        let raw = alternative("b", "", "quoted-printable", "<p>only</p>");
+        assert!(regions(raw.as_bytes()).is_empty());
+        // base64 HTML is text, never skipped as an attachment either
+        let raw = alternative("b", PLAIN, "base64", "PHA+aGk8L3A+");
+        assert!(regions(raw.as_bytes()).is_empty());
+        // the decoder's errors: `=` right after `=`, after `=` and blanks, after `=X` and a line end
+        for html in ["a==b", "a= =b", "a=A\r\n=41", "a=\r=b"] {
+            let raw = alternative("b", PLAIN, "quoted-printable", html);
+            assert!(regions(raw.as_bytes()).is_empty(), "{html:?}");
+        }
+        // never closed: the decoder fails at the end
+        let raw = format!(
+            "From: a@x\r\nContent-Type: multipart/alternative; boundary=b\r\n\r\n--b\r\n{PLAIN}--b\r\n\
+Content-Type: text/html\r\n\r\n<p>cut"
+        );
+        assert!(regions(raw.as_bytes()).is_empty());
+    }
+
+    #[test]
+    fn an_html_part_outside_an_alternative_is_kept() {
+        let raw = mixed(
+            "b1",
+            &[PLAIN, "Content-Type: text/html\r\n\r\n<p>x</p>\r\n"],
+        );
+        assert!(regions(raw.as_bytes()).is_empty());
+    }
+
+    #[test]
+    fn a_lean_copy_with_another_boundary_is_not_explained() {
+        let raw = alternative("b1", PLAIN, "7bit", "<p>x</p>");
+        let p = parser();
+        let lean = LeanCopy::new(raw.as_bytes(), &p).unwrap();
+        // same length, another boundary: the hole no longer ends where the pre-scan ended it
+        let other = String::from_utf8(lean.bytes().to_vec())
+            .unwrap()
+            .replace("b1", "c2");
+        assert!(!lean.explains(&p.parse(&other).unwrap()));
+    }
+
+    /// mail-parser's own quoted-printable decoder on `body` followed by the delimiter of `b`:
+    /// whether it ends at the delimiter without an error.
+    fn mail_parser_decodes(body: &[u8]) -> bool {
+        let mut bytes = body.to_vec();
+        bytes.extend_from_slice(b"--b--\r\n");
+        let mut stream = mail_parser::parsers::MessageStream::new(&bytes);
+        stream.decode_quoted_printable_mime(b"b").0 != usize::MAX
+    }
+
+    #[test]
+    fn quoted_printable_verdicts_are_the_decoders() {
+        for body in [
+            &b""[..],
+            b"plain",
+            b"a=3Db",
+            b"soft=\r\nbreak",
+            b"soft=\nbreak",
+            b"a==b",
+            b"a= =b",
+            b"a=\t\x0c=b",
+            b"a=A=b",
+            b"a=A\r\n=b",
+            b"a=A\nB",
+            b"a=G=b",
+            b"a=-=b",
+            b"end=",
+            b"end=A",
+            b"a=\r=",
+            b"x-=y",
+        ] {
+            assert_eq!(
+                quoted_printable_decodes(body),
+                mail_parser_decodes(body),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_quoted_printable_verdict_is_the_decoders(body in "[=A3g \t\r\n\x0c-]{0,24}") {
+            proptest::prop_assert_eq!(
+                quoted_printable_decodes(body.as_bytes()),
+                mail_parser_decodes(body.as_bytes())
+            );
+        }
     }
 
     #[test]
@@ -403,7 +679,11 @@ mod tests {
                 &attachment("image/png", "iVBORw0KGgo=\r\n"),
             ],
         );
-        assert_eq!(regions(raw.as_bytes()), [PDF, "iVBORw0KGgo=\r\n"]);
+        // the nested alternative's HTML half too
+        assert_eq!(
+            regions(raw.as_bytes()),
+            ["<p>html</p>\r\n", PDF, "iVBORw0KGgo=\r\n"]
+        );
     }
 
     #[test]
