@@ -64,7 +64,7 @@ fn with_lean_parse<T>(
     raw: &[u8],
     then: impl FnOnce(&mail_parser::Message<'_>, usize) -> T,
 ) -> Option<T> {
-    let copy = lean::LeanCopy::new(raw, &FULL_PARSER)?;
+    let copy = lean::LeanCopy::new(raw, &MIME_PARSER)?;
     let msg = FULL_PARSER.parse(copy.bytes())?;
     copy.explains(&msg)
         .then(|| then(&msg, raw.len() - copy.bytes().len()))
@@ -128,6 +128,16 @@ static FULL_PARSER: LazyLock<MessageParser> = LazyLock::new(|| {
         .header_id(HeaderName::InReplyTo)
         .header_id(HeaderName::References)
         .default_header_raw()
+});
+
+/// The lean pre-scan's part headers: the MIME headers, every other header skipped unparsed (the
+/// full parse reads a message's top-level headers again). `LeanCopy::explains` checks what the
+/// pre-scan concluded on the full parse of the lean copy, so a header this parser reads
+/// differently costs a second parse, never a different message.
+static MIME_PARSER: LazyLock<MessageParser> = LazyLock::new(|| {
+    MessageParser::new()
+        .with_mime_headers()
+        .default_header_ignore()
 });
 
 /// The Message-ID parse: every other header is skipped unparsed.

@@ -83,8 +83,9 @@ pub(super) struct LeanCopy {
 }
 
 impl LeanCopy {
-    /// The lean copy of `raw`, or None when there is nothing worth removing. `parser` must be the
-    /// parser the lean copy is then parsed with, so both read the same part headers.
+    /// The lean copy of `raw`, or None when there is nothing worth removing. `parser` reads the
+    /// part headers; it needs the MIME headers only (`explains` checks the result on the parse
+    /// that counts).
     pub(super) fn new(raw: &[u8], parser: &MessageParser) -> Option<LeanCopy> {
         // offsets in mail-parser are u32
         if u32::try_from(raw.len()).is_err() || !(mentions_base64(raw) || mentions_html(raw)) {
