@@ -295,7 +295,11 @@ fn clean_text(t: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         let end = (i + CHUNK).min(bytes.len());
-        if end - i == CHUNK && !bytes[i..end].iter().fold(false, |any, &b| any | needs_look(b)) {
+        if end - i == CHUNK
+            && !bytes[i..end]
+                .iter()
+                .fold(false, |any, &b| any | needs_look(b))
+        {
             i = end;
             continue;
         }
