@@ -263,6 +263,10 @@ pub(super) fn skippable_bodies(raw: &[u8], parser: &MessageParser) -> Vec<Skip> 
             };
         let ctype = ct.map(|c| c.ctype());
         let is = |t: &str| ctype.is_some_and(|c| c.eq_ignore_ascii_case(t));
+        let subtype_is = |t: &str| {
+            ct.and_then(|c| c.subtype())
+                .is_some_and(|s| s.eq_ignore_ascii_case(t))
+        };
 
         if is("multipart")
             && let Some(b) = ct.and_then(|c| c.attribute("boundary"))
@@ -271,14 +275,10 @@ pub(super) fn skippable_bodies(raw: &[u8], parser: &MessageParser) -> Vec<Skip> 
             let delimiter = [b"--", b.as_bytes()].concat();
             if let Some(i) = find(raw, body, &delimiter) {
                 pos = skip_crlf(raw, i + delimiter.len());
-                let subtype = |t: &str| {
-                    ct.and_then(|c| c.subtype())
-                        .is_some_and(|s| s.eq_ignore_ascii_case(t))
-                };
                 open.push(Open {
                     delimiter,
-                    digest: subtype("digest"),
-                    alternative: subtype("alternative"),
+                    digest: subtype_is("digest"),
+                    alternative: subtype_is("alternative"),
                     has_plain: false,
                 });
                 continue;
@@ -302,10 +302,6 @@ pub(super) fn skippable_bodies(raw: &[u8], parser: &MessageParser) -> Vec<Skip> 
         // a leaf; at the top level it runs to the end, so nothing follows it
         let Some(parent) = open.last_mut() else {
             break;
-        };
-        let subtype_is = |t: &str| {
-            ct.and_then(|c| c.subtype())
-                .is_some_and(|s| s.eq_ignore_ascii_case(t))
         };
         let html = parent.alternative
             && parent.has_plain
