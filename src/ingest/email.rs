@@ -188,7 +188,8 @@ struct Fields {
 }
 
 /// `extract`, parsing a copy without the base64 attachment bodies and the HTML halves of
-/// alternatives when that provably gives the same fields (`lean`'s module doc says why); otherwise `extract` itself.
+/// alternatives when that provably gives the same fields (`lean`'s module doc says why);
+/// otherwise `extract` itself.
 fn extract_lean(raw: &[u8]) -> Fields {
     // a panic here says nothing about the original bytes: they get their own parse below
     let lean = catch_unwind(AssertUnwindSafe(|| {

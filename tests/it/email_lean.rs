@@ -1,6 +1,7 @@
 //! `normalize` (which skips decoding base64 attachments and the HTML half of an alternative with
-//! a plain-text half) against `normalize_unoptimized` (which decodes every part): equal `Message`s over the golden corpus and generated bench mail, as sent
-//! and in the variants that break MIME in the ways a server or a sender does.
+//! a plain-text half) against `normalize_unoptimized` (which decodes every part): equal
+//! `Message`s over the golden corpus and generated bench mail, as sent and in the variants that
+//! break MIME in the ways a server or a sender does.
 
 use std::path::Path;
 use std::process::Command;
