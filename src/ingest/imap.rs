@@ -640,9 +640,54 @@ async fn list(session: &mut Session, set: &str, t: Duration) -> Result<Vec<Liste
 
 /// An IMAP date-time (`date-day-fixed`: a single-digit day is space-padded, ` 1-Jul-2025 ...`).
 fn internal_date(text: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_str(text.trim_start(), "%d-%b-%Y %H:%M:%S %z")
-        .ok()
-        .map(|d| d.with_timezone(&Utc))
+    let text = text.trim_start();
+    // read by hand when it has the fixed shape: chrono's parser reads its format string anew
+    // each call, and every listed and fetched UID has a date
+    internal_date_fixed(text.as_bytes()).or_else(|| {
+        DateTime::parse_from_str(text, "%d-%b-%Y %H:%M:%S %z")
+            .ok()
+            .map(|d| d.with_timezone(&Utc))
+    })
+}
+
+/// `dd-Mon-yyyy hh:mm:ss +zzzz` (or `d-Mon-...`) with every field in range, else `None` (chrono
+/// then decides).
+fn internal_date_fixed(b: &[u8]) -> Option<DateTime<Utc>> {
+    const MONTHS: [&[u8]; 12] = [
+        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+        b"Dec",
+    ];
+    let num = |d: &[u8]| -> Option<u32> {
+        d.iter().try_fold(0u32, |n, c| {
+            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+        })
+    };
+    let (day, r) = match b.get(1) {
+        Some(b'-') => b.split_at(1),
+        _ => b.split_at_checked(2)?,
+    };
+    // r: `-Mon-yyyy hh:mm:ss +zzzz`
+    if r.len() != 24 || [r[0], r[4], r[9], r[12], r[15], r[18]] != *b"-- :: " {
+        return None;
+    }
+    let month = MONTHS.iter().position(|m| *m == &r[1..4])?;
+    let date = chrono::NaiveDate::from_ymd_opt(
+        i32::try_from(num(&r[5..9])?).ok()?,
+        u32::try_from(month).ok()? + 1,
+        num(day)?,
+    )?;
+    let time = date.and_hms_opt(num(&r[10..12])?, num(&r[13..15])?, num(&r[16..18])?)?;
+    let (hours, minutes) = (num(&r[20..22])?, num(&r[22..24])?);
+    if hours > 23 || minutes > 59 {
+        return None;
+    }
+    let offset = i64::from(hours * 3600 + minutes * 60);
+    let offset = match r[19] {
+        b'+' => offset,
+        b'-' => -offset,
+        _ => return None,
+    };
+    Some(time.and_utc() - chrono::Duration::seconds(offset))
 }
 
 /// What a source task needs besides the connection.
@@ -873,14 +918,21 @@ impl SourceCtx {
         let stored = self.store.imap_cursor(&self.name, &folder.name).await?;
         // a first run and a UIDVALIDITY change commit a cursor before any batch
         let mut wrote = stored.is_none_or(|c| c.uid_validity != uid_validity);
-        let mut cursor = match stored {
-            None => self.first_run(session, folder, uid_validity).await?,
+        // a first run lists the whole folder for its backfill floor: the pass takes its new UIDs
+        // from that listing rather than listing them a second time
+        let (mut cursor, first_listing) = match stored {
+            None => {
+                let (cursor, listed) = self.first_run(session, folder, uid_validity).await?;
+                (cursor, Some(listed))
+            }
             Some(c) if c.uid_validity != uid_validity => {
                 report.uid_validity_changed = true;
-                self.uid_validity_changed(session, folder, c, uid_validity, &mut report)
-                    .await?
+                let cursor = self
+                    .uid_validity_changed(session, folder, c, uid_validity, &mut report)
+                    .await?;
+                (cursor, None)
             }
-            Some(c) => c,
+            Some(c) => (c, None),
         };
 
         // failures of earlier runs count: `frontdesk sync` starts with an empty tracker each time
@@ -893,8 +945,13 @@ impl SourceCtx {
         }
 
         // new UIDs; `n:*` always includes the highest message, hence the filter
-        let from = cursor.last_uid.saturating_add(1);
-        let mut listed = list(session, &format!("{from}:*"), t).await?;
+        let mut listed = match first_listing {
+            Some(listed) => listed,
+            None => {
+                let from = cursor.last_uid.saturating_add(1);
+                list(session, &format!("{from}:*"), t).await?
+            }
+        };
         listed.retain(|l| l.uid > cursor.last_uid);
         wrote |= !listed.is_empty();
         if !listed.is_empty() {
@@ -987,12 +1044,13 @@ impl SourceCtx {
     }
 
     /// First run: the backfill setting decides where the cursor starts; what it skips is counted.
+    /// Returns the cursor and the folder's listing it was decided on.
     async fn first_run(
         &self,
         session: &mut Session,
         folder: &Folder,
         uid_validity: u32,
-    ) -> Result<ImapCursor, ImapError> {
+    ) -> Result<(ImapCursor, Vec<Listed>), ImapError> {
         let now = Utc::now();
         let listed = list(session, "1:*", self.cfg.timeout).await?;
         let cutoff = match self.cfg.backfill {
@@ -1028,7 +1086,7 @@ impl SourceCtx {
             skipped,
             "first sync of folder"
         );
-        Ok(cursor)
+        Ok((cursor, listed))
     }
 
     /// UIDVALIDITY changed: enumerate the folder, match every message against what is stored by
@@ -1219,7 +1277,7 @@ impl SourceCtx {
                 while let Some(f) = stream.try_next().await? {
                     // normalized as it arrives: the parsing overlaps waiting for the next bytes,
                     // and the commit stage is left with the store's work only
-                    if let Some(raw) = take_fetch(&group, &f) {
+                    if let Some(raw) = take_fetch(&group, &f, todo) {
                         drop(f);
                         answered.insert(raw.uid);
                         if let Some(m) = self.normalize(folder, uid_validity, raw, &mut accounted) {
@@ -1373,14 +1431,13 @@ impl SourceCtx {
                 while let Some(f) = stream.try_next().await.map_err(protocol("uid fetch", t))? {
                     // an unsolicited FETCH (a flag change by another client) or one without a
                     // body is left out; the UID then counts as not answered
-                    let Some(raw) = fetched_body(&f).filter(|r| batch_of.contains_key(&r.uid))
-                    else {
+                    let Some(&i) = f.uid.and_then(|uid| batch_of.get(&uid)) else {
+                        continue;
+                    };
+                    let Some(raw) = fetched_body(&f, &pending[i].todo) else {
                         continue;
                     };
                     drop(f);
-                    let Some(&i) = batch_of.get(&raw.uid) else {
-                        continue;
-                    };
                     if report.lease_lost {
                         continue; // read to the end, committed by the lease's next holder
                     }
@@ -1886,20 +1943,25 @@ async fn join_commit(
 
 /// Keeps the body of one FETCH response; a response without one is left out (the UID then
 /// counts as not answered).
-fn take_fetch(group: &[u32], f: &Fetch) -> Option<RawFetched> {
+fn take_fetch(group: &[u32], f: &Fetch, listed: &[Listed]) -> Option<RawFetched> {
     // an unsolicited FETCH (flag change by another client) is not one of the group's
-    fetched_body(f).filter(|r| group.contains(&r.uid))
+    fetched_body(f, listed).filter(|r| group.contains(&r.uid))
 }
 
-/// The UID, receipt time and a copy of the body of one FETCH response, if it has them.
-fn fetched_body(f: &Fetch) -> Option<RawFetched> {
+/// The UID, receipt time and a copy of the body of one FETCH response, if it has them. The
+/// receipt time is the INTERNALDATE the listing read for the UID (`listed`, sorted by UID; it
+/// never changes for a UID), else the response's own.
+fn fetched_body(f: &Fetch, listed: &[Listed]) -> Option<RawFetched> {
     let uid = f.uid?;
     let body = f.body()?;
+    let listed_date = listed
+        .binary_search_by_key(&uid, |l| l.uid)
+        .ok()
+        .and_then(|i| listed[i].internal_date);
     Some(RawFetched {
         uid,
-        received_at: f
-            .internal_date()
-            .map(|d| d.with_timezone(&Utc))
+        received_at: listed_date
+            .or_else(|| f.internal_date().map(|d| d.with_timezone(&Utc)))
             .unwrap_or_else(Utc::now),
         bytes: body.to_vec(),
     })
@@ -2411,6 +2473,46 @@ mod tests {
             assert_eq!(got.as_deref(), Some(want), "{text:?}");
         }
         assert_eq!(internal_date("yesterday"), None);
+    }
+
+    proptest::proptest! {
+        /// The hand-read date is chrono's, whenever it reads one; and it reads every valid one.
+        #[test]
+        fn internal_dates_read_by_hand_are_chronos(
+            day in 0u32..40,
+            pad in 0u8..3,
+            month in proptest::sample::select(vec![
+                "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov",
+                "Dec", "jul", "Foo",
+            ]),
+            year in 0u32..10000,
+            hms in (0u32..26, 0u32..62, 0u32..62),
+            sign in proptest::sample::select(vec!['+', '-', ' ']),
+            zone in (0u32..30, 0u32..70),
+        ) {
+            let day = match pad {
+                0 => format!("{day:02}"),
+                1 => format!("{day:>2}"),
+                _ => format!("{day}"),
+            };
+            let text = format!(
+                "{day}-{month}-{year:04} {:02}:{:02}:{:02} {sign}{:02}{:02}",
+                hms.0, hms.1, hms.2, zone.0, zone.1
+            );
+            let chrono = DateTime::parse_from_str(text.trim_start(), "%d-%b-%Y %H:%M:%S %z")
+                .ok()
+                .map(|d| d.with_timezone(&Utc));
+            let by_hand = internal_date_fixed(text.trim_start().as_bytes());
+            if by_hand.is_some() {
+                proptest::prop_assert_eq!(by_hand, chrono, "{}", text);
+            }
+            // every date chrono reads with a named month, seconds below 60 and a sign is read by
+            // hand too (chrono alone reads `jul` and leap seconds)
+            if chrono.is_some() && month != "jul" && hms.2 < 60 {
+                proptest::prop_assert!(by_hand.is_some(), "{}", text);
+            }
+            proptest::prop_assert_eq!(internal_date(&text), chrono, "{}", text);
+        }
     }
 
     #[test]

@@ -881,6 +881,54 @@ async fn a_sync_pass_reconciles_its_open_folder_without_examining_it_again() {
     );
 }
 
+/// A first sync lists the folder once: the backfill floor and the pass share one listing (a
+/// second one cost ~35 ms of a 10,000-message first sync), and each message is dated by the
+/// INTERNALDATE listed for it. A later pass lists only what is above its cursor.
+#[tokio::test]
+async fn a_first_sync_lists_the_folder_once_and_dates_messages_by_it() {
+    let fake = FakeImap::start(Script {
+        uid_validity: 4,
+        messages: mailbox(&[1, 2, 3]),
+        ..Script::default()
+    });
+    let (dir, cfg) = sync_setup(fake.port, "");
+    let db = dir.path().join("frontdesk.db");
+    let listings = |fake: &FakeImap| -> Vec<String> {
+        fake.commands()
+            .into_iter()
+            .filter(|c| c.starts_with("UID FETCH") && c.ends_with("(UID RFC822.SIZE INTERNALDATE)"))
+            .collect()
+    };
+    let (code, out, err) = run_sync(&cfg);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("3 new"), "{out}");
+    assert_eq!(
+        listings(&fake),
+        ["UID FETCH 1:* (UID RFC822.SIZE INTERNALDATE)"]
+    );
+    // the fake lists and fetches every message at 01-Jul-2025 10:00:00 +0000
+    assert_eq!(
+        ints(&db, "SELECT received_at FROM messages ORDER BY id").await,
+        [Some(1_751_364_000_000); 3]
+    );
+
+    fake.with(|s| {
+        s.messages.insert(4, message(4));
+        s.messages.insert(5, message(5));
+    });
+    let (code, out, err) = run_sync(&cfg);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 new"), "{out}");
+    assert_eq!(
+        listings(&fake),
+        [
+            "UID FETCH 1:* (UID RFC822.SIZE INTERNALDATE)",
+            "UID FETCH 4:* (UID RFC822.SIZE INTERNALDATE)"
+        ]
+    );
+    assert_eq!(stored(&db).await.len(), 5);
+}
+
 #[tokio::test]
 async fn a_search_cut_by_a_closed_connection_records_no_figures() {
     let fake = FakeImap::start(Script {

@@ -41,6 +41,7 @@
 //!   otherwise straddle `R` and be found in one copy but not the other.
 
 use std::ops::Range;
+use std::sync::LazyLock;
 
 use mail_parser::decoders::quoted_printable::HEX_MAP;
 use mail_parser::{
@@ -200,8 +201,11 @@ fn any_boundary_has_newline(msg: &Message<'_>) -> bool {
 /// Whether `text/html` or `text/HTML` appears, `text` in any case: a message without either has
 /// no HTML part worth the walk (other spellings only miss the shortcut).
 fn mentions_html(raw: &[u8]) -> bool {
-    [&b"/html"[..], b"/HTML"].iter().any(|needle| {
-        memmem::find_iter(raw, needle).any(|i| {
+    // searchers built once: building one cost more than a short message's search
+    static NEEDLES: LazyLock<[memmem::Finder<'static>; 2]> =
+        LazyLock::new(|| [memmem::Finder::new(b"/html"), memmem::Finder::new(b"/HTML")]);
+    NEEDLES.iter().any(|needle| {
+        needle.find_iter(raw).any(|i| {
             i >= 4
                 && raw
                     .get(i - 4..i)
@@ -213,7 +217,8 @@ fn mentions_html(raw: &[u8]) -> bool {
 /// Whether `base64` appears in any case: a message without it has no base64 part, and mail
 /// without it or `text/html` skips the walk on these scans.
 fn mentions_base64(raw: &[u8]) -> bool {
-    memmem::find_iter(raw, b"64").any(|i| {
+    static NEEDLE: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"64"));
+    NEEDLE.find_iter(raw).any(|i| {
         i >= 4
             && raw
                 .get(i - 4..i)
@@ -223,8 +228,8 @@ fn mentions_base64(raw: &[u8]) -> bool {
 
 /// An open multipart in the pre-scan.
 struct Open {
-    /// `--` + its boundary.
-    delimiter: Vec<u8>,
+    /// Finds `--` + its boundary (built once per multipart, not once per part).
+    delimiter: memmem::Finder<'static>,
     /// multipart/digest: parts without a type are messages.
     digest: bool,
     /// multipart/alternative.
@@ -272,9 +277,9 @@ pub(super) fn skippable_bodies(raw: &[u8], parser: &MessageParser) -> Vec<Skip> 
             && let Some(b) = ct.and_then(|c| c.attribute("boundary"))
             && !b.is_empty()
         {
-            let delimiter = [b"--", b.as_bytes()].concat();
+            let delimiter = memmem::Finder::new(&[b"--", b.as_bytes()].concat()).into_owned();
             if let Some(i) = find(raw, body, &delimiter) {
-                pos = skip_crlf(raw, i + delimiter.len());
+                pos = skip_crlf(raw, i + delimiter.needle().len());
                 open.push(Open {
                     delimiter,
                     digest: subtype_is("digest"),
@@ -322,7 +327,11 @@ pub(super) fn skippable_bodies(raw: &[u8], parser: &MessageParser) -> Vec<Skip> 
         } else {
             body
         };
-        let end = if blankable && raw.get(run_end..).is_some_and(|r| r.starts_with(delimiter)) {
+        let end = if blankable
+            && raw
+                .get(run_end..)
+                .is_some_and(|r| r.starts_with(delimiter.needle()))
+        {
             if run_end > body {
                 found.push(Skip {
                     range: body..run_end,
@@ -342,14 +351,14 @@ pub(super) fn skippable_bodies(raw: &[u8], parser: &MessageParser) -> Vec<Skip> 
                 found.push(Skip {
                     range: body..i,
                     kind: Skipped::Html {
-                        boundary: delimiter[2..].to_vec(),
+                        boundary: delimiter.needle()[2..].to_vec(),
                         encoding,
                     },
                 });
             }
             i
         };
-        pos = end + delimiter.len();
+        pos = end + delimiter.needle().len();
         // mail-parser's `is_multipart_end`, repeated while multiparts close
         loop {
             match (raw.get(pos), raw.get(pos + 1)) {
@@ -364,7 +373,7 @@ pub(super) fn skippable_bodies(raw: &[u8], parser: &MessageParser) -> Vec<Skip> 
                     };
                     match find(raw, pos, &parent.delimiter) {
                         Some(i) => {
-                            pos = i + parent.delimiter.len();
+                            pos = i + parent.delimiter.needle().len();
                             continue;
                         }
                         None => break 'parts,
@@ -405,9 +414,9 @@ fn quoted_printable_decodes(body: &[u8]) -> bool {
     true
 }
 
-/// The first occurrence of `needle` at or after `from`.
-fn find(raw: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
-    memmem::find(raw.get(from..)?, needle).map(|i| from + i)
+/// The first occurrence of the finder's needle at or after `from`.
+fn find(raw: &[u8], from: usize, needle: &memmem::Finder<'_>) -> Option<usize> {
+    needle.find(raw.get(from..)?).map(|i| from + i)
 }
 
 /// mail-parser's `skip_crlf`: spaces, tabs and CRs, then at most one LF.
