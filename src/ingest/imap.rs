@@ -953,6 +953,8 @@ impl SourceCtx {
             }
         };
         listed.retain(|l| l.uid > cursor.last_uid);
+        // a first run's listing covers the whole folder, most of it below a backfill floor
+        listed.shrink_to_fit();
         wrote |= !listed.is_empty();
         if !listed.is_empty() {
             // UIDs accounted for ahead of the cursor (UIDVALIDITY matches) are not fetched again;
