@@ -306,9 +306,11 @@ fn clean_text(t: &str) -> String {
         }
         while i < end {
             let b = bytes[i];
-            let skip = if (b < 0x20 && b != b'\n' && b != b'\t') || b == 0x7f {
+            let skip = if !needs_look(b) {
+                0
+            } else if b != 0xc2 {
                 1
-            } else if b == 0xc2 && bytes.get(i + 1).is_some_and(|n| (0x80..=0x9f).contains(n)) {
+            } else if bytes.get(i + 1).is_some_and(|n| (0x80..=0x9f).contains(n)) {
                 2
             } else {
                 0
