@@ -971,7 +971,19 @@ impl SourceCtx {
             };
             let mut pipe = CommitPipeline::new(listed.len() as u64);
             pipe.report_progress(folder, progress);
-            let all = batches(&listed, self.cfg.batch_size.max(1) as usize);
+            // a batch that failed before is fetched and committed one UID at a time: the culprit
+            // is found, and what comes before it commits even when no connection lives long
+            // enough to fetch the whole batch (a flaky link, a slow server)
+            let all: Vec<&[Listed]> = batches(&listed, self.cfg.batch_size.max(1) as usize)
+                .into_iter()
+                .flat_map(|b| {
+                    if b.iter().any(|l| poison.attempts(&folder.name, l.uid) > 0) {
+                        b.chunks(1).collect()
+                    } else {
+                        vec![b]
+                    }
+                })
+                .collect();
             let mut next = 0;
             while next < all.len() {
                 if lease.check().await.is_err() {
@@ -1239,8 +1251,8 @@ impl SourceCtx {
     }
 
     /// Fetches `todo` (all UIDs of one batch not yet known) for a commit with the cursor at
-    /// `last`. A failing batch is retried one UID at a time; a UID failing on its own
-    /// `POISON_ATTEMPTS` times is quarantined so it cannot stall the folder.
+    /// `last`. A UID failing on its own `POISON_ATTEMPTS` times is quarantined so it cannot
+    /// stall the folder.
     #[allow(clippy::too_many_arguments)]
     async fn fetch_batch(
         &self,
@@ -1254,24 +1266,16 @@ impl SourceCtx {
     ) -> Result<Fetched, ImapError> {
         let t = self.cfg.timeout;
         let (wanted, mut accounted) = self.fetchable(folder, todo, poison);
-        // a batch that failed before is fetched one UID at a time, so the culprit is found
-        let suspicious = wanted.iter().any(|u| poison.attempts(&folder.name, *u) > 0);
-        let groups: Vec<Vec<u32>> = if suspicious {
-            wanted.iter().map(|u| vec![*u]).collect()
-        } else if wanted.is_empty() {
-            Vec::new()
-        } else {
-            vec![wanted.clone()]
-        };
         let mut messages = Vec::with_capacity(wanted.len());
         let mut answered = HashSet::new();
-        for group in groups {
+        // `sync_folder` hands a batch that failed before over one UID at a time
+        if !wanted.is_empty() {
             // each response's body is copied out as it streams in and the response dropped:
             // async-imap keeps a buffer per response
             let fetched = async {
                 let stream = session
                     .uid_fetch(
-                        uid_set(&group),
+                        uid_set(&wanted),
                         "(UID INTERNALDATE RFC822.SIZE BODY.PEEK[])",
                     )
                     .await?;
@@ -1279,7 +1283,7 @@ impl SourceCtx {
                 while let Some(f) = stream.try_next().await? {
                     // normalized as it arrives: the parsing overlaps waiting for the next bytes,
                     // and the commit stage is left with the store's work only
-                    if let Some(raw) = take_fetch(&group, &f, todo) {
+                    if let Some(raw) = take_fetch(&wanted, &f, todo) {
                         drop(f);
                         answered.insert(raw.uid);
                         if let Some(m) = self.normalize(folder, uid_validity, raw, &mut accounted) {
@@ -1292,13 +1296,17 @@ impl SourceCtx {
             .await;
             if let Err(e) = fetched {
                 let err = protocol("uid fetch", t)(e);
-                self.fetch_failed(poison, folder, uid_validity, &group, &err)
-                    .await;
+                self.fetch_failed(
+                    poison,
+                    folder,
+                    uid_validity,
+                    &blamed(&wanted, &answered),
+                    &err,
+                )
+                .await;
                 return Err(err);
             }
-            // checked per group, so a failure counts against the UIDs that failed, not against
-            // those fetched after them
-            let missing: Vec<u32> = group
+            let missing: Vec<u32> = wanted
                 .iter()
                 .copied()
                 .filter(|u| !answered.contains(u))
@@ -1330,7 +1338,7 @@ impl SourceCtx {
     ///
     /// `run` holds per batch: the UIDs to fetch, the batch's last listed UID (its cursor) and how
     /// many listed UIDs it covers. A batch whose UIDs do not all arrive is settled after the
-    /// FETCH ends, the way `fetch_batch` settles a group (`check_unanswered`).
+    /// FETCH ends, the way `fetch_batch` settles its batch (`check_unanswered`).
     ///
     /// The folder's lease is checked before each batch is handed over, as `sync_folder` checks
     /// it before each batch it fetches alone. Once it is lost nothing more is committed: the rest
@@ -1459,23 +1467,15 @@ impl SourceCtx {
             }
             .await;
             if let Err(err) = streamed {
-                // the messages of the batches not handed over yet are fetched again; the ones
-                // that did not arrive count a failure (a store error is not theirs)
-                let mut unsettled: Vec<u32> = pending[ready..]
+                // the messages of the batches not handed over yet are fetched again; the one in
+                // flight counts a failure (a store error is not its)
+                let unsettled: Vec<u32> = pending[ready..]
                     .iter()
                     .flat_map(|p| p.wanted.iter().copied())
-                    .filter(|u| !answered.contains(u))
                     .collect();
-                if unsettled.is_empty() {
-                    // everything arrived and the command still failed: as `fetch_batch` does, the
-                    // whole unsettled remainder counts it, so a repeat is fetched one by one
-                    unsettled = pending[ready..]
-                        .iter()
-                        .flat_map(|p| p.wanted.iter().copied())
-                        .collect();
-                }
                 if !matches!(err, ImapError::Store(_)) {
-                    self.fetch_failed(poison, folder, uid_validity, &unsettled, &err)
+                    let blamed = blamed(&unsettled, &answered);
+                    self.fetch_failed(poison, folder, uid_validity, &blamed, &err)
                         .await;
                 }
                 return Err(err);
@@ -1990,6 +1990,20 @@ fn fetch_run_len(batches: &[&[Listed]], folder: &str, poison: &PoisonTracker) ->
     n.max(1)
 }
 
+/// The UIDs a failed FETCH of `wanted` counts against: the first one that did not arrive, or all
+/// of `wanted` when every one arrived and the command still failed.
+///
+/// Servers answer a UID FETCH in UID order, so the first missing UID was in flight when the
+/// command failed: the message that broke it, or one a network fault happened to cut. Blaming
+/// every UID not yet sent made one cut connection during a large sync send the whole rest of
+/// the folder down the one-UID-at-a-time path (a round trip each).
+fn blamed(wanted: &[u32], answered: &HashSet<u32>) -> Vec<u32> {
+    match wanted.iter().find(|u| !answered.contains(u)) {
+        Some(u) => vec![*u],
+        None => wanted.to_vec(),
+    }
+}
+
 /// Splits listed messages into batches of at most `max` messages and about `MAX_BATCH_BYTES`.
 fn batches(listed: &[Listed], max: usize) -> Vec<&[Listed]> {
     let mut out = Vec::new();
@@ -2217,6 +2231,7 @@ pub async fn run(ctx: SourceCtx, core: Arc<Notify>, shutdown: CancellationToken)
                 _ = shutdown.cancelled() => break,
             }
         }
+        let before = committed_cursors(&ctx).await;
         let result = watch(
             &ctx,
             &mut leases,
@@ -2226,22 +2241,44 @@ pub async fn run(ctx: SourceCtx, core: Arc<Notify>, shutdown: CancellationToken)
             &shutdown,
         )
         .await;
-        match result {
+        let e = match result {
             Ok(Exit::Shutdown) => break,
             Ok(Exit::NoLease) => continue,
-            Err(e) => {
-                warn!(source = %ctx.name, error = %e, "imap source failed; reconnecting");
-                record_health(&ctx, Some(&e)).await;
-            }
+            Err(e) => e,
+        };
+        // a connection that committed something before it failed was not a failed attempt: on
+        // a link that drops every few seconds the sync still moves, and backing off further
+        // each time would stretch it from minutes to hours
+        let progressed = committed_cursors(&ctx).await != before;
+        if progressed {
+            backoff.reset();
         }
         let delay = backoff.next_delay();
-        debug!(source = %ctx.name, delay_ms = delay.as_millis() as u64, "reconnect backoff");
+        warn!(
+            source = %ctx.name,
+            error = %e,
+            progressed,
+            retry_in_ms = delay.as_millis() as u64,
+            "imap source failed; reconnecting"
+        );
+        record_health(&ctx, Some(&e)).await;
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => break,
         }
     }
     leases.release_all().await;
+}
+
+/// Each folder's committed cursor (UIDVALIDITY, highest UID), to tell whether a connection made
+/// progress; a folder whose cursor cannot be read counts as unchanged.
+async fn committed_cursors(ctx: &SourceCtx) -> Vec<Option<(u32, u32)>> {
+    let mut out = Vec::with_capacity(ctx.cfg.folders.len());
+    for folder in &ctx.cfg.folders {
+        let cursor = ctx.store.imap_cursor(&ctx.name, &folder.name).await;
+        out.push(cursor.ok().flatten().map(|c| (c.uid_validity, c.last_uid)));
+    }
+    out
 }
 
 /// Why a connection's life ended without an error.
