@@ -2249,7 +2249,8 @@ pub async fn run(ctx: SourceCtx, core: Arc<Notify>, shutdown: CancellationToken)
         // a connection that committed something before it failed was not a failed attempt: on
         // a link that drops every few seconds the sync still moves, and backing off further
         // each time would stretch it from minutes to hours
-        let progressed = committed_cursors(&ctx).await != before;
+        let after = committed_cursors(&ctx).await;
+        let progressed = matches!((&before, &after), (Some(b), Some(a)) if a != b);
         if progressed {
             backoff.reset();
         }
@@ -2271,14 +2272,14 @@ pub async fn run(ctx: SourceCtx, core: Arc<Notify>, shutdown: CancellationToken)
 }
 
 /// Each folder's committed cursor (UIDVALIDITY, highest UID), to tell whether a connection made
-/// progress; a folder whose cursor cannot be read counts as unchanged.
-async fn committed_cursors(ctx: &SourceCtx) -> Vec<Option<(u32, u32)>> {
+/// progress; `None` when one cannot be read (the store is failing: no progress is claimed).
+async fn committed_cursors(ctx: &SourceCtx) -> Option<Vec<Option<(u32, u32)>>> {
     let mut out = Vec::with_capacity(ctx.cfg.folders.len());
     for folder in &ctx.cfg.folders {
-        let cursor = ctx.store.imap_cursor(&ctx.name, &folder.name).await;
-        out.push(cursor.ok().flatten().map(|c| (c.uid_validity, c.last_uid)));
+        let cursor = ctx.store.imap_cursor(&ctx.name, &folder.name).await.ok()?;
+        out.push(cursor.map(|c| (c.uid_validity, c.last_uid)));
     }
-    out
+    Some(out)
 }
 
 /// Why a connection's life ended without an error.
