@@ -27,7 +27,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let count = store.message_count().await?;
     if count < MESSAGES {
         let started = Instant::now();
-        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display())).await?;
+        let pool = frontdesk::store::pool_options::<sqlx::Sqlite>()
+            .connect(&format!("sqlite://{}", path.display()))
+            .await?;
         // 100,000 inbound messages over the last 35 days from 20,000 senders in 4 sources.
         sqlx::query(
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) \

@@ -47,13 +47,31 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use tokio_util::sync::CancellationToken;
 
 pub(crate) use backend::{Driver, PgDb, Qb, SqliteDb, Tx};
 
 use crate::config::Storage;
+
+/// Pool options for every pool frontdesk opens: sqlx's defaults without its maintenance task.
+///
+/// sqlx (up to 0.9.0 at least) can wedge that task in a loop that never yields: `release`
+/// makes a connection acquirable before it counts it idle, a concurrent pop can take the count
+/// below zero, and the task's sweep `for _ in 0..num_idle()` then runs ~2^64 synchronous
+/// iterations (transact-rs/sqlx#3645, fix in #4289). That pins a tokio worker at 100% CPU and,
+/// with a task stranded in the worker's LIFO slot, hangs whatever waits on it: it hung a test of
+/// ours for 16 minutes. With neither an idle timeout nor a maximum lifetime (and no minimum
+/// connection count) sqlx spawns no such task. Nothing is lost by it: SQLite connections are
+/// local files, and a PostgreSQL connection the server dropped is caught by
+/// `test_before_acquire`.
+pub fn pool_options<DB: sqlx::Database>() -> sqlx::pool::PoolOptions<DB> {
+    sqlx::pool::PoolOptions::new()
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .min_connections(0)
+}
 
 /// Why a store operation failed; callers map `Unavailable` to "retry later" (503, backoff).
 #[derive(Debug, thiserror::Error)]
@@ -158,7 +176,7 @@ impl Store {
         // No ping before each acquire: sqlx already pings a connection when it comes back to the
         // pool, and a local SQLite connection has no network to lose in between. On the single
         // writer the extra round trip through sqlx's worker was on every writer's path.
-        let writer = SqlitePoolOptions::new()
+        let writer = pool_options::<sqlx::Sqlite>()
             .max_connections(1)
             .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(30))
@@ -169,7 +187,7 @@ impl Store {
             .run(&writer)
             .await
             .map_err(|e| open_err(format!("migration failed: {e}")))?;
-        let reader = SqlitePoolOptions::new()
+        let reader = pool_options::<sqlx::Sqlite>()
             .max_connections(4)
             .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(30))
@@ -202,9 +220,8 @@ impl Store {
         if let Some(p) = password {
             options = options.password(p);
         }
-        let pool = PgPoolOptions::new()
+        let pool = pool_options::<sqlx::Postgres>()
             .max_connections(16)
-            .min_connections(0)
             // While the server is down, acquiring retries the connection until this timeout: the
             // bound on how long a webhook waits for its 503 (reliability.md L1: never > 3 s).
             .acquire_timeout(Duration::from_secs(2))

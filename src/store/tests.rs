@@ -50,6 +50,31 @@ async fn durability_pragmas_are_in_force() {
     assert_eq!(sync, 2, "synchronous must be FULL");
 }
 
+/// Regression (a test hung 16 minutes at 100% CPU in sqlx's pool maintenance task,
+/// transact-rs/sqlx#3645): no pool of the store gives sqlx a reason to spawn that task.
+#[tokio::test]
+async fn no_pool_runs_sqlx_maintenance_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("q.db")).await.unwrap();
+    let db = store.sqlite().unwrap();
+    for (name, options) in [
+        ("writer", db.writer.options()),
+        ("reader", db.reader.options()),
+    ] {
+        assert_eq!(
+            (
+                options.get_idle_timeout(),
+                options.get_max_lifetime(),
+                options.get_min_connections()
+            ),
+            (None, None, 0),
+            "{name}"
+        );
+    }
+    let pg = super::pool_options::<sqlx::Postgres>();
+    assert_eq!((pg.get_idle_timeout(), pg.get_max_lifetime()), (None, None));
+}
+
 #[tokio::test]
 async fn unwritable_path_names_the_path() {
     let dir = tempfile::tempdir().unwrap();
@@ -150,7 +175,7 @@ async fn migration_6_moves_core_state_out_of_messages() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("old.db");
     {
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        let pool = super::pool_options::<sqlx::Sqlite>()
             .max_connections(1)
             .connect_with(
                 sqlx::sqlite::SqliteConnectOptions::new()

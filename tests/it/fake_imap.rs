@@ -925,7 +925,7 @@ fn run_sync(cfg: &std::path::Path) -> (i32, String, String) {
 
 /// The rows of one query of integers, read-only.
 async fn ints(db: &std::path::Path, sql: &'static str) -> Vec<Option<i64>> {
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+    let pool = frontdesk::store::pool_options::<sqlx::Sqlite>()
         .connect(&format!("sqlite://{}?mode=ro", db.display()))
         .await
         .unwrap();

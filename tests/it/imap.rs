@@ -8,7 +8,6 @@ use std::time::{Duration, Instant, SystemTime};
 use frontdesk::config::{self, Config};
 use frontdesk::ingest::imap::{self, ImapError, PoisonTracker, SourceCtx};
 use frontdesk::store::{MessageFilter, Store};
-use sqlx::sqlite::SqlitePoolOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::rig::Rig;
@@ -100,7 +99,7 @@ impl Setup {
 
     /// A pool of its own on the store's SQLite database.
     async fn sqlite_pool(&self) -> sqlx::SqlitePool {
-        SqlitePoolOptions::new()
+        frontdesk::store::pool_options::<sqlx::Sqlite>()
             .connect(&format!(
                 "sqlite://{}/frontdesk.db",
                 self.dir.path().display()
@@ -112,7 +111,10 @@ impl Setup {
     /// Runs `sql` on the store's database from a connection of its own.
     async fn execute(&self, sql: &'static str) {
         if let Some(url) = &self.pg_url {
-            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            let pool = frontdesk::store::pool_options::<sqlx::Postgres>()
+                .connect(url)
+                .await
+                .unwrap();
             sqlx::raw_sql(sql).execute(&pool).await.unwrap();
             pool.close().await;
             return;
@@ -127,7 +129,10 @@ impl Setup {
         const SQL: &str =
             "SELECT message_id, direction, in_reply_to, automation FROM messages ORDER BY id";
         if let Some(url) = &self.pg_url {
-            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            let pool = frontdesk::store::pool_options::<sqlx::Postgres>()
+                .connect(url)
+                .await
+                .unwrap();
             let rows = sqlx::query_as(SQL).fetch_all(&pool).await.unwrap();
             pool.close().await;
             return rows;

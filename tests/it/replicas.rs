@@ -84,7 +84,7 @@ impl Pg {
     }
 
     async fn pool(&self) -> PgPool {
-        sqlx::postgres::PgPoolOptions::new()
+        frontdesk::store::pool_options::<sqlx::Postgres>()
             .max_connections(2)
             .connect(&self.url)
             .await

@@ -515,7 +515,7 @@ pub async fn stored_messages(db: &Path) -> Vec<(String, Option<String>, Vec<u8>)
 /// leaves unsynced writes unsynced; read-write opens as a restarted daemon would (WAL recovery
 /// may write, and the last connection to close checkpoints, which syncs).
 pub async fn open_sqlite(db: &Path, read_only: bool) -> Result<sqlx::SqlitePool, sqlx::Error> {
-    sqlx::sqlite::SqlitePoolOptions::new()
+    frontdesk::store::pool_options::<sqlx::Sqlite>()
         .max_connections(1)
         .connect_with(
             sqlx::sqlite::SqliteConnectOptions::new()

@@ -186,7 +186,10 @@ impl Daemon {
     async fn stored_rows(&self, source: &str) -> (String, Vec<(i64, String, Vec<u8>)>) {
         const SQL: &str = "SELECT id, origin_key, raw FROM messages WHERE source = $1";
         if let Some(url) = &self.pg_url {
-            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            let pool = frontdesk::store::pool_options::<sqlx::Postgres>()
+                .connect(url)
+                .await
+                .unwrap();
             let rows = sqlx::query_as(SQL)
                 .bind(source)
                 .fetch_all(&pool)
@@ -195,7 +198,7 @@ impl Daemon {
             pool.close().await;
             return ("ok".into(), rows);
         }
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        let pool = frontdesk::store::pool_options::<sqlx::Sqlite>()
             .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(self.db()))
             .await
             .unwrap();
@@ -217,7 +220,7 @@ impl Daemon {
         let Some(url) = &self.pg_url else {
             return row_count(&self.db(), source).await;
         };
-        let pool = sqlx::postgres::PgPoolOptions::new()
+        let pool = frontdesk::store::pool_options::<sqlx::Postgres>()
             .max_connections(1)
             .connect(url)
             .await
@@ -1013,7 +1016,7 @@ async fn bad_input_catalogue() {
         .await;
         assert!(matches!(r.status, 200 | 422), "{r:?}");
     }
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+    let pool = frontdesk::store::pool_options::<sqlx::Sqlite>()
         .connect_with(
             sqlx::sqlite::SqliteConnectOptions::new()
                 .filename(d.db())
@@ -1484,7 +1487,7 @@ async fn power_loss_keeps_every_acknowledged_webhook() {
     fs.power_cut();
     // What a reboot finds: the backing files alone.
     let db = backing.join("state/fd.db");
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+    let pool = frontdesk::store::pool_options::<sqlx::Sqlite>()
         .max_connections(1)
         .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&db))
         .await
