@@ -862,7 +862,14 @@ impl SourceCtx {
         }
     }
 
-    /// One pass over every folder this replica holds the lease of, on an open session.
+    /// One pass over every folder this replica holds the lease of, on an open session: the
+    /// `sent` folders first, then the others in their configured order.
+    ///
+    /// The team's replies go in before the client messages they answer: otherwise a core step
+    /// between the two (woken by any other source, or by a deadline) sees every answered client
+    /// message of a first sync, or of a catch-up after downtime, as past due and alerts on it. A
+    /// client message stored after its reply is replayed in receipt order (`core`), so its
+    /// target is fulfilled by then and never alerted.
     pub async fn sync_folders(
         &self,
         session: &mut Session,
@@ -871,7 +878,7 @@ impl SourceCtx {
         progress: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<Vec<FolderReport>, ImapError> {
         let mut reports = Vec::new();
-        for folder in &self.cfg.folders {
+        for folder in self.folders_in_sync_order() {
             let Some(lease) = leases.held_mut(&folder.name) else {
                 continue;
             };
@@ -881,6 +888,13 @@ impl SourceCtx {
             );
         }
         Ok(reports)
+    }
+
+    /// The folders in the order a pass syncs them: `sent` first (see [`SourceCtx::sync_folders`]).
+    pub fn folders_in_sync_order(&self) -> impl Iterator<Item = &Folder> {
+        let folders = &self.cfg.folders;
+        let sent = folders.iter().filter(|f| f.role == FolderRole::Sent);
+        sent.chain(folders.iter().filter(|f| f.role != FolderRole::Sent))
     }
 
     /// Syncs one folder: first-run backfill, UIDVALIDITY reconciliation, then new UIDs in batches.

@@ -488,3 +488,155 @@ channels:
     assert_eq!(acme["median_business_s"], 90 * 60, "{out}");
     assert_eq!(acme["share_met"], 0.0, "{out}");
 }
+
+/// Connecting a mailbox whose history was answered long ago must not alert: on the first pass
+/// every client message is past due until the team's reply to it is in. The Sent folder is
+/// therefore synced before the inbox, so no core step (woken here by a busy web form) can see a
+/// client message without its reply. The one message nobody answered still alerts.
+#[test]
+fn a_first_sync_of_answered_history_alerts_only_for_the_unanswered_message() {
+    const ANSWERED: usize = 40;
+    let rig = crate::rig::Rig::shared();
+    let user = rig.new_mailbox("corehist");
+    let asked = chrono::Utc::now() - chrono::TimeDelta::days(10);
+    let at = |t: chrono::DateTime<chrono::Utc>| Some(std::time::SystemTime::from(t));
+    let client = |i: usize| format!("client{i}@mail.example");
+    let mut inbox: Vec<_> = (0..ANSWERED)
+        .map(|i| {
+            let sent = asked + chrono::TimeDelta::minutes(i as i64);
+            let raw = mail(
+                &client(i),
+                "support@shop.test",
+                &format!("Order {i}"),
+                &format!("q{i}@mail"),
+                None,
+            );
+            (raw, at(sent))
+        })
+        .collect();
+    inbox.push((
+        mail(
+            "lost@mail.example",
+            "support@shop.test",
+            "Anyone there?",
+            "lost@mail",
+            None,
+        ),
+        at(asked),
+    ));
+    rig.append_many_dated(&user, "INBOX", inbox);
+    rig.append_many_dated(
+        &user,
+        "Sent",
+        (0..ANSWERED).map(|i| {
+            let raw = mail(
+                "maria@example.com",
+                &client(i),
+                &format!("Re: Order {i}"),
+                &format!("r{i}@shop"),
+                Some(&format!("q{i}@mail")),
+            );
+            (raw, at(asked + chrono::TimeDelta::minutes(i as i64 + 30)))
+        }),
+    );
+    let yaml = format!(
+        r#"storage:
+  sqlite: {{dir}}/frontdesk.db
+server:
+  listen: 127.0.0.1:{{port}}
+team:
+  - name: Maria
+    email: [maria@example.com]
+sources:
+  - name: mail
+    imap:
+      host: localhost
+      port: {port}
+      tls: implicit
+      ca_file: {ca}
+      username: {user}
+      password: secret
+      backfill: all
+      batch_size: 4
+      folders: [{{name: INBOX, role: inbound}}, {{name: Sent, role: sent}}]
+  - name: form
+    webhook:
+      preset: form
+      auth: {{ scheme: none }}
+responsibilities:
+  - owner: Maria
+sla:
+  policies:
+    - {{ name: standard, first_reply: 1h, next_reply: 4h, calendar: always, warn_before: 30m }}
+channels:
+  - name: out
+    email: {{ file: "{{dir}}/outbox", from: "fd@example.com", to: [a@example.com] }}
+alerts:
+  channel: out
+  on: [sla_warning, sla_breach]
+"#,
+        port = rig.imaps_port,
+        ca = rig.ca.display(),
+    );
+    let d = TestDaemon::start_with(&yaml, &[], tempfile::tempdir().unwrap());
+
+    // A busy web form wakes the core again and again while the mailbox is synced.
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let form = {
+        let busy = busy.clone();
+        let port = d.port;
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while busy.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let body = format!("name=Web&email=web@form.example&message=ping+{n}");
+                let (code, text) = http_request(
+                    port,
+                    "POST",
+                    "/hooks/form",
+                    &[
+                        ("Content-Type", "application/x-www-form-urlencoded"),
+                        ("Idempotency-Key", &format!("ping-{n}")),
+                    ],
+                    body.as_bytes(),
+                )
+                .unwrap();
+                assert_eq!(code, 200, "{text}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            n
+        })
+    };
+    let mut last = Vec::new();
+    let settled = wait_until(Duration::from_secs(60), || {
+        last = conversations(&d);
+        let mail_rows = last.iter().filter(|r| r["client"] != "web@form.example");
+        let (idle, other): (Vec<_>, Vec<_>) = mail_rows.partition(|r| r["state"] == "idle");
+        idle.len() == ANSWERED
+            && other.len() == 1
+            && other[0]["client"] == "lost@mail.example"
+            && other[0]["state"] == "breached"
+    });
+    busy.store(false, std::sync::atomic::Ordering::Relaxed);
+    let pings = form.join().unwrap();
+    assert!(settled, "not settled within 60 s: {last:#?}");
+    assert!(pings > 1, "the form woke the core only {pings} time(s)");
+
+    let lost = last
+        .iter()
+        .find(|r| r["client"] == "lost@mail.example")
+        .and_then(|r| r["id"].as_i64())
+        .unwrap_or_else(|| panic!("no id for lost@mail.example: {last:#?}"));
+    let keys = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = open_store(&d.dir.path().join("frontdesk.db"), None).await;
+        store.sla_alert_keys().await.unwrap()
+    });
+    let mut keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    keys.sort_unstable();
+    // (no warning: the target was past due when first seen)
+    assert_eq!(
+        keys,
+        [format!("breach:{lost}:1")],
+        "only the unanswered message alerts (conversations: {last:#?})"
+    );
+}
