@@ -9,9 +9,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
-use sqlx::pool::PoolConnection;
 use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{Connection, PgPool, Postgres, Sqlite, SqlitePool, Transaction};
+use sqlx::{PgPool, Postgres, Sqlite, SqlitePool, Transaction};
 
 use super::Error;
 
@@ -129,63 +128,6 @@ impl SqliteDb {
     /// Starts a read-only transaction on a reader connection: one consistent snapshot.
     pub(crate) async fn begin_read(&self) -> Result<Transaction<'static, Sqlite>, Error> {
         Ok(self.reader.begin().await?)
-    }
-
-    /// Takes the writer connection for commits that must be atomic but need no fsync of their
-    /// own (see [`UnsyncedWriter`]).
-    pub(crate) async fn unsynced_writer(&self) -> Result<UnsyncedWriter, Error> {
-        let mut conn = self.writer.acquire().await?;
-        if let Err(e) = sqlx::query("PRAGMA synchronous = NORMAL")
-            .execute(&mut *conn)
-            .await
-        {
-            conn.close_on_drop();
-            return Err(e.into());
-        }
-        Ok(UnsyncedWriter {
-            conn,
-            restored: false,
-        })
-    }
-}
-
-/// The writer connection switched to `synchronous=NORMAL`: its commits write their WAL frames
-/// without waiting for an fsync, and stay atomic (a power loss rolls the WAL back to an earlier
-/// commit, never into the middle of one).
-///
-/// For IMAP batches, whose only acknowledgement is their own cursor, committed in the same
-/// transaction: losing the last batches to a power loss means fetching them again, nothing more.
-/// The connection goes back to the pool only through [`UnsyncedWriter::restore`], which sets
-/// `synchronous=FULL` again; dropped any other way (an error, a cancelled task) it is closed, so
-/// no other writer can ever commit on it without the fsync its caller relies on.
-pub(crate) struct UnsyncedWriter {
-    conn: PoolConnection<Sqlite>,
-    restored: bool,
-}
-
-impl UnsyncedWriter {
-    /// Starts a write transaction (`BEGIN IMMEDIATE`) on the connection.
-    pub(crate) async fn begin(&mut self) -> Result<Transaction<'_, Sqlite>, Error> {
-        // a COMMIT that failed earlier on this connection leaves sqlx unable to begin on it
-        // (see `begin_write`): the error closes it, and the caller's next attempt gets a new one
-        Ok(self.conn.begin_with("BEGIN IMMEDIATE").await?)
-    }
-
-    /// Sets `synchronous=FULL` again and gives the connection back to the pool.
-    pub(crate) async fn restore(mut self) -> Result<(), Error> {
-        sqlx::query("PRAGMA synchronous = FULL")
-            .execute(&mut *self.conn)
-            .await?;
-        self.restored = true;
-        Ok(())
-    }
-}
-
-impl Drop for UnsyncedWriter {
-    fn drop(&mut self) {
-        if !self.restored {
-            self.conn.close_on_drop();
-        }
     }
 }
 

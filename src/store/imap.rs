@@ -9,7 +9,8 @@ use serde::Serialize;
 use sqlx::Row;
 
 use super::backend::Driver;
-use super::messages::{StagedBody, sha256};
+use super::messages::{RawStagedInserter, StagedBody, sha256};
+use super::sqlite_raw::{RawDb, Value};
 use super::wal_sync::WalFile;
 use super::{Backend, Error, Store, Tx, from_ms, to_ms};
 
@@ -263,7 +264,8 @@ impl Store {
     /// transaction: after a crash either all of it is there or none of it, so the cursor never
     /// runs ahead. Batches of one folder must commit in the order they were fetched.
     ///
-    /// On SQLite the commit is atomic but not yet durable (see `UnsyncedWriter`): a batch's only
+    /// On SQLite the commit is atomic but not yet durable (`synchronous=NORMAL`, see
+    /// `SqliteDb::commit_imap_batch_raw`): a batch's only
     /// acknowledgement is its own cursor, so a power loss can at worst make the folder's last
     /// batches be fetched again. [`Store::make_durable`] ends a pass, and the checkpointer syncs
     /// the WAL before it copies any of it. The fsync per batch (two per batch with the checkpoints,
@@ -288,14 +290,7 @@ impl Store {
             now,
         };
         match &self.backend {
-            Backend::Sqlite(db) => {
-                let mut writer = db.unsynced_writer().await?;
-                let mut tx = writer.begin().await?;
-                let out = db.write_imap_batch(&mut tx, batch).await?;
-                tx.commit().await?;
-                writer.restore().await?;
-                Ok(out)
-            }
+            Backend::Sqlite(db) => db.commit_imap_batch_raw(batch).await,
             Backend::Postgres(db) => {
                 let mut tx = db.begin_write().await?;
                 let out = db.write_imap_batch(&mut tx, batch).await?;
@@ -723,6 +718,155 @@ impl super::backend::SqliteDb {
     }
 }
 
+impl super::backend::SqliteDb {
+    /// [`Store::commit_staged_imap_batch`] on SQLite: the whole transaction stepped on the writer
+    /// connection's raw handle on a blocking thread ([`super::sqlite_raw`] says why). It cost
+    /// sqlx's worker about a fifth of an initial sync's CPU in statement round trips, argument
+    /// copies and thread wake-ups (bench/README.md, session 12).
+    ///
+    /// `synchronous=NORMAL` for this transaction only: its commit writes the WAL frames without
+    /// waiting for an fsync and stays atomic (a power loss rolls the WAL back to an earlier
+    /// commit, never into the middle of one). A batch's only acknowledgement is its own cursor,
+    /// committed with it, so losing the last batches to a power loss means fetching them again,
+    /// nothing more. FULL is set again before the connection goes back to the pool; on any error
+    /// the transaction is rolled back and the connection closed rather than reused, so no other
+    /// writer can ever commit on it without the fsync it relies on. A caller cancelled meanwhile (shutdown) leaves the commit to
+    /// finish or fail as a whole on its thread.
+    async fn commit_imap_batch_raw(&self, batch: BatchWrite<'_>) -> Result<BatchOutcome, Error> {
+        let mut conn = self.writer.acquire().await?;
+        let owned = OwnedBatchWrite {
+            source: batch.source.to_string(),
+            folder: batch.folder.to_string(),
+            messages: batch.messages,
+            accounted: batch.accounted.to_vec(),
+            cursor: *batch.cursor,
+            now: batch.now,
+        };
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let done = match rt.block_on(conn.lock_handle()) {
+                Ok(mut handle) => {
+                    // SAFETY: `handle` locks the connection until the end of this arm: sqlx's
+                    // worker makes no call on it meanwhile, and `db` (with every statement
+                    // prepared on it) is dropped first.
+                    let db = unsafe { RawDb::new(handle.as_raw_handle()) };
+                    transact_imap_batch(&db, &owned)
+                }
+                Err(e) => Err(e.into()),
+            };
+            if done.is_err() {
+                conn.close_on_drop();
+            }
+            done
+        })
+        .await
+        .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)))?
+    }
+}
+
+/// A [`BatchWrite`] owned, for the blocking thread that commits it.
+struct OwnedBatchWrite {
+    source: String,
+    folder: String,
+    messages: Vec<(Message, StagedBody)>,
+    accounted: Vec<AccountedUid>,
+    cursor: ImapCursor,
+    now: DateTime<Utc>,
+}
+
+/// `BEGIN IMMEDIATE`, the batch's writes, `COMMIT` on a raw handle, with `synchronous=NORMAL` for
+/// the transaction only (SQLite refuses the change inside one); rolled back on any error.
+fn transact_imap_batch(db: &RawDb<'_>, batch: &OwnedBatchWrite) -> Result<BatchOutcome, Error> {
+    db.exec("PRAGMA synchronous = NORMAL")?;
+    db.exec("BEGIN IMMEDIATE")?;
+    let done = write_imap_batch_raw(db, batch)
+        .and_then(|out| db.exec("COMMIT").map_err(Error::from).map(|()| out));
+    if done.is_err() {
+        let _ = db.exec("ROLLBACK");
+    }
+    let out = done?;
+    db.exec("PRAGMA synchronous = FULL")?;
+    Ok(out)
+}
+
+/// The writes of `write_imap_batch`, statement for statement, on a raw handle inside its
+/// transaction.
+fn write_imap_batch_raw(db: &RawDb<'_>, batch: &OwnedBatchWrite) -> Result<BatchOutcome, Error> {
+    let OwnedBatchWrite {
+        source,
+        folder,
+        messages,
+        accounted,
+        cursor,
+        now,
+    } = batch;
+    let mut out = BatchOutcome::default();
+    let mut insert = RawStagedInserter::new(db)?;
+    for (m, staged) in messages {
+        if insert.insert(m, *staged, *now)? {
+            out.inserted += 1;
+        } else {
+            out.duplicates += 1;
+        }
+    }
+    drop(insert);
+    let validity = Value::Int(i64::from(cursor.uid_validity));
+    if !accounted.is_empty() {
+        let mut stmt = db.prepare(INSERT_ACCOUNTED)?;
+        for a in accounted {
+            stmt.bind_all(&[
+                Value::Text(source),
+                Value::Text(folder),
+                validity,
+                Value::Int(i64::from(a.uid)),
+                Value::Text(a.kind.as_str()),
+                Value::Text(&a.detail),
+                a.raw.as_deref().map_or(Value::Null, Value::Blob),
+                Value::Int(to_ms(*now)),
+            ])?;
+            while stmt.step()? {}
+        }
+    }
+    let mut stmt = db.prepare(CLEAR_POISON)?;
+    stmt.bind_all(&[
+        Value::Text(source),
+        Value::Text(folder),
+        validity,
+        Value::Int(i64::from(cursor.last_uid)),
+    ])?;
+    while stmt.step()? {}
+    let mut stmt = db.prepare(UPSERT_CURSOR)?;
+    stmt.bind_all(&[
+        Value::Text(source),
+        Value::Text(folder),
+        validity,
+        Value::Int(i64::from(cursor.last_uid)),
+        Value::Int(to_ms(*now)),
+        Value::Int(i64::from(cursor.backfill_floor)),
+        Value::Int(i64::try_from(cursor.backfill_skipped).unwrap_or(i64::MAX)),
+        cursor.backfill_cutoff.map(to_ms).into(),
+    ])?;
+    while stmt.step()? {}
+    Ok(out)
+}
+
+/// Records a UID accounted for without a row (one per `AccountedUid`).
+const INSERT_ACCOUNTED: &str = "INSERT INTO imap_accounted (source, folder, uid_validity, uid, \
+     kind, detail, raw, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING";
+
+/// Forgets the failure counts of UIDs a commit passes, or of an older UIDVALIDITY.
+const CLEAR_POISON: &str = "DELETE FROM imap_poison WHERE source = ? AND folder = ? \
+     AND (uid_validity != ? OR uid <= ?)";
+
+/// Sets a folder's cursor.
+const UPSERT_CURSOR: &str = "INSERT INTO imap_cursors (source, folder, uid_validity, last_uid, \
+     updated_at, backfill_floor, backfill_skipped, backfill_cutoff) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+     ON CONFLICT (source, folder) DO UPDATE SET uid_validity = excluded.uid_validity, \
+     last_uid = excluded.last_uid, updated_at = excluded.updated_at, \
+     backfill_floor = excluded.backfill_floor, backfill_skipped = excluded.backfill_skipped, \
+     backfill_cutoff = excluded.backfill_cutoff";
+
 /// A fetched batch made ready for its commit (`Store::stage_imap_batch`).
 #[derive(Debug)]
 pub struct StagedBatch {
@@ -740,8 +884,9 @@ struct BatchWrite<'a> {
     now: DateTime<Utc>,
 }
 
-twin_impl! {
-    /// The writes of [`Store::commit_imap_batch`] inside the caller's transaction.
+impl super::backend::PgDb {
+    /// The writes of [`Store::commit_imap_batch`] inside the caller's transaction (PostgreSQL;
+    /// SQLite's are `write_imap_batch_raw`).
     async fn write_imap_batch(
         &self,
         tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
@@ -781,49 +926,37 @@ twin_impl! {
             out.duplicates += rows.saturating_sub(new);
         }
         for a in accounted {
-            sqlx::query(self.sql(
-                "INSERT INTO imap_accounted (source, folder, uid_validity, uid, kind, detail, raw, at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            ))
+            sqlx::query(self.sql(INSERT_ACCOUNTED))
+                .bind(source)
+                .bind(folder)
+                .bind(i64::from(cursor.uid_validity))
+                .bind(i64::from(a.uid))
+                .bind(a.kind.as_str())
+                .bind(&a.detail)
+                .bind(a.raw.as_deref())
+                .bind(to_ms(now))
+                .execute(&mut **tx)
+                .await?;
+        }
+        // failure counts of UIDs this commit passes (or of an older UIDVALIDITY) are done with
+        sqlx::query(self.sql(CLEAR_POISON))
             .bind(source)
             .bind(folder)
             .bind(i64::from(cursor.uid_validity))
-            .bind(i64::from(a.uid))
-            .bind(a.kind.as_str())
-            .bind(&a.detail)
-            .bind(a.raw.as_deref())
-            .bind(to_ms(now))
+            .bind(i64::from(cursor.last_uid))
             .execute(&mut **tx)
             .await?;
-        }
-        // failure counts of UIDs this commit passes (or of an older UIDVALIDITY) are done with
-        sqlx::query(self.sql(
-            "DELETE FROM imap_poison WHERE source = ? AND folder = ? AND (uid_validity != ? OR uid <= ?)",
-        ))
-        .bind(source)
-        .bind(folder)
-        .bind(i64::from(cursor.uid_validity))
-        .bind(i64::from(cursor.last_uid))
-        .execute(&mut **tx)
-        .await?;
-        sqlx::query(self.sql(
-            "INSERT INTO imap_cursors (source, folder, uid_validity, last_uid, updated_at, \
-             backfill_floor, backfill_skipped, backfill_cutoff) VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (source, folder) DO UPDATE SET uid_validity = excluded.uid_validity, \
-             last_uid = excluded.last_uid, updated_at = excluded.updated_at, \
-             backfill_floor = excluded.backfill_floor, backfill_skipped = excluded.backfill_skipped, \
-             backfill_cutoff = excluded.backfill_cutoff",
-        ))
-        .bind(source)
-        .bind(folder)
-        .bind(i64::from(cursor.uid_validity))
-        .bind(i64::from(cursor.last_uid))
-        .bind(to_ms(now))
-        .bind(i64::from(cursor.backfill_floor))
-        .bind(i64::try_from(cursor.backfill_skipped).unwrap_or(i64::MAX))
-        .bind(cursor.backfill_cutoff.map(to_ms))
-        .execute(&mut **tx)
-        .await?;
+        sqlx::query(self.sql(UPSERT_CURSOR))
+            .bind(source)
+            .bind(folder)
+            .bind(i64::from(cursor.uid_validity))
+            .bind(i64::from(cursor.last_uid))
+            .bind(to_ms(now))
+            .bind(i64::from(cursor.backfill_floor))
+            .bind(i64::try_from(cursor.backfill_skipped).unwrap_or(i64::MAX))
+            .bind(cursor.backfill_cutoff.map(to_ms))
+            .execute(&mut **tx)
+            .await?;
         Ok(out)
     }
 }

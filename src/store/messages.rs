@@ -103,6 +103,14 @@ const INSERT_ONE: &str = concat!(
      ON CONFLICT (source, origin_key) DO NOTHING RETURNING id"
 );
 
+/// One row insert with its body's place in the bodies file (an IMAP batch on the raw path);
+/// nothing on a known origin.
+const INSERT_ONE_PLACED: &str = concat!(
+    insert_into_messages_placed!(),
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+     ON CONFLICT (source, origin_key) DO NOTHING RETURNING id"
+);
+
 /// The id of a stored origin (a duplicate's answer).
 const LOOKUP_ID: &str = "SELECT id FROM messages WHERE source = ? AND origin_key = ?";
 
@@ -210,195 +218,210 @@ pub(crate) async fn insert_message(
     })
 }
 
-/// `insert_messages` for messages the caller gives up, when only the number of new rows matters:
-/// their raw bytes and text are moved into the statement instead of copied (an IMAP sync writes
-/// every byte of the mailbox through here), and no row ids come back (sqlx hands each returned
-/// row to the caller's task on its own, a thread wake-up per message). Each message comes with
-/// its staged body (`Store::stage_imap_batch`). Returns how many rows were new; the rest were
-/// duplicates.
-pub(crate) async fn insert_owned_messages(
-    &self,
-    tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
-    msgs: Vec<(Message, StagedBody)>,
-    now: DateTime<Utc>,
-) -> Result<u64, Error> {
-    let (msgs, staged): (Vec<_>, Vec<_>) =
-        msgs.into_iter().map(|(m, s)| (Cow::Owned(m), s)).unzip();
-    match self
-        .insert_message_rows(tx, msgs, Some(&staged), now, false)
-        .await?
-    {
-        Inserted::Rows(rows) => Ok(rows.iter().filter(|r| !r.duplicate).count() as u64),
-        Inserted::New(n) => Ok(n),
-    }
 }
 
-/// The insert behind `insert_messages` and `insert_owned_messages`.
-async fn insert_message_rows<'m>(
-    &self,
-    tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
-    mut msgs: Vec<Cow<'m, Message>>,
-    staged: Option<&[StagedBody]>,
-    now: DateTime<Utc>,
-    with_ids: bool,
-) -> Result<Inserted, Error> {
-    /// Rows per statement: 21 binds each stays far below SQLite's 32,766-variable limit.
-    const CHUNK: usize = 400;
-    struct Prepared<'m> {
-        msg: &'m Message,
-        body: usize,
-        cols: MessageColumns,
+impl super::backend::PgDb {
+    /// `insert_messages` for messages the caller gives up, when only the number of new rows matters:
+    /// their raw bytes and text are moved into the statement instead of copied (an IMAP sync writes
+    /// every byte of the mailbox through here), and no row ids come back (sqlx hands each returned
+    /// row to the caller's task on its own, a thread wake-up per message). Each message comes with
+    /// its staged body (`Store::stage_imap_batch`). Returns how many rows were new; the rest were
+    /// duplicates.
+    pub(crate) async fn insert_owned_messages(
+        &self,
+        tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
+        msgs: Vec<(Message, StagedBody)>,
+        now: DateTime<Utc>,
+    ) -> Result<u64, Error> {
+        let (msgs, staged): (Vec<_>, Vec<_>) =
+            msgs.into_iter().map(|(m, s)| (Cow::Owned(m), s)).unzip();
+        match self
+            .insert_message_rows(tx, msgs, Some(&staged), now, false)
+            .await?
+        {
+            Inserted::Rows(rows) => Ok(rows.iter().filter(|r| !r.duplicate).count() as u64),
+            Inserted::New(n) => Ok(n),
+        }
     }
-    // a staged body whose bytes went to the bodies file has left its message's `raw` empty: a
-    // row without its place would point nowhere
-    if staged.is_some_and(|s| s.len() != msgs.len()) {
-        return Err(Error::Corrupt {
-            table: "messages",
-            reason: "bodies staged for a different number of messages".into(),
-        });
-    }
-    let staged_of = |i: usize| staged.and_then(|all| all.get(i)).copied();
-    let place_of = |i: usize| staged_of(i).and_then(|s| s.place);
-    // the columns (the hash among them, unless staged) are taken before an owned body is moved
-    // out of its message
-    let cols = msgs
-        .iter()
-        .enumerate()
-        .map(|(i, m)| MessageColumns::of(m, staged_of(i).map(|s| s.sha)))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut bodies: Vec<Option<Body<'m>>> = msgs
-        .iter_mut()
-        .enumerate()
-        .map(|(i, m)| {
-            // `*m`: a borrowed message's reference is copied out with its full lifetime
-            let (raw, text) = match *m {
-                Cow::Borrowed(b) => (
-                    Cow::Borrowed(b.raw.as_slice()),
-                    b.text.as_deref().map(Cow::Borrowed),
-                ),
-                Cow::Owned(ref mut o) => (
-                    Cow::Owned(std::mem::take(&mut o.raw)),
-                    o.text.take().map(Cow::Owned),
-                ),
-            };
-            // a body in the bodies file leaves `raw` empty (its hash was taken above)
-            let raw = if place_of(i).is_some() { Cow::Borrowed(&b""[..]) } else { raw };
-            Some((raw, text))
-        })
-        .collect();
-    let mut first_of: std::collections::HashMap<(&str, String), usize> =
-        std::collections::HashMap::new();
-    let mut slot = Vec::with_capacity(msgs.len());
-    let mut unique: Vec<Prepared<'_>> = Vec::new();
-    for (i, (msg, c)) in msgs.iter().zip(cols).enumerate() {
-        let msg: &Message = msg;
-        match first_of.get(&(msg.source.as_str(), c.key.clone())) {
-            Some(&u) => slot.push((u, true)),
-            None => {
-                first_of.insert((msg.source.as_str(), c.key.clone()), unique.len());
-                slot.push((unique.len(), false));
-                unique.push(Prepared {
-                    msg,
-                    body: i,
-                    cols: c,
-                });
+
+    /// The insert behind `insert_messages` and `insert_owned_messages`.
+    async fn insert_message_rows<'m>(
+        &self,
+        tx: &mut sqlx::Transaction<'_, <Self as Driver>::Db>,
+        mut msgs: Vec<Cow<'m, Message>>,
+        staged: Option<&[StagedBody]>,
+        now: DateTime<Utc>,
+        with_ids: bool,
+    ) -> Result<Inserted, Error> {
+        /// Rows per statement: 21 binds each stays far below SQLite's 32,766-variable limit.
+        const CHUNK: usize = 400;
+        struct Prepared<'m> {
+            msg: &'m Message,
+            body: usize,
+            cols: MessageColumns,
+        }
+        // a staged body whose bytes went to the bodies file has left its message's `raw` empty: a
+        // row without its place would point nowhere
+        if staged.is_some_and(|s| s.len() != msgs.len()) {
+            return Err(Error::Corrupt {
+                table: "messages",
+                reason: "bodies staged for a different number of messages".into(),
+            });
+        }
+        let staged_of = |i: usize| staged.and_then(|all| all.get(i)).copied();
+        let place_of = |i: usize| staged_of(i).and_then(|s| s.place);
+        // the columns (the hash among them, unless staged) are taken before an owned body is moved
+        // out of its message
+        let cols = msgs
+            .iter()
+            .enumerate()
+            .map(|(i, m)| MessageColumns::of(m, staged_of(i).map(|s| s.sha)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut bodies: Vec<Option<Body<'m>>> = msgs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, m)| {
+                // `*m`: a borrowed message's reference is copied out with its full lifetime
+                let (raw, text) = match *m {
+                    Cow::Borrowed(b) => (
+                        Cow::Borrowed(b.raw.as_slice()),
+                        b.text.as_deref().map(Cow::Borrowed),
+                    ),
+                    Cow::Owned(ref mut o) => (
+                        Cow::Owned(std::mem::take(&mut o.raw)),
+                        o.text.take().map(Cow::Owned),
+                    ),
+                };
+                // a body in the bodies file leaves `raw` empty (its hash was taken above)
+                let raw = if place_of(i).is_some() {
+                    Cow::Borrowed(&b""[..])
+                } else {
+                    raw
+                };
+                Some((raw, text))
+            })
+            .collect();
+        let mut first_of: std::collections::HashMap<(&str, String), usize> =
+            std::collections::HashMap::new();
+        let mut slot = Vec::with_capacity(msgs.len());
+        let mut unique: Vec<Prepared<'_>> = Vec::new();
+        for (i, (msg, c)) in msgs.iter().zip(cols).enumerate() {
+            let msg: &Message = msg;
+            match first_of.get(&(msg.source.as_str(), c.key.clone())) {
+                Some(&u) => slot.push((u, true)),
+                None => {
+                    first_of.insert((msg.source.as_str(), c.key.clone()), unique.len());
+                    slot.push((unique.len(), false));
+                    unique.push(Prepared {
+                        msg,
+                        body: i,
+                        cols: c,
+                    });
+                }
             }
         }
-    }
-    let mut ids: std::collections::HashMap<(String, String), i64> =
-        std::collections::HashMap::new();
-    let stored_at = to_ms(now);
-    let mut new_rows = 0u64;
-    // Two replicas inserting overlapping keys in different orders would deadlock on
-    // PostgreSQL's unique index; one global order (source, key) cannot.
-    let mut order: Vec<&Prepared<'_>> = unique.iter().collect();
-    if <Self as super::Driver>::PG {
-        order.sort_by(|a, b| (a.msg.source.as_str(), a.cols.key.as_str()).cmp(&(b.msg.source.as_str(), b.cols.key.as_str())));
-    }
-    for chunk in order.chunks(CHUNK) {
-        let mut qb = Qb::<Self>::new(insert_into_messages_placed!());
-        let rows = chunk.iter().map(|p| {
-            (*p, bodies[p.body].take().unwrap_or_default(), place_of(p.body))
-        });
-        qb.push_values(rows, |mut b, (p, (raw, text), place)| {
-            let (m, c) = (p.msg, &p.cols);
-            b.push_bind(m.source.as_str())
-                .push_bind(c.key.as_str())
-                .push_bind(c.origin_json.as_str())
-                .push_bind(m.direction.as_str())
-                .push_bind(to_ms(m.received_at))
-                .push_bind(m.sent_at.map(to_ms))
-                .push_bind(m.from.as_ref().map(|a| a.addr.as_str()))
-                .push_bind(m.from.as_ref().and_then(|a| a.name.as_deref()))
-                .push_bind(c.to_json.as_str())
-                .push_bind(m.subject.as_deref())
-                .push_bind(text)
-                .push_bind(m.message_id.as_deref())
-                .push_bind(c.irt_json.as_str())
-                .push_bind(c.refs_json.as_str())
-                .push_bind(m.thread_key.as_deref())
-                .push_bind(automation_str(m.automation))
-                .push_bind(m.parse.as_str())
-                .push_bind(parse_reason(m))
-                .push_bind(raw)
-                .push_bind(c.sha.as_str())
-                .push_bind(stored_at)
-                .push_bind(place.map(|p| p.at as i64))
-                .push_bind(place.map(|p| p.len as i64));
-        });
+        let mut ids: std::collections::HashMap<(String, String), i64> =
+            std::collections::HashMap::new();
+        let stored_at = to_ms(now);
+        let mut new_rows = 0u64;
+        // Two replicas inserting overlapping keys in different orders would deadlock on
+        // PostgreSQL's unique index; one global order (source, key) cannot.
+        let mut order: Vec<&Prepared<'_>> = unique.iter().collect();
+        if <Self as super::Driver>::PG {
+            order.sort_by(|a, b| {
+                (a.msg.source.as_str(), a.cols.key.as_str())
+                    .cmp(&(b.msg.source.as_str(), b.cols.key.as_str()))
+            });
+        }
+        for chunk in order.chunks(CHUNK) {
+            let mut qb = Qb::<Self>::new(insert_into_messages_placed!());
+            let rows = chunk.iter().map(|p| {
+                (
+                    *p,
+                    bodies[p.body].take().unwrap_or_default(),
+                    place_of(p.body),
+                )
+            });
+            qb.push_values(rows, |mut b, (p, (raw, text), place)| {
+                let (m, c) = (p.msg, &p.cols);
+                b.push_bind(m.source.as_str())
+                    .push_bind(c.key.as_str())
+                    .push_bind(c.origin_json.as_str())
+                    .push_bind(m.direction.as_str())
+                    .push_bind(to_ms(m.received_at))
+                    .push_bind(m.sent_at.map(to_ms))
+                    .push_bind(m.from.as_ref().map(|a| a.addr.as_str()))
+                    .push_bind(m.from.as_ref().and_then(|a| a.name.as_deref()))
+                    .push_bind(c.to_json.as_str())
+                    .push_bind(m.subject.as_deref())
+                    .push_bind(text)
+                    .push_bind(m.message_id.as_deref())
+                    .push_bind(c.irt_json.as_str())
+                    .push_bind(c.refs_json.as_str())
+                    .push_bind(m.thread_key.as_deref())
+                    .push_bind(automation_str(m.automation))
+                    .push_bind(m.parse.as_str())
+                    .push_bind(parse_reason(m))
+                    .push_bind(raw)
+                    .push_bind(c.sha.as_str())
+                    .push_bind(stored_at)
+                    .push_bind(place.map(|p| p.at as i64))
+                    .push_bind(place.map(|p| p.len as i64));
+            });
+            if !with_ids {
+                qb.push(" ON CONFLICT (source, origin_key) DO NOTHING");
+                // Not kept in the connection's statement cache: each row count is its own statement,
+                // and up to 100 prepared 40-64-row inserts held ~5 MB of an IMAP sync's 32 MB budget
+                // (bench/README.md, session 8); preparing one costs far less than its rows' writes.
+                new_rows += qb
+                    .build()
+                    .persistent(false)
+                    .execute(&mut **tx)
+                    .await?
+                    .rows_affected();
+                continue;
+            }
+            // RETURNING order is unspecified in SQLite, so rows are matched by their key.
+            qb.push(
+                " ON CONFLICT (source, origin_key) DO NOTHING RETURNING id, source, origin_key",
+            );
+            let rows: Vec<(i64, String, String)> = qb.build_query_as().fetch_all(&mut **tx).await?;
+            for (id, source, key) in rows {
+                ids.insert((source, key), id);
+            }
+        }
         if !with_ids {
-            qb.push(" ON CONFLICT (source, origin_key) DO NOTHING");
-            // Not kept in the connection's statement cache: each row count is its own statement,
-            // and up to 100 prepared 40-64-row inserts held ~5 MB of an IMAP sync's 32 MB budget
-            // (bench/README.md, session 8); preparing one costs far less than its rows' writes.
-            new_rows += qb
-                .build()
-                .persistent(false)
-                .execute(&mut **tx)
-                .await?
-                .rows_affected();
-            continue;
+            return Ok(Inserted::New(new_rows));
         }
-        // RETURNING order is unspecified in SQLite, so rows are matched by their key.
-        qb.push(" ON CONFLICT (source, origin_key) DO NOTHING RETURNING id, source, origin_key");
-        let rows: Vec<(i64, String, String)> = qb.build_query_as().fetch_all(&mut **tx).await?;
-        for (id, source, key) in rows {
-            ids.insert((source, key), id);
-        }
-    }
-    if !with_ids {
-        return Ok(Inserted::New(new_rows));
-    }
-    let mut by_unique = Vec::with_capacity(unique.len());
-    for p in &unique {
-        match ids.get(&(p.msg.source.clone(), p.cols.key.clone())) {
-            Some(&id) => by_unique.push(Ingested {
-                id,
-                duplicate: false,
-            }),
-            None => {
-                let (id,): (i64,) =
-                    sqlx::query_as(self.sql(LOOKUP_ID))
+        let mut by_unique = Vec::with_capacity(unique.len());
+        for p in &unique {
+            match ids.get(&(p.msg.source.clone(), p.cols.key.clone())) {
+                Some(&id) => by_unique.push(Ingested {
+                    id,
+                    duplicate: false,
+                }),
+                None => {
+                    let (id,): (i64,) = sqlx::query_as(self.sql(LOOKUP_ID))
                         .bind(&p.msg.source)
                         .bind(&p.cols.key)
                         .fetch_one(&mut **tx)
                         .await?;
-                by_unique.push(Ingested {
-                    id,
-                    duplicate: true,
-                });
+                    by_unique.push(Ingested {
+                        id,
+                        duplicate: true,
+                    });
+                }
             }
         }
+        Ok(Inserted::Rows(
+            slot.into_iter()
+                .map(|(u, repeated)| Ingested {
+                    id: by_unique[u].id,
+                    duplicate: repeated || by_unique[u].duplicate,
+                })
+                .collect(),
+        ))
     }
-    Ok(Inserted::Rows(
-        slot.into_iter()
-            .map(|(u, repeated)| Ingested {
-                id: by_unique[u].id,
-                duplicate: repeated || by_unique[u].duplicate,
-            })
-            .collect(),
-    ))
-}
 }
 
 impl super::backend::PgDb {
@@ -606,6 +629,76 @@ impl<'c, 'h> RawMessageInserter<'c, 'h> {
             id,
             duplicate: true,
         })
+    }
+}
+
+/// Inserts staged messages (`Store::stage_imap_batch`) one statement step at a time on a raw
+/// SQLite handle: the IMAP commit's path, [`super::sqlite_raw`] says why.
+pub(crate) struct RawStagedInserter<'c, 'h> {
+    insert: super::sqlite_raw::Stmt<'c, 'h>,
+}
+
+impl<'c, 'h> RawStagedInserter<'c, 'h> {
+    /// Prepares the statement on `db`.
+    pub(crate) fn new(
+        db: &'c super::sqlite_raw::RawDb<'h>,
+    ) -> Result<Self, super::sqlite_raw::RawError> {
+        Ok(RawStagedInserter {
+            insert: db.prepare(INSERT_ONE_PLACED)?,
+        })
+    }
+
+    /// Stores `msg` with its staged body unless its origin exists; true when a row was added.
+    pub(crate) fn insert(
+        &mut self,
+        msg: &Message,
+        staged: StagedBody,
+        stored_at: DateTime<Utc>,
+    ) -> Result<bool, Error> {
+        use super::sqlite_raw::Value;
+        let c = MessageColumns::of(msg, Some(staged.sha))?;
+        // a body in the bodies file left `raw` empty; one still held is stored in the row
+        let (at, len) = match staged.place {
+            Some(p) => (
+                Some(i64::try_from(p.at).unwrap_or(i64::MAX)),
+                Some(i64::try_from(p.len).unwrap_or(i64::MAX)),
+            ),
+            None => (None, None),
+        };
+        let raw: &[u8] = if staged.place.is_some() {
+            &[]
+        } else {
+            &msg.raw
+        };
+        self.insert.bind_all(&[
+            Value::Text(&msg.source),
+            Value::Text(&c.key),
+            Value::Text(&c.origin_json),
+            Value::Text(msg.direction.as_str()),
+            Value::Int(to_ms(msg.received_at)),
+            msg.sent_at.map(to_ms).into(),
+            msg.from.as_ref().map(|a| a.addr.as_str()).into(),
+            msg.from.as_ref().and_then(|a| a.name.as_deref()).into(),
+            Value::Text(&c.to_json),
+            msg.subject.as_deref().into(),
+            msg.text.as_deref().into(),
+            msg.message_id.as_deref().into(),
+            Value::Text(&c.irt_json),
+            Value::Text(&c.refs_json),
+            msg.thread_key.as_deref().into(),
+            Value::Text(automation_str(msg.automation)),
+            Value::Text(msg.parse.as_str()),
+            parse_reason(msg).into(),
+            Value::Blob(raw),
+            Value::Text(&c.sha),
+            Value::Int(to_ms(stored_at)),
+            at.into(),
+            len.into(),
+        ])?;
+        let added = self.insert.step()?;
+        // run to completion so the statement is reset for the next message
+        while self.insert.step()? {}
+        Ok(added)
     }
 }
 
