@@ -76,6 +76,12 @@ const MAX_BATCH_BYTES: u64 = 1024 * 1024;
 const FETCH_RUN_BYTES: u64 = 8 * 1024 * 1024;
 /// A UID that failed this many times on its own is quarantined.
 const POISON_ATTEMPTS: u32 = 3;
+
+/// How many times over its life a UID quarantined after failed fetches is fetched again.
+const QUARANTINE_RETRIES: u32 = 3;
+
+/// How long after its quarantine, and after each retry, such a UID is fetched again.
+const QUARANTINE_RETRY_AFTER: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(5 * 60);
@@ -1063,12 +1069,94 @@ impl SourceCtx {
             }
             pipe.settle(folder, &mut report, progress).await?;
         }
+        if !report.lease_lost {
+            report.inserted += self
+                .retry_quarantined(session, folder, uid_validity)
+                .await?;
+        }
         // the batches committed without an fsync each (`Store::commit_imap_batch`); a pass that
         // wrote nothing (the daemon's every poll and IDLE wake-up without new mail) syncs nothing
         if wrote {
             self.store.make_durable().await?;
         }
         Ok(report)
+    }
+
+    /// Fetches again, one at a time, the folder's UIDs quarantined because their fetch kept
+    /// failing, each at most `QUARANTINE_RETRIES` times over its life and `QUARANTINE_RETRY_AFTER`
+    /// after its quarantine or last retry; one that arrives is stored and leaves quarantine in
+    /// one transaction. Returns how many rows it added.
+    ///
+    /// A failed fetch counts against the UID in flight, so a link that dies three times with the
+    /// same message in flight quarantines a message nothing is wrong with, as does a server that
+    /// cannot read a file for a while. Both are told from poison only by trying again later, at
+    /// the end of a pass that went through. A retry is counted before it is sent, so a message
+    /// that really kills the connection (Dovecot drops the session after failing to read a
+    /// message file) fails a bounded number of passes, hours apart, not every one.
+    async fn retry_quarantined(
+        &self,
+        session: &mut Session,
+        folder: &Folder,
+        uid_validity: u32,
+    ) -> Result<u64, ImapError> {
+        let t = self.cfg.timeout;
+        let due = self
+            .store
+            .imap_quarantine_due(
+                &self.name,
+                &folder.name,
+                uid_validity,
+                QUARANTINE_RETRIES,
+                Utc::now() - QUARANTINE_RETRY_AFTER,
+            )
+            .await?;
+        let mut added = 0;
+        for uid in due {
+            self.store
+                .imap_quarantine_retried(&self.name, &folder.name, uid_validity, uid, Utc::now())
+                .await?;
+            // still there, and small enough (the limit may have been lowered meanwhile)
+            let listed = list(session, &uid.to_string(), t).await?;
+            let Some(l) = listed.iter().find(|l| l.uid == uid) else {
+                continue;
+            };
+            if u64::from(l.size) > self.cfg.max_message_size {
+                continue;
+            }
+            let mut raw = None;
+            let fetched = async {
+                let stream = session
+                    .uid_fetch(
+                        uid.to_string(),
+                        "(UID INTERNALDATE RFC822.SIZE BODY.PEEK[])",
+                    )
+                    .await?;
+                let mut stream = std::pin::pin!(stream);
+                while let Some(f) = stream.try_next().await? {
+                    if let Some(r) = take_fetch(&[uid], &f, &listed) {
+                        raw = Some(r);
+                    }
+                }
+                Ok::<(), async_imap::error::Error>(())
+            }
+            .await;
+            fetched.map_err(protocol("uid fetch", t))?;
+            let Some(raw) = raw else {
+                continue;
+            };
+            // frontdesk's own mail stays accounted for as it is
+            let mut own = Vec::new();
+            let Some(m) = self.normalize(folder, uid_validity, raw, &mut own) else {
+                continue;
+            };
+            let new = self
+                .store
+                .imap_release_quarantined(&folder.name, uid_validity, uid, &m, Utc::now())
+                .await?;
+            added += u64::from(new);
+            info!(source = %self.name, folder = %folder.name, uid, "quarantined message fetched on a retry and stored");
+        }
+        Ok(added)
     }
 
     /// First run: the backfill setting decides where the cursor starts; what it skips is counted.

@@ -405,6 +405,92 @@ impl Store {
         })
     }
 
+    /// UIDs of the folder quarantined because their fetch kept failing (no raw bytes kept, not
+    /// refused for their size), tried again fewer than `max_retries` times, and neither
+    /// quarantined nor retried after `quiet_since`; oldest UID first.
+    pub async fn imap_quarantine_due(
+        &self,
+        source: &str,
+        folder: &str,
+        uid_validity: u32,
+        max_retries: u32,
+        quiet_since: DateTime<Utc>,
+    ) -> Result<Vec<u32>, Error> {
+        on_backend!(self, |db| {
+            let rows: Vec<(i64,)> = sqlx::query_as(db.sql(
+                "SELECT uid FROM imap_accounted WHERE source = ? AND folder = ? AND uid_validity = ? \
+                 AND kind = 'quarantined' AND raw IS NULL AND detail NOT LIKE 'too large%' \
+                 AND retries < ? AND coalesce(retried_at, at) <= ? ORDER BY uid",
+            ))
+            .bind(source)
+            .bind(folder)
+            .bind(i64::from(uid_validity))
+            .bind(i64::from(max_retries))
+            .bind(to_ms(quiet_since))
+            .fetch_all(db.reader())
+            .await?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|(u,)| u32::try_from(u).ok())
+                .collect())
+        })
+    }
+
+    /// Counts one more retry of a quarantined UID, durably, before it is fetched: a retry that
+    /// kills the connection (a message that really is poison) still counts.
+    pub async fn imap_quarantine_retried(
+        &self,
+        source: &str,
+        folder: &str,
+        uid_validity: u32,
+        uid: u32,
+        now: DateTime<Utc>,
+    ) -> Result<(), Error> {
+        on_backend!(self, |db| {
+            sqlx::query(db.sql(
+                "UPDATE imap_accounted SET retries = retries + 1, retried_at = ? WHERE source = ? \
+                 AND folder = ? AND uid_validity = ? AND uid = ? AND kind = 'quarantined'",
+            ))
+            .bind(to_ms(now))
+            .bind(source)
+            .bind(folder)
+            .bind(i64::from(uid_validity))
+            .bind(i64::from(uid))
+            .execute(db.writer())
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Stores a quarantined UID's message, fetched on a retry, and ends its quarantine, in one
+    /// transaction: the UID is accounted for by its row from then on, never by both. Returns
+    /// whether the row is new (false: its origin was already stored).
+    pub async fn imap_release_quarantined(
+        &self,
+        folder: &str,
+        uid_validity: u32,
+        uid: u32,
+        msg: &Message,
+        now: DateTime<Utc>,
+    ) -> Result<bool, Error> {
+        on_backend!(self, |db| {
+            let mut tx = db.begin_write().await?;
+            let ingested = db.insert_message(&mut tx, msg, now).await?;
+            sqlx::query(db.sql(
+                "DELETE FROM imap_accounted WHERE source = ? AND folder = ? AND uid_validity = ? \
+                 AND uid = ? AND kind = 'quarantined'",
+            ))
+            .bind(&msg.source)
+            .bind(folder)
+            .bind(i64::from(uid_validity))
+            .bind(i64::from(uid))
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(!ingested.duplicate)
+        })
+    }
+
     /// UIDs above `last_uid` already accounted for without a row (matched after a UIDVALIDITY
     /// change): the incremental pass skips them. Message rows never lie above the cursor.
     pub async fn imap_accounted_above(

@@ -701,6 +701,110 @@ async fn cut_literal_case(extra: &str) {
     );
 }
 
+/// `frontdesk sync` until a run succeeds (at most 6 runs); how many failed before it.
+fn sync_until_it_succeeds(cfg: &std::path::Path) -> usize {
+    for failed in 0..6 {
+        if run_sync(cfg).0 == 0 {
+            return failed;
+        }
+    }
+    panic!("6 failed sync runs");
+}
+
+/// Moves every quarantine and retry of the store at `db` two hours into the past, as if the
+/// hour between retries had gone by.
+async fn age_quarantine(db: &std::path::Path) {
+    let pool = frontdesk::store::pool_options::<sqlx::Sqlite>()
+        .connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE imap_accounted SET at = at - 7200000, retried_at = retried_at - 7200000")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+}
+
+/// How many body FETCHes asked for UID `uid` of `present`.
+fn body_fetches_of(fake: &FakeImap, present: &BTreeMap<u32, Vec<u8>>, uid: u32) -> usize {
+    fake.commands()
+        .iter()
+        .filter(|c| c.contains("BODY.PEEK[]"))
+        .filter_map(|c| c.strip_prefix("UID FETCH ")?.split_once(' '))
+        .filter(|(set, _)| uid_set(set, present).contains(&uid))
+        .count()
+}
+
+/// A message quarantined only because the link died with it in flight three times is fetched
+/// again an hour later, stored, and leaves quarantine: nothing was wrong with it.
+#[tokio::test]
+async fn a_message_quarantined_by_a_flaky_link_is_stored_on_a_later_retry() {
+    let fake = FakeImap::start(Script {
+        uid_validity: 5,
+        messages: mailbox(&[1, 2, 3, 4]),
+        // exactly the POISON_ATTEMPTS cuts that quarantine it, then it is served
+        cut_literal: [(3, 3)].into(),
+        ..Script::default()
+    });
+    let (dir, cfg) = sync_setup(fake.port, "");
+    let db = dir.path().join("frontdesk.db");
+    let failed = sync_until_it_succeeds(&cfg);
+    assert!((1..=3).contains(&failed), "{failed} failed runs");
+    let uids = |rows: Vec<(u32, Vec<u8>)>| rows.iter().map(|r| r.0).collect::<Vec<u32>>();
+    assert_eq!(uids(stored(&db).await), [1, 2, 4]);
+    assert_eq!(ledger(&cfg)["quarantined"], 1);
+
+    // within the hour a pass leaves it alone
+    let (code, _, err) = run_sync(&cfg);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(ledger(&cfg)["quarantined"], 1);
+
+    age_quarantine(&db).await;
+    let (code, _, err) = run_sync(&cfg);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("fetched on a retry"), "{err}");
+    let rows = stored(&db).await;
+    assert_no_partial_rows(&rows);
+    // UID 3 went in last, on its retry
+    assert_eq!(uids(rows), [1, 2, 4, 3]);
+    let l = ledger(&cfg);
+    assert_eq!(l["quarantined"], 0, "{l}");
+    assert_eq!(l["ingested"], 4, "{l}");
+    assert_eq!(l["unaccounted"], 0, "{l}");
+}
+
+/// A message that kills the connection every time is tried again a bounded number of times
+/// (`QUARANTINE_RETRIES`, 3), each failing one pass, then left alone: later passes succeed.
+#[tokio::test]
+async fn a_message_that_always_cuts_the_link_is_retried_three_times_then_left_quarantined() {
+    let present = mailbox(&[1, 2, 3, 4]);
+    let fake = FakeImap::start(Script {
+        uid_validity: 5,
+        messages: present.clone(),
+        cut_literal: [(3, u32::MAX)].into(),
+        ..Script::default()
+    });
+    let (dir, cfg) = sync_setup(fake.port, "");
+    let db = dir.path().join("frontdesk.db");
+    sync_until_it_succeeds(&cfg);
+    let attempts = body_fetches_of(&fake, &present, 3);
+    for retry in 1..=3 {
+        age_quarantine(&db).await;
+        let (code, _, err) = run_sync(&cfg);
+        assert_ne!(code, 0, "retry {retry} cut the link: {err}");
+        assert_eq!(body_fetches_of(&fake, &present, 3), attempts + retry);
+    }
+    age_quarantine(&db).await;
+    let (code, _, err) = run_sync(&cfg);
+    assert_eq!(code, 0, "no fourth retry: {err}");
+    assert_eq!(body_fetches_of(&fake, &present, 3), attempts + 3);
+    let l = ledger(&cfg);
+    assert_eq!(l["quarantined"], 1, "{l}");
+    assert_eq!(l["last_uid"], 4, "{l}");
+    assert_eq!(l["unaccounted"], 0, "{l}");
+    assert_eq!(stored(&db).await.len(), 3);
+}
+
 /// A connection cut in the middle of a message counts against that message alone (the one in
 /// flight), and a batch holding it is then fetched AND committed one UID at a time: what comes
 /// before the culprit is kept even when every connection dies before the whole batch is in (a

@@ -909,6 +909,33 @@ async fn a_message_failing_on_every_sync_run_is_quarantined_after_a_few_runs() {
             .unwrap()
             .is_empty()
     );
+
+    // The file is readable again. Within the hour after its quarantine a pass leaves the
+    // message alone; once that hour has gone by (aged here), the pass fetches it again, stores
+    // it and ends its quarantine.
+    let (code, _, err) = run(&["sync"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("fetched on a retry"), "{err}");
+    let db = s.dir.path().join("frontdesk.db");
+    let pool = frontdesk::store::pool_options::<sqlx::Sqlite>()
+        .connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE imap_accounted SET at = at - 7200000")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let (code, _, err) = run(&["sync"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("fetched on a retry"), "{err}");
+    let (code, out, err) = run(&["sources", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let line = &v.as_array().unwrap()[0];
+    assert_eq!(line["quarantined"], 0, "{line}");
+    assert_eq!(line["ingested"], 3, "{line}");
+    assert_eq!(line["unaccounted"], 0, "{line}");
 }
 
 /// A sync's batches commit without an fsync each (the cursor commits with them, so a power loss
