@@ -699,3 +699,71 @@ async fn imap_bodies_live_in_the_bodies_file_and_backups_carry_them_inline() {
     assert!(!dir.path().join("backup.db-bodies").exists());
     copy.close().await;
 }
+
+store_tests! {
+/// A UID quarantined after failed fetches is due for a retry only an hour after its quarantine
+/// or last retry and while it has retries left (never one refused for its size or kept raw);
+/// fetched on a retry, it becomes a row and leaves quarantine in one transaction.
+async fn a_quarantined_uid_is_retried_when_due_and_released_into_a_row(store: Store) {
+    let now = Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, 0).unwrap();
+    let hour = chrono::TimeDelta::hours(1);
+    let q = |uid: u32, detail: &str, raw: Option<&[u8]>| AccountedUid {
+        uid,
+        kind: AccountedKind::Quarantined,
+        detail: detail.into(),
+        raw: raw.map(<[u8]>::to_vec),
+    };
+    let accounted = [
+        q(2, "uid fetch: connection lost", None),
+        q(3, "too large: 99999999 bytes", None),
+        q(4, "unparseable", Some(b"raw bytes")),
+        q(5, "uid fetch: connection lost", None),
+    ];
+    store
+        .commit_imap_batch("mail", "INBOX", vec![], &accounted, &cursor_at(5), now)
+        .await
+        .unwrap();
+    let due = |quiet_since| {
+        let store = &store;
+        async move {
+            store
+                .imap_quarantine_due("mail", "INBOX", 7, 3, quiet_since)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(due(now - hour).await.is_empty(), "not within the hour");
+    assert_eq!(due(now).await, [2, 5]);
+    for retry in 1..=3 {
+        let at = now + hour * (2 * retry);
+        assert_eq!(due(at - hour).await, [2, 5], "retry {retry} due");
+        store
+            .imap_quarantine_retried("mail", "INBOX", 7, 2, at)
+            .await
+            .unwrap();
+        assert_eq!(due(at - hour).await, [5], "retry {retry} spaces the next");
+    }
+    assert_eq!(due(now + hour * 100).await, [5], "UID 2 has no retries left");
+
+    let m = Message {
+        origin: Origin::Imap {
+            folder: "INBOX".into(),
+            uid_validity: 7,
+            uid: 5,
+        },
+        ..msg("mail", "u5", "hello")
+    };
+    assert!(store.imap_release_quarantined("INBOX", 7, 5, &m, now).await.unwrap());
+    assert!(due(now + hour * 100).await.is_empty());
+    let ledger = store.imap_ledger().await.unwrap();
+    assert_eq!(
+        (ledger[0].ingested, ledger[0].quarantined),
+        (1, 3),
+        "{ledger:?}"
+    );
+    // released twice (a retry that raced another replica): still one row, nothing quarantined twice
+    assert!(!store.imap_release_quarantined("INBOX", 7, 5, &m, now).await.unwrap());
+    let ledger = store.imap_ledger().await.unwrap();
+    assert_eq!((ledger[0].ingested, ledger[0].quarantined), (1, 3));
+}
+}
