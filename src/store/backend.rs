@@ -35,18 +35,14 @@ pub(crate) struct PgDb {
 pub(crate) trait Driver {
     /// The sqlx driver.
     type Db: sqlx::Database;
-    /// True for PostgreSQL: picks SQL where the dialects differ.
-    const PG: bool;
 }
 
 impl Driver for SqliteDb {
     type Db = Sqlite;
-    const PG: bool = false;
 }
 
 impl Driver for PgDb {
     type Db = Postgres;
-    const PG: bool = true;
 }
 
 /// A write transaction on backend `D`.

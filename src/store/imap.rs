@@ -836,7 +836,7 @@ impl super::backend::SqliteDb {
                     // worker makes no call on it meanwhile, and `db` (with every statement
                     // prepared on it) is dropped first.
                     let db = unsafe { RawDb::new(handle.as_raw_handle()) };
-                    transact_imap_batch(&db, &owned)
+                    db.unsynced_transaction(|| write_imap_batch_raw(&db, &owned))
                 }
                 Err(e) => Err(e.into()),
             };
@@ -858,21 +858,6 @@ struct OwnedBatchWrite {
     accounted: Vec<AccountedUid>,
     cursor: ImapCursor,
     now: DateTime<Utc>,
-}
-
-/// `BEGIN IMMEDIATE`, the batch's writes, `COMMIT` on a raw handle, with `synchronous=NORMAL` for
-/// the transaction only (SQLite refuses the change inside one); rolled back on any error.
-fn transact_imap_batch(db: &RawDb<'_>, batch: &OwnedBatchWrite) -> Result<BatchOutcome, Error> {
-    db.exec("PRAGMA synchronous = NORMAL")?;
-    db.exec("BEGIN IMMEDIATE")?;
-    let done = write_imap_batch_raw(db, batch)
-        .and_then(|out| db.exec("COMMIT").map_err(Error::from).map(|()| out));
-    if done.is_err() {
-        let _ = db.exec("ROLLBACK");
-    }
-    let out = done?;
-    db.exec("PRAGMA synchronous = FULL")?;
-    Ok(out)
 }
 
 /// The writes of `write_imap_batch`, statement for statement, on a raw handle inside its

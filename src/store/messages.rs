@@ -222,8 +222,8 @@ pub(crate) async fn insert_message(
 
 impl super::backend::PgDb {
     /// `insert_messages` for messages the caller gives up, when only the number of new rows matters:
-    /// their raw bytes and text are moved into the statement instead of copied (an IMAP sync writes
-    /// every byte of the mailbox through here), and no row ids come back (sqlx hands each returned
+    /// their raw bytes and text are moved into the statement instead of copied (an IMAP sync on
+    /// PostgreSQL writes every byte of the mailbox through here), and no row ids come back (sqlx hands each returned
     /// row to the caller's task on its own, a thread wake-up per message). Each message comes with
     /// its staged body (`Store::stage_imap_batch`). Returns how many rows were new; the rest were
     /// duplicates.
@@ -253,15 +253,14 @@ impl super::backend::PgDb {
         now: DateTime<Utc>,
         with_ids: bool,
     ) -> Result<Inserted, Error> {
-        /// Rows per statement: 21 binds each stays far below SQLite's 32,766-variable limit.
+        /// Rows per statement: 21 binds each stays far below PostgreSQL's 65,535-parameter limit.
         const CHUNK: usize = 400;
         struct Prepared<'m> {
             msg: &'m Message,
             body: usize,
             cols: MessageColumns,
         }
-        // a staged body whose bytes went to the bodies file has left its message's `raw` empty: a
-        // row without its place would point nowhere
+        // each message's hash must be its own
         if staged.is_some_and(|s| s.len() != msgs.len()) {
             return Err(Error::Corrupt {
                 table: "messages",
@@ -269,7 +268,6 @@ impl super::backend::PgDb {
             });
         }
         let staged_of = |i: usize| staged.and_then(|all| all.get(i)).copied();
-        let place_of = |i: usize| staged_of(i).and_then(|s| s.place);
         // the columns (the hash among them, unless staged) are taken before an owned body is moved
         // out of its message
         let cols = msgs
@@ -279,8 +277,7 @@ impl super::backend::PgDb {
             .collect::<Result<Vec<_>, _>>()?;
         let mut bodies: Vec<Option<Body<'m>>> = msgs
             .iter_mut()
-            .enumerate()
-            .map(|(i, m)| {
+            .map(|m| {
                 // `*m`: a borrowed message's reference is copied out with its full lifetime
                 let (raw, text) = match *m {
                     Cow::Borrowed(b) => (
@@ -291,12 +288,6 @@ impl super::backend::PgDb {
                         Cow::Owned(std::mem::take(&mut o.raw)),
                         o.text.take().map(Cow::Owned),
                     ),
-                };
-                // a body in the bodies file leaves `raw` empty (its hash was taken above)
-                let raw = if place_of(i).is_some() {
-                    Cow::Borrowed(&b""[..])
-                } else {
-                    raw
                 };
                 Some((raw, text))
             })
@@ -327,22 +318,16 @@ impl super::backend::PgDb {
         // Two replicas inserting overlapping keys in different orders would deadlock on
         // PostgreSQL's unique index; one global order (source, key) cannot.
         let mut order: Vec<&Prepared<'_>> = unique.iter().collect();
-        if <Self as super::Driver>::PG {
-            order.sort_by(|a, b| {
-                (a.msg.source.as_str(), a.cols.key.as_str())
-                    .cmp(&(b.msg.source.as_str(), b.cols.key.as_str()))
-            });
-        }
+        order.sort_by(|a, b| {
+            (a.msg.source.as_str(), a.cols.key.as_str())
+                .cmp(&(b.msg.source.as_str(), b.cols.key.as_str()))
+        });
         for chunk in order.chunks(CHUNK) {
-            let mut qb = Qb::<Self>::new(insert_into_messages_placed!());
-            let rows = chunk.iter().map(|p| {
-                (
-                    *p,
-                    bodies[p.body].take().unwrap_or_default(),
-                    place_of(p.body),
-                )
-            });
-            qb.push_values(rows, |mut b, (p, (raw, text), place)| {
+            let mut qb = Qb::<Self>::new(insert_into_messages!());
+            let rows = chunk
+                .iter()
+                .map(|p| (*p, bodies[p.body].take().unwrap_or_default()));
+            qb.push_values(rows, |mut b, (p, (raw, text))| {
                 let (m, c) = (p.msg, &p.cols);
                 b.push_bind(m.source.as_str())
                     .push_bind(c.key.as_str())
@@ -364,9 +349,7 @@ impl super::backend::PgDb {
                     .push_bind(parse_reason(m))
                     .push_bind(raw)
                     .push_bind(c.sha.as_str())
-                    .push_bind(stored_at)
-                    .push_bind(place.map(|p| p.at as i64))
-                    .push_bind(place.map(|p| p.len as i64));
+                    .push_bind(stored_at);
             });
             if !with_ids {
                 qb.push(" ON CONFLICT (source, origin_key) DO NOTHING");
@@ -560,6 +543,39 @@ impl Store {
     }
 }
 
+/// The values of `insert_into_messages!`'s columns for `msg`, in order, for a raw-handle insert.
+fn raw_row_values<'a>(
+    msg: &'a Message,
+    c: &'a MessageColumns,
+    raw: &'a [u8],
+    stored_at: DateTime<Utc>,
+) -> [super::sqlite_raw::Value<'a>; 21] {
+    use super::sqlite_raw::Value;
+    [
+        Value::Text(&msg.source),
+        Value::Text(&c.key),
+        Value::Text(&c.origin_json),
+        Value::Text(msg.direction.as_str()),
+        Value::Int(to_ms(msg.received_at)),
+        msg.sent_at.map(to_ms).into(),
+        msg.from.as_ref().map(|a| a.addr.as_str()).into(),
+        msg.from.as_ref().and_then(|a| a.name.as_deref()).into(),
+        Value::Text(&c.to_json),
+        msg.subject.as_deref().into(),
+        msg.text.as_deref().into(),
+        msg.message_id.as_deref().into(),
+        Value::Text(&c.irt_json),
+        Value::Text(&c.refs_json),
+        msg.thread_key.as_deref().into(),
+        Value::Text(automation_str(msg.automation)),
+        Value::Text(msg.parse.as_str()),
+        parse_reason(msg).into(),
+        Value::Blob(raw),
+        Value::Text(&c.sha),
+        Value::Int(to_ms(stored_at)),
+    ]
+}
+
 /// Inserts messages one statement step at a time on a raw SQLite handle (the webhook writer's
 /// path, [`super::sqlite_raw`]), with `insert_message`'s semantics: an origin already stored,
 /// or inserted earlier through this inserter, is a duplicate carrying the first row's id.
@@ -583,29 +599,8 @@ impl<'c, 'h> RawMessageInserter<'c, 'h> {
     pub(crate) fn insert(&mut self, msg: &Message, now: DateTime<Utc>) -> Result<Ingested, Error> {
         use super::sqlite_raw::Value;
         let c = MessageColumns::of(msg, None)?;
-        self.insert.bind_all(&[
-            Value::Text(&msg.source),
-            Value::Text(&c.key),
-            Value::Text(&c.origin_json),
-            Value::Text(msg.direction.as_str()),
-            Value::Int(to_ms(msg.received_at)),
-            msg.sent_at.map(to_ms).into(),
-            msg.from.as_ref().map(|a| a.addr.as_str()).into(),
-            msg.from.as_ref().and_then(|a| a.name.as_deref()).into(),
-            Value::Text(&c.to_json),
-            msg.subject.as_deref().into(),
-            msg.text.as_deref().into(),
-            msg.message_id.as_deref().into(),
-            Value::Text(&c.irt_json),
-            Value::Text(&c.refs_json),
-            msg.thread_key.as_deref().into(),
-            Value::Text(automation_str(msg.automation)),
-            Value::Text(msg.parse.as_str()),
-            parse_reason(msg).into(),
-            Value::Blob(&msg.raw),
-            Value::Text(&c.sha),
-            Value::Int(to_ms(now)),
-        ])?;
+        self.insert
+            .bind_all(&raw_row_values(msg, &c, &msg.raw, now))?;
         if self.insert.step()? {
             let id = self.insert.int(0);
             // run to completion so the statement is reset for the next message
@@ -655,7 +650,6 @@ impl<'c, 'h> RawStagedInserter<'c, 'h> {
         staged: StagedBody,
         stored_at: DateTime<Utc>,
     ) -> Result<bool, Error> {
-        use super::sqlite_raw::Value;
         let c = MessageColumns::of(msg, Some(staged.sha))?;
         // a body in the bodies file left `raw` empty; one still held is stored in the row
         let (at, len) = match staged.place {
@@ -670,31 +664,9 @@ impl<'c, 'h> RawStagedInserter<'c, 'h> {
         } else {
             &msg.raw
         };
-        self.insert.bind_all(&[
-            Value::Text(&msg.source),
-            Value::Text(&c.key),
-            Value::Text(&c.origin_json),
-            Value::Text(msg.direction.as_str()),
-            Value::Int(to_ms(msg.received_at)),
-            msg.sent_at.map(to_ms).into(),
-            msg.from.as_ref().map(|a| a.addr.as_str()).into(),
-            msg.from.as_ref().and_then(|a| a.name.as_deref()).into(),
-            Value::Text(&c.to_json),
-            msg.subject.as_deref().into(),
-            msg.text.as_deref().into(),
-            msg.message_id.as_deref().into(),
-            Value::Text(&c.irt_json),
-            Value::Text(&c.refs_json),
-            msg.thread_key.as_deref().into(),
-            Value::Text(automation_str(msg.automation)),
-            Value::Text(msg.parse.as_str()),
-            parse_reason(msg).into(),
-            Value::Blob(raw),
-            Value::Text(&c.sha),
-            Value::Int(to_ms(stored_at)),
-            at.into(),
-            len.into(),
-        ])?;
+        let mut values = raw_row_values(msg, &c, raw, stored_at).to_vec();
+        values.extend([super::sqlite_raw::Value::from(at), len.into()]);
+        self.insert.bind_all(&values)?;
         let added = self.insert.step()?;
         // run to completion so the statement is reset for the next message
         while self.insert.step()? {}

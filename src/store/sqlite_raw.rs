@@ -140,6 +140,29 @@ impl<'h> RawDb<'h> {
         Ok(())
     }
 
+    /// Runs `body` in a `BEGIN IMMEDIATE` transaction with `synchronous=NORMAL` for that
+    /// transaction only (SQLite refuses the change inside one): its COMMIT writes the WAL frames
+    /// without an fsync, and `synchronous=FULL` is set again after it for every other writer. On
+    /// any error the transaction is rolled back and the error returned; the caller then closes
+    /// the connection, whose synchronous setting is unknown.
+    pub(crate) fn unsynced_transaction<T>(
+        &self,
+        body: impl FnOnce() -> Result<T, super::Error>,
+    ) -> Result<T, super::Error> {
+        self.exec("PRAGMA synchronous = NORMAL")?;
+        self.exec("BEGIN IMMEDIATE")?;
+        let done = body().and_then(|out| {
+            self.exec("COMMIT")?;
+            Ok(out)
+        });
+        if done.is_err() {
+            let _ = self.exec("ROLLBACK");
+        }
+        let out = done?;
+        self.exec("PRAGMA synchronous = FULL")?;
+        Ok(out)
+    }
+
     /// Compiles one statement.
     pub(crate) fn prepare(&self, sql: &str) -> Result<Stmt<'_, 'h>, RawError> {
         let len = c_int::try_from(sql.len()).map_err(|_| RawError {

@@ -734,11 +734,8 @@ impl<'c, 'h> BatchStatements<'c, 'h> {
     }
 }
 
-/// The webhook transaction on a raw handle: `synchronous=NORMAL` for this transaction only (the
-/// syncer fsyncs the WAL before anyone is answered; SQLite refuses the change inside a
-/// transaction), `BEGIN IMMEDIATE`, the batch, `COMMIT`, then FULL again for every other writer.
-/// On any error the transaction is rolled back and the error returned; the caller then drops the
-/// connection.
+/// The webhook transaction on a raw handle, unsynced (`RawDb::unsynced_transaction`): the syncer
+/// fsyncs the WAL before anyone is answered. On any error the caller drops the connection.
 fn commit_raw(
     db: &RawDb<'_>,
     stmts: &mut BatchStatements<'_, '_>,
@@ -746,16 +743,7 @@ fn commit_raw(
     counts: &HashMap<(String, String), i64>,
     now: DateTime<Utc>,
 ) -> Result<Vec<Result<Ingested, IngestError>>, Error> {
-    db.exec("PRAGMA synchronous = NORMAL")?;
-    db.exec("BEGIN IMMEDIATE")?;
-    let done = insert_batch_raw(stmts, batch, counts, now)
-        .and_then(|results| db.exec("COMMIT").map_err(Error::from).map(|()| results));
-    if done.is_err() {
-        let _ = db.exec("ROLLBACK");
-    }
-    let results = done?;
-    db.exec("PRAGMA synchronous = FULL")?;
-    Ok(results)
+    db.unsynced_transaction(|| insert_batch_raw(stmts, batch, counts, now))
 }
 
 /// `insert_batch` statement for statement, stepped on a raw handle inside its transaction.

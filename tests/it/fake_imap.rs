@@ -714,10 +714,7 @@ fn sync_until_it_succeeds(cfg: &std::path::Path) -> usize {
 /// Moves every quarantine and retry of the store at `db` two hours into the past, as if the
 /// hour between retries had gone by.
 async fn age_quarantine(db: &std::path::Path) {
-    let pool = frontdesk::store::pool_options::<sqlx::Sqlite>()
-        .connect(&format!("sqlite://{}", db.display()))
-        .await
-        .unwrap();
+    let pool = support::open_sqlite(db, false).await.unwrap();
     sqlx::query("UPDATE imap_accounted SET at = at - 7200000, retried_at = retried_at - 7200000")
         .execute(&pool)
         .await

@@ -916,9 +916,7 @@ async fn a_message_failing_on_every_sync_run_is_quarantined_after_a_few_runs() {
     let (code, _, err) = run(&["sync"]);
     assert_eq!(code, 0, "{err}");
     assert!(!err.contains("fetched on a retry"), "{err}");
-    let db = s.dir.path().join("frontdesk.db");
-    let pool = frontdesk::store::pool_options::<sqlx::Sqlite>()
-        .connect(&format!("sqlite://{}", db.display()))
+    let pool = crate::support::open_sqlite(&s.dir.path().join("frontdesk.db"), false)
         .await
         .unwrap();
     sqlx::query("UPDATE imap_accounted SET at = at - 7200000")
