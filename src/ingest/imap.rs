@@ -1093,6 +1093,9 @@ impl SourceCtx {
     /// the end of a pass that went through. A retry is counted before it is sent, so a message
     /// that really kills the connection (Dovecot drops the session after failing to read a
     /// message file) fails a bounded number of passes, hours apart, not every one.
+    ///
+    /// A UID refused for its size is fetched as soon as `max_message_size` has been raised to fit
+    /// it (its first try needs no wait: it was never fetched), under the same bound and spacing.
     async fn retry_quarantined(
         &self,
         session: &mut Session,
@@ -1100,16 +1103,37 @@ impl SourceCtx {
         uid_validity: u32,
     ) -> Result<u64, ImapError> {
         let t = self.cfg.timeout;
-        let due = self
+        let quiet_since = Utc::now() - QUARANTINE_RETRY_AFTER;
+        let mut due = self
             .store
             .imap_quarantine_due(
                 &self.name,
                 &folder.name,
                 uid_validity,
                 QUARANTINE_RETRIES,
-                Utc::now() - QUARANTINE_RETRY_AFTER,
+                quiet_since,
             )
             .await?;
+        let too_large = self
+            .store
+            .imap_quarantined_too_large(
+                &self.name,
+                &folder.name,
+                uid_validity,
+                QUARANTINE_RETRIES,
+                quiet_since,
+            )
+            .await?;
+        due.extend(
+            too_large
+                .into_iter()
+                .filter(|(_, detail)| {
+                    too_large_size(detail).is_some_and(|size| size <= self.cfg.max_message_size)
+                })
+                .map(|(uid, _)| uid),
+        );
+        due.sort_unstable();
+        due.dedup();
         let mut added = 0;
         for uid in due {
             self.store
@@ -1683,7 +1707,7 @@ impl SourceCtx {
         let mut accounted = Vec::new();
         for l in todo {
             let detail = if u64::from(l.size) > self.cfg.max_message_size {
-                format!("too large: {} bytes", l.size)
+                too_large_detail(l.size)
             } else if poison.attempts(&folder.name, l.uid) >= POISON_ATTEMPTS {
                 poison.last_error(&folder.name, l.uid)
             } else {
@@ -2050,6 +2074,21 @@ async fn join_commit(
 fn take_fetch(group: &[u32], f: &Fetch, listed: &[Listed]) -> Option<RawFetched> {
     // an unsolicited FETCH (flag change by another client) is not one of the group's
     fetched_body(f, listed).filter(|r| group.contains(&r.uid))
+}
+
+/// The quarantine detail of a message refused for its announced size; `too_large_size` reads
+/// the size back when the limit may have been raised.
+fn too_large_detail(size: u32) -> String {
+    format!("too large: {size} bytes")
+}
+
+/// The size named by a `too_large_detail`.
+fn too_large_size(detail: &str) -> Option<u64> {
+    detail
+        .strip_prefix("too large: ")?
+        .strip_suffix(" bytes")?
+        .parse()
+        .ok()
 }
 
 /// The UID, receipt time and a copy of the body of one FETCH response, if it has them. The
@@ -2615,6 +2654,25 @@ mod tests {
             assert_eq!(got.as_deref(), Some(want), "{text:?}");
         }
         assert_eq!(internal_date("yesterday"), None);
+    }
+
+    #[test]
+    fn a_too_large_detail_names_its_size_and_nothing_else_reads_as_one() {
+        for size in [0, 1, 33_554_433, u32::MAX] {
+            assert_eq!(
+                too_large_size(&too_large_detail(size)),
+                Some(u64::from(size))
+            );
+        }
+        for other in [
+            "uid fetch: connection lost",
+            "too large: bytes",
+            "too large: 12",
+            "too large: -1 bytes",
+            "literal over the limit",
+        ] {
+            assert_eq!(too_large_size(other), None, "{other:?}");
+        }
     }
 
     proptest::proptest! {

@@ -436,6 +436,39 @@ impl Store {
         })
     }
 
+    /// UIDs of the folder quarantined unfetched as too large, each with its quarantine detail
+    /// (which names the size the server announced), not yet tried `max_retries` times and either
+    /// never tried or tried no later than `quiet_since`; oldest UID first. The caller fetches
+    /// those that fit a raised `max_message_size`.
+    pub async fn imap_quarantined_too_large(
+        &self,
+        source: &str,
+        folder: &str,
+        uid_validity: u32,
+        max_retries: u32,
+        quiet_since: DateTime<Utc>,
+    ) -> Result<Vec<(u32, String)>, Error> {
+        on_backend!(self, |db| {
+            let rows: Vec<(i64, String)> = sqlx::query_as(db.sql(
+                "SELECT uid, detail FROM imap_accounted WHERE source = ? AND folder = ? \
+                 AND uid_validity = ? AND kind = 'quarantined' AND raw IS NULL \
+                 AND detail LIKE 'too large%' AND retries < ? \
+                 AND (retried_at IS NULL OR retried_at <= ?) ORDER BY uid",
+            ))
+            .bind(source)
+            .bind(folder)
+            .bind(i64::from(uid_validity))
+            .bind(i64::from(max_retries))
+            .bind(to_ms(quiet_since))
+            .fetch_all(db.reader())
+            .await?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|(u, d)| Some((u32::try_from(u).ok()?, d)))
+                .collect())
+        })
+    }
+
     /// Counts one more retry of a quarantined UID, durably, before it is fetched: a retry that
     /// kills the connection (a message that really is poison) still counts.
     pub async fn imap_quarantine_retried(

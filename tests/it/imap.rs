@@ -936,6 +936,101 @@ async fn a_message_failing_on_every_sync_run_is_quarantined_after_a_few_runs() {
     assert_eq!(line["unaccounted"], 0, "{line}");
 }
 
+/// A message refused for its size is quarantined unfetched and counted; once `max_message_size`
+/// is raised to fit it, the next pass fetches it, stores it and ends its quarantine, without
+/// waiting the hour a failed fetch waits (regression: it stayed quarantined for good).
+#[tokio::test]
+async fn a_message_refused_as_too_large_is_fetched_once_the_limit_is_raised() {
+    let rig = Rig::shared();
+    let user = rig.new_mailbox("toolarge");
+    rig.append(&user, "INBOX", &simple(0, "big"));
+    let mut large = simple(1, "big");
+    large.extend(
+        std::iter::repeat_n(
+            b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789ab\r\n".as_slice(),
+            1000,
+        )
+        .flatten(),
+    );
+    rig.append(&user, "INBOX", &large);
+    rig.append(&user, "INBOX", &simple(2, "big"));
+    let s = Setup::new(
+        rig,
+        &user,
+        "      backfill: all\n      max_message_size: 32KiB\n",
+    )
+    .await;
+    let config = s.dir.path().join("frontdesk.yaml");
+    let run = |args: &[&str]| {
+        let mut all = vec!["--config", config.to_str().unwrap()];
+        all.extend_from_slice(args);
+        crate::support::frontdesk(&all, &[])
+    };
+    let ledger = || {
+        let (code, out, err) = run(&["sources", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.as_array().unwrap()[0].clone()
+    };
+    let (code, _, err) = run(&["sync"]);
+    assert_eq!(code, 0, "{err}");
+    let line = ledger();
+    assert_eq!(
+        (
+            &line["ingested"],
+            &line["quarantined"],
+            &line["unaccounted"]
+        ),
+        (&2.into(), &1.into(), &0.into()),
+        "{line}"
+    );
+    // a pass under the same limit leaves it alone
+    let (code, _, err) = run(&["sync"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("fetched on a retry"), "{err}");
+
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("max_message_size: 32KiB", "max_message_size: 1MiB"),
+    )
+    .unwrap();
+    let (code, _, err) = run(&["sync"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("fetched on a retry"), "{err}");
+    let line = ledger();
+    assert_eq!(
+        (
+            &line["ingested"],
+            &line["quarantined"],
+            &line["unaccounted"]
+        ),
+        (&3.into(), &0.into(), &0.into()),
+        "{line}"
+    );
+    let raw: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT message_id, length(raw) + coalesce(body_len, 0) FROM messages ORDER BY id",
+    )
+    .fetch_all(
+        &crate::support::open_sqlite(&s.dir.path().join("frontdesk.db"), false)
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let ids: Vec<&str> = raw.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "big-0@client.test",
+            "big-2@client.test",
+            "big-1@client.test"
+        ]
+    );
+    assert!(raw[2].1 > 32 * 1024, "{raw:?}");
+    no_seen_added(rig, &user, "INBOX");
+}
+
 /// A sync's batches commit without an fsync each (the cursor commits with them, so a power loss
 /// only means fetching the last batches again); the pass ends with one. So when `sync` reports a
 /// folder, every WAL frame written for it is on disk: checked on the syscalls, as D2 does for
