@@ -1103,39 +1103,22 @@ impl SourceCtx {
         uid_validity: u32,
     ) -> Result<u64, ImapError> {
         let t = self.cfg.timeout;
-        let quiet_since = Utc::now() - QUARANTINE_RETRY_AFTER;
-        let mut due = self
+        let due = self
             .store
             .imap_quarantine_due(
                 &self.name,
                 &folder.name,
                 uid_validity,
                 QUARANTINE_RETRIES,
-                quiet_since,
+                Utc::now() - QUARANTINE_RETRY_AFTER,
             )
             .await?;
-        let too_large = self
-            .store
-            .imap_quarantined_too_large(
-                &self.name,
-                &folder.name,
-                uid_validity,
-                QUARANTINE_RETRIES,
-                quiet_since,
-            )
-            .await?;
-        due.extend(
-            too_large
-                .into_iter()
-                .filter(|(_, detail)| {
-                    too_large_size(detail).is_some_and(|size| size <= self.cfg.max_message_size)
-                })
-                .map(|(uid, _)| uid),
-        );
-        due.sort_unstable();
-        due.dedup();
         let mut added = 0;
-        for uid in due {
+        for (uid, detail) in due {
+            // one refused for its size only once the limit has been raised to fit it
+            if too_large_size(&detail).is_some_and(|size| size > self.cfg.max_message_size) {
+                continue;
+            }
             self.store
                 .imap_quarantine_retried(&self.name, &folder.name, uid_validity, uid, Utc::now())
                 .await?;

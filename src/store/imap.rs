@@ -405,42 +405,12 @@ impl Store {
         })
     }
 
-    /// UIDs of the folder quarantined because their fetch kept failing (no raw bytes kept, not
-    /// refused for their size), tried again fewer than `max_retries` times, and neither
-    /// quarantined nor retried after `quiet_since`; oldest UID first.
+    /// The folder's quarantined UIDs without raw bytes that are due to be fetched again, each with
+    /// its quarantine detail; oldest UID first. Due: tried again fewer than `max_retries` times,
+    /// and neither quarantined (after failed fetches) nor last retried after `quiet_since`. One
+    /// refused for its size needs no wait before its first try (it was never fetched); the caller
+    /// tries it only if it fits a raised `max_message_size` (its detail names its size).
     pub async fn imap_quarantine_due(
-        &self,
-        source: &str,
-        folder: &str,
-        uid_validity: u32,
-        max_retries: u32,
-        quiet_since: DateTime<Utc>,
-    ) -> Result<Vec<u32>, Error> {
-        on_backend!(self, |db| {
-            let rows: Vec<(i64,)> = sqlx::query_as(db.sql(
-                "SELECT uid FROM imap_accounted WHERE source = ? AND folder = ? AND uid_validity = ? \
-                 AND kind = 'quarantined' AND raw IS NULL AND detail NOT LIKE 'too large%' \
-                 AND retries < ? AND coalesce(retried_at, at) <= ? ORDER BY uid",
-            ))
-            .bind(source)
-            .bind(folder)
-            .bind(i64::from(uid_validity))
-            .bind(i64::from(max_retries))
-            .bind(to_ms(quiet_since))
-            .fetch_all(db.reader())
-            .await?;
-            Ok(rows
-                .into_iter()
-                .filter_map(|(u,)| u32::try_from(u).ok())
-                .collect())
-        })
-    }
-
-    /// UIDs of the folder quarantined unfetched as too large, each with its quarantine detail
-    /// (which names the size the server announced), not yet tried `max_retries` times and either
-    /// never tried or tried no later than `quiet_since`; oldest UID first. The caller fetches
-    /// those that fit a raised `max_message_size`.
-    pub async fn imap_quarantined_too_large(
         &self,
         source: &str,
         folder: &str,
@@ -451,9 +421,9 @@ impl Store {
         on_backend!(self, |db| {
             let rows: Vec<(i64, String)> = sqlx::query_as(db.sql(
                 "SELECT uid, detail FROM imap_accounted WHERE source = ? AND folder = ? \
-                 AND uid_validity = ? AND kind = 'quarantined' AND raw IS NULL \
-                 AND detail LIKE 'too large%' AND retries < ? \
-                 AND (retried_at IS NULL OR retried_at <= ?) ORDER BY uid",
+                 AND uid_validity = ? AND kind = 'quarantined' AND raw IS NULL AND retries < ? \
+                 AND coalesce(retried_at, CASE WHEN detail LIKE 'too large%' THEN 0 ELSE at END) <= ? \
+                 ORDER BY uid",
             ))
             .bind(source)
             .bind(folder)

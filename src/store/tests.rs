@@ -702,8 +702,9 @@ async fn imap_bodies_live_in_the_bodies_file_and_backups_carry_them_inline() {
 
 store_tests! {
 /// A UID quarantined after failed fetches is due for a retry only an hour after its quarantine
-/// or last retry and while it has retries left (never one kept raw; one refused for its size is
-/// offered apart, at once until first tried); fetched on a retry, it becomes a row and leaves quarantine in one transaction.
+/// or last retry, and one refused for its size at once until first tried, each while it has
+/// retries left (never one kept raw); fetched on a retry, it becomes a row and leaves quarantine
+/// in one transaction.
 async fn a_quarantined_uid_is_retried_when_due_and_released_into_a_row(store: Store) {
     let now = Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, 0).unwrap();
     let hour = chrono::TimeDelta::hours(1);
@@ -723,7 +724,7 @@ async fn a_quarantined_uid_is_retried_when_due_and_released_into_a_row(store: St
         .commit_imap_batch("mail", "INBOX", vec![], &accounted, &cursor_at(5), now)
         .await
         .unwrap();
-    let due = |quiet_since| {
+    let due_rows = |quiet_since| {
         let store = &store;
         async move {
             store
@@ -732,44 +733,41 @@ async fn a_quarantined_uid_is_retried_when_due_and_released_into_a_row(store: St
                 .unwrap()
         }
     };
-    assert!(due(now - hour).await.is_empty(), "not within the hour");
-    assert_eq!(due(now).await, [2, 5]);
+    let due = |quiet_since| {
+        let rows = due_rows(quiet_since);
+        async move { rows.await.into_iter().map(|r| r.0).collect::<Vec<u32>>() }
+    };
+    assert_eq!(
+        due_rows(now - hour * 100).await,
+        [(3, "too large: 99999999 bytes".to_string())],
+        "only the one never fetched is due within the hour, with the detail naming its size"
+    );
+    assert_eq!(due(now).await, [2, 3, 5]);
     for retry in 1..=3 {
         let at = now + hour * (2 * retry);
-        assert_eq!(due(at - hour).await, [2, 5], "retry {retry} due");
+        assert_eq!(due(at - hour).await, [2, 3, 5], "retry {retry} due");
         store
             .imap_quarantine_retried("mail", "INBOX", 7, 2, at)
             .await
             .unwrap();
-        assert_eq!(due(at - hour).await, [5], "retry {retry} spaces the next");
+        assert_eq!(due(at - hour).await, [3, 5], "retry {retry} spaces the next");
     }
-    assert_eq!(due(now + hour * 100).await, [5], "UID 2 has no retries left");
+    assert_eq!(due(now + hour * 100).await, [3, 5], "UID 2 has no retries left");
 
-    // the one refused for its size is offered at once, whatever the hour, until retried
-    let too_large = |quiet_since| {
-        let store = &store;
-        async move {
-            store
-                .imap_quarantined_too_large("mail", "INBOX", 7, 3, quiet_since)
-                .await
-                .unwrap()
-        }
-    };
-    let want = [(3, "too large: 99999999 bytes".to_string())];
-    assert_eq!(too_large(now - hour * 100).await, want);
+    // once tried, the one refused for its size is spaced like the others
     store
         .imap_quarantine_retried("mail", "INBOX", 7, 3, now)
         .await
         .unwrap();
-    assert!(too_large(now - hour).await.is_empty(), "spaced once tried");
-    assert_eq!(too_large(now).await, want);
+    assert!(due(now - hour).await.is_empty(), "spaced once tried");
+    assert_eq!(due(now).await, [3, 5]);
     for _ in 0..2 {
         store
             .imap_quarantine_retried("mail", "INBOX", 7, 3, now)
             .await
             .unwrap();
     }
-    assert!(too_large(now + hour * 100).await.is_empty(), "no retries left");
+    assert_eq!(due(now + hour * 100).await, [5], "UID 3 has no retries left");
 
     let m = Message {
         origin: Origin::Imap {
