@@ -322,7 +322,7 @@ async fn copy_table(
 struct BodyColumns {
     id: usize,
     raw: usize,
-    sha: usize,
+    digest: usize,
     at: usize,
     len: usize,
 }
@@ -336,13 +336,13 @@ impl BodyColumns {
         Some(BodyColumns {
             id: find("id")?,
             raw: find("raw")?,
-            sha: find("raw_sha256")?,
+            digest: find("raw_digest")?,
             at: find("body_at")?,
             len: find("body_len")?,
         })
     }
 
-    /// Reads the row's body into `raw` (checked against its hash) and clears its place.
+    /// Reads the row's body into `raw` (checked against its digest) and clears its place.
     async fn inline(&self, src: &SqliteDb, row: &mut [Value]) -> Result<(), Error> {
         let (Value::Int(Some(at)), Value::Int(Some(len)), Value::Int(Some(id))) =
             (&row[self.at], &row[self.len], &row[self.id])
@@ -351,8 +351,8 @@ impl BodyColumns {
         };
         let (id, at, len) = (*id, *at, *len);
         let body = src.read_body(id, at, len).await?;
-        if let Value::Text(Some(sha)) = &row[self.sha] {
-            check_body(id, &body, sha)?;
+        if let Value::Text(Some(digest)) = &row[self.digest] {
+            check_body(id, &body, digest)?;
         }
         row[self.raw] = Value::Blob(Some(body));
         row[self.at] = Value::Int(None);

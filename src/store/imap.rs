@@ -9,7 +9,8 @@ use serde::Serialize;
 use sqlx::Row;
 
 use super::backend::Driver;
-use super::messages::{RawStagedInserter, StagedBody, sha256};
+use super::body_digest::BodyDigest;
+use super::messages::{RawStagedInserter, StagedBody};
 use super::sqlite_raw::{RawDb, Value};
 use super::wal_sync::WalFile;
 use super::{Backend, Error, Store, Tx, from_ms, to_ms};
@@ -237,7 +238,7 @@ impl Store {
     }
 
     /// Readies a fetched batch for its commit without taking the database's write lock, so that
-    /// it can overlap the previous batch's commit: every body is hashed and, on SQLite, appended
+    /// it can overlap the previous batch's commit: every body is digested and, on SQLite, appended
     /// to the bodies file and made durable (`store::bodies`), its raw bytes then freed.
     pub async fn stage_imap_batch(&self, messages: Vec<Message>) -> Result<StagedBatch, Error> {
         // a cursor-only commit: no thread hand-off, and no bodies file created before it is needed
@@ -247,11 +248,20 @@ impl Store {
         let items = match &self.backend {
             Backend::Sqlite(db) => db.place_bodies(messages).await?,
             Backend::Postgres(_) => tokio::task::spawn_blocking(move || {
-                let shas: Vec<[u8; 32]> = messages.iter().map(|m| sha256(&m.raw)).collect();
+                let digests: Vec<BodyDigest> =
+                    messages.iter().map(|m| BodyDigest::of(&m.raw)).collect();
                 messages
                     .into_iter()
-                    .zip(shas)
-                    .map(|(m, sha)| (m, StagedBody { sha, place: None }))
+                    .zip(digests)
+                    .map(|(m, digest)| {
+                        (
+                            m,
+                            StagedBody {
+                                digest,
+                                place: None,
+                            },
+                        )
+                    })
                     .collect()
             })
             .await
@@ -772,14 +782,15 @@ impl super::backend::SqliteDb {
     ) -> Result<Vec<(Message, StagedBody)>, Error> {
         let bodies = self.bodies.clone();
         let joined = tokio::task::spawn_blocking(move || {
-            // hashed before the append, outside the bodies file's lock
-            let shas: Vec<[u8; 32]> = messages.iter().map(|m| sha256(&m.raw)).collect();
+            // digested before the append, outside the bodies file's lock
+            let digests: Vec<BodyDigest> =
+                messages.iter().map(|m| BodyDigest::of(&m.raw)).collect();
             let placed = bodies.append(messages.iter().map(|m| m.raw.as_slice()));
-            (messages, shas, placed)
+            (messages, digests, placed)
         })
         .await
         .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)))?;
-        let (messages, shas, placed) = joined;
+        let (messages, digests, placed) = joined;
         let placed = placed.map_err(sqlx::Error::Io)?;
         // checked before any raw bytes are let go: each message must keep its place
         if placed.len() != messages.len() {
@@ -790,15 +801,15 @@ impl super::backend::SqliteDb {
         }
         Ok(messages
             .into_iter()
-            .zip(shas)
+            .zip(digests)
             .zip(placed)
-            .map(|((mut m, sha), place)| {
+            .map(|((mut m, digest), place)| {
                 // the bytes are durable in the bodies file: the batch holds only its rows now
                 m.raw = Vec::new();
                 (
                     m,
                     StagedBody {
-                        sha,
+                        digest,
                         place: Some(place),
                     },
                 )

@@ -4,10 +4,10 @@ use std::borrow::Cow;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use sqlx::Row;
 
 use super::bodies::Placed;
+use super::body_digest::{self, BodyDigest};
 use super::{Driver, Error, Qb, Store, from_ms, to_ms};
 use crate::message::{Automation, Message};
 
@@ -82,7 +82,7 @@ macro_rules! insert_into_messages {
         concat!(
             "INSERT INTO messages (source, origin_key, origin, direction, received_at, sent_at, \
              from_addr, from_name, to_addrs, subject, body_text, message_id, in_reply_to, refs, \
-             thread_key, automation, parse, parse_reason, raw, raw_sha256, stored_at",
+             thread_key, automation, parse, parse_reason, raw, raw_digest, stored_at",
             $($more,)?
             ") "
         )
@@ -122,7 +122,7 @@ struct MessageColumns {
     to_json: String,
     irt_json: String,
     refs_json: String,
-    sha: String,
+    digest: String,
 }
 
 /// What was worked out for one message's body before its transaction (`Store::stage_imap_batch`):
@@ -130,20 +130,15 @@ struct MessageColumns {
 /// empty).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct StagedBody {
-    /// SHA-256 of the raw bytes.
-    pub sha: [u8; 32],
+    /// The digest of the raw bytes.
+    pub digest: BodyDigest,
     /// Where the raw bytes are in the bodies file, if they were appended there.
     pub place: Option<Placed>,
 }
 
-/// SHA-256 of a message's raw bytes, the `raw_sha256` column.
-pub(super) fn sha256(raw: &[u8]) -> [u8; 32] {
-    Sha256::digest(raw).into()
-}
-
 impl MessageColumns {
-    /// The derived columns of `msg`; `sha`, when given, is its raw bytes' hash taken earlier.
-    fn of(msg: &Message, sha: Option<[u8; 32]>) -> Result<MessageColumns, Error> {
+    /// The derived columns of `msg`; `digest`, when given, is its raw bytes' digest taken earlier.
+    fn of(msg: &Message, digest: Option<BodyDigest>) -> Result<MessageColumns, Error> {
         let corrupt = |e: serde_json::Error| Error::Corrupt {
             table: "messages",
             reason: e.to_string(),
@@ -154,7 +149,9 @@ impl MessageColumns {
             to_json: serde_json::to_string(&msg.to).map_err(corrupt)?,
             irt_json: serde_json::to_string(&msg.in_reply_to).map_err(corrupt)?,
             refs_json: serde_json::to_string(&msg.references).map_err(corrupt)?,
-            sha: hex::encode(sha.unwrap_or_else(|| sha256(&msg.raw))),
+            digest: digest
+                .unwrap_or_else(|| BodyDigest::of(&msg.raw))
+                .to_column(),
         })
     }
 }
@@ -196,7 +193,7 @@ pub(crate) async fn insert_message(
     .bind(msg.parse.as_str())
     .bind(parse_reason(msg))
     .bind(&msg.raw)
-    .bind(&c.sha)
+    .bind(&c.digest)
     .bind(to_ms(now))
     .fetch_optional(&mut **tx)
     .await?;
@@ -273,7 +270,7 @@ impl super::backend::PgDb {
         let cols = msgs
             .iter()
             .enumerate()
-            .map(|(i, m)| MessageColumns::of(m, staged_of(i).map(|s| s.sha)))
+            .map(|(i, m)| MessageColumns::of(m, staged_of(i).map(|s| s.digest)))
             .collect::<Result<Vec<_>, _>>()?;
         let mut bodies: Vec<Option<Body<'m>>> = msgs
             .iter_mut()
@@ -348,7 +345,7 @@ impl super::backend::PgDb {
                     .push_bind(m.parse.as_str())
                     .push_bind(parse_reason(m))
                     .push_bind(raw)
-                    .push_bind(c.sha.as_str())
+                    .push_bind(c.digest.as_str())
                     .push_bind(stored_at);
             });
             if !with_ids {
@@ -483,19 +480,19 @@ impl Store {
     }
 
     /// The raw bytes of message `id` as they were received, checked against their stored
-    /// SHA-256; `None` when there is no such message.
+    /// digest; `None` when there is no such message.
     pub async fn message_raw(&self, id: i64) -> Result<Option<Vec<u8>>, Error> {
-        // raw, raw_sha256, body_at, body_len
+        // raw, raw_digest, body_at, body_len
         type BodyRow = (Vec<u8>, String, Option<i64>, Option<i64>);
         let row: Option<BodyRow> = on_backend!(self, |db| {
             sqlx::query_as(
-                db.sql("SELECT raw, raw_sha256, body_at, body_len FROM messages WHERE id = ?"),
+                db.sql("SELECT raw, raw_digest, body_at, body_len FROM messages WHERE id = ?"),
             )
             .bind(id)
             .fetch_optional(db.reader())
             .await?
         });
-        let Some((raw, sha, at, len)) = row else {
+        let Some((raw, digest, at, len)) = row else {
             return Ok(None);
         };
         let raw = match (at, len) {
@@ -518,7 +515,7 @@ impl Store {
                 });
             }
         };
-        check_body(id, &raw, &sha)?;
+        check_body(id, &raw, &digest)?;
         Ok(Some(raw))
     }
 
@@ -571,7 +568,7 @@ fn raw_row_values<'a>(
         Value::Text(msg.parse.as_str()),
         parse_reason(msg).into(),
         Value::Blob(raw),
-        Value::Text(&c.sha),
+        Value::Text(&c.digest),
         Value::Int(to_ms(stored_at)),
     ]
 }
@@ -650,7 +647,7 @@ impl<'c, 'h> RawStagedInserter<'c, 'h> {
         staged: StagedBody,
         stored_at: DateTime<Utc>,
     ) -> Result<bool, Error> {
-        let c = MessageColumns::of(msg, Some(staged.sha))?;
+        let c = MessageColumns::of(msg, Some(staged.digest))?;
         // a body in the bodies file left `raw` empty; one still held is stored in the row
         let (at, len) = match staged.place {
             Some(p) => (
@@ -675,15 +672,16 @@ impl<'c, 'h> RawStagedInserter<'c, 'h> {
 }
 
 /// Refuses bytes that are not the ones stored for message `id` (a damaged or replaced file).
-pub(crate) fn check_body(id: i64, raw: &[u8], sha: &str) -> Result<(), Error> {
-    if hex::encode(Sha256::digest(raw)) == sha {
-        Ok(())
-    } else {
-        Err(Error::Corrupt {
-            table: "messages",
-            reason: format!("the raw bytes of message {id} do not match their SHA-256"),
-        })
-    }
+pub(crate) fn check_body(id: i64, raw: &[u8], digest: &str) -> Result<(), Error> {
+    let reason = match body_digest::matches(raw, digest) {
+        Ok(true) => return Ok(()),
+        Ok(false) => format!("the raw bytes of message {id} do not match their digest"),
+        Err(unreadable) => format!("message {id} has {unreadable} in raw_digest"),
+    };
+    Err(Error::Corrupt {
+        table: "messages",
+        reason,
+    })
 }
 
 impl super::backend::SqliteDb {

@@ -20,6 +20,7 @@
 #[macro_use]
 mod backend;
 mod bodies;
+mod body_digest;
 pub mod copy;
 #[cfg(test)]
 #[macro_use]
@@ -413,7 +414,7 @@ impl SqliteDb {
             .await?;
         loop {
             let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(
-                "SELECT id, body_at, body_len, raw_sha256 FROM messages \
+                "SELECT id, body_at, body_len, raw_digest FROM messages \
                  WHERE body_at IS NOT NULL ORDER BY id LIMIT ?",
             )
             .bind(ROWS)

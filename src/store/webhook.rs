@@ -1105,10 +1105,10 @@ mod batch_tests {
         let got = insert_all(&store, &refs).await;
         assert!(got.iter().all(|g| !g.duplicate));
         assert_eq!(store.message_count().await.unwrap(), 1003);
-        // every stored row reads back with its raw bytes, hash and queue entry
-        let (raw, sha, queued): (Vec<u8>, String, i64) = on_backend!(store, |db| {
+        // every stored row reads back with its raw bytes, digest and queue entry
+        let (raw, digest, queued): (Vec<u8>, String, i64) = on_backend!(store, |db| {
             sqlx::query_as(db.sql(
-                "SELECT raw, raw_sha256, (SELECT count(*) FROM core_queue) FROM messages \
+                "SELECT raw, raw_digest, (SELECT count(*) FROM core_queue) FROM messages \
                  WHERE source = ? AND origin_key = ?",
             ))
             .bind("m")
@@ -1118,7 +1118,10 @@ mod batch_tests {
             .unwrap()
         });
         assert_eq!(raw, many[999].raw);
-        assert_eq!(sha, hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&raw)));
+        assert_eq!(
+            digest,
+            format!("xxh3-128:{:032x}", xxhash_rust::xxh3::xxh3_128(&raw))
+        );
         assert_eq!(queued, 1003);
     }
     }

@@ -464,11 +464,11 @@ impl Drop for LazyFs {
 
 /// (origin JSON, message_id, raw bytes) of every stored message in id order, each body read the
 /// way the on-disk contract says: from `raw`, or from `<db>-bodies` at [body_at, body_at +
-/// body_len) when the row points there. Panics on a body that does not match its SHA-256.
+/// body_len) when the row points there. Panics on a body that does not match its digest
+/// (`xxh3-128:<hex>`).
 pub async fn stored_messages(db: &Path) -> Vec<(String, Option<String>, Vec<u8>)> {
-    use sha2::Digest;
     let pool = open_sqlite(db, true).await.unwrap();
-    // origin, message_id, raw, raw_sha256, body_at, body_len
+    // origin, message_id, raw, raw_digest, body_at, body_len
     type Row = (
         String,
         Option<String>,
@@ -478,7 +478,7 @@ pub async fn stored_messages(db: &Path) -> Vec<(String, Option<String>, Vec<u8>)
         Option<i64>,
     );
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT origin, message_id, raw, raw_sha256, body_at, body_len FROM messages ORDER BY id",
+        "SELECT origin, message_id, raw, raw_digest, body_at, body_len FROM messages ORDER BY id",
     )
     .fetch_all(&pool)
     .await
@@ -488,7 +488,7 @@ pub async fn stored_messages(db: &Path) -> Vec<(String, Option<String>, Vec<u8>)
     bodies_path.push("-bodies");
     let bodies = std::fs::read(&bodies_path).unwrap_or_default();
     rows.into_iter()
-        .map(|(origin, id, raw, sha, at, len)| {
+        .map(|(origin, id, raw, digest, at, len)| {
             let raw = match (at, len) {
                 (Some(at), Some(len)) => {
                     assert!(raw.is_empty(), "a row with a body_at keeps raw empty");
@@ -502,8 +502,8 @@ pub async fn stored_messages(db: &Path) -> Vec<(String, Option<String>, Vec<u8>)
                 other => panic!("half a body place: {other:?}"),
             };
             assert_eq!(
-                hex::encode(sha2::Sha256::digest(&raw)),
-                sha,
+                format!("xxh3-128:{:032x}", xxhash_rust::xxh3::xxh3_128(&raw)),
+                digest,
                 "body of {origin}"
             );
             (origin, id, raw)
