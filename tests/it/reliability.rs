@@ -380,7 +380,7 @@ async fn imap_power_loss_rolls_batches_back_with_their_cursor() {
             "IMAP: {TOTAL} messages, {CYCLES} cycles of sync (batches of 20), SIGKILL, drop unsynced writes, remount; then a full sync and a power cut"
         ),
         &format!(
-            "{killed_mid_sync} kills mid-sync, {rolled_back} rolled back to an earlier cursor, cursor and rows agreed and every body matched its SHA-256 after every cut, {dropped} unsynced writes dropped; after the full sync: {rows} rows, cursor {last}"
+            "{killed_mid_sync} kills mid-sync, {rolled_back} rolled back to an earlier cursor, cursor and rows agreed and every body matched its digest after every cut, {dropped} unsynced writes dropped; after the full sync: {rows} rows, cursor {last}"
         ),
     );
     assert_eq!((rows, top, last), (TOTAL, TOTAL, TOTAL));
