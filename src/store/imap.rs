@@ -248,12 +248,10 @@ impl Store {
         let items = match &self.backend {
             Backend::Sqlite(db) => db.place_bodies(messages).await?,
             Backend::Postgres(_) => tokio::task::spawn_blocking(move || {
-                let digests: Vec<BodyDigest> =
-                    messages.iter().map(|m| BodyDigest::of(&m.raw)).collect();
                 messages
                     .into_iter()
-                    .zip(digests)
-                    .map(|(m, digest)| {
+                    .map(|m| {
+                        let digest = BodyDigest::of(&m.raw);
                         (
                             m,
                             StagedBody {
