@@ -20,7 +20,9 @@ use crate::digest::{
     Alert, AlertEvent, ConversationRow, Digest, DigestInput, FailedSendRow, NewMessagesRow,
     Rendered, ReplyRow, SourceHealthRow, SourceKind, TargetKind,
 };
-use crate::ingest::email::{fingerprint, html_to_text, normalize, normalize_unoptimized};
+use crate::ingest::email::{
+    check_plain_text_decoding, fingerprint, html_to_text, normalize, normalize_unoptimized,
+};
 use crate::ingest::webhook::auth::{Encoding, Inbound, Scheme, Verifier};
 use crate::ingest::webhook::preset::{self, Delivery, DirectionRule, Mapping, Outcome, Preset};
 use crate::message::Origin;
@@ -85,12 +87,14 @@ pub fn email_normalize(data: &[u8]) {
     let _ = html_to_text(&String::from_utf8_lossy(data));
 }
 
-/// Skipping the decoding of base64 attachments and of an alternative's HTML half never changes
-/// the normalized message: the input as is, as the base64 body of the second part of a fixed
-/// multipart/mixed message, and as the HTML half (quoted-printable or 7bit) of a fixed
-/// multipart/alternative. A `0xFF` splits off the attachment's headers (application/pdf when
-/// absent; their length's parity picks the HTML half's encoding), a second one what follows the
-/// body's delimiter, so every input exercises both skipping paths.
+/// Skipping the decoding of base64 attachments and of an alternative's HTML half, and decoding
+/// text/plain bodies without mail-parser, never change the normalized message: the input as is,
+/// as the base64 body of the second part of a fixed multipart/mixed message, as the HTML half
+/// (quoted-printable or 7bit) of a fixed multipart/alternative, and as a text/plain part
+/// (quoted-printable or 8bit; UTF-8, an unknown charset or Latin-1), whose body frontdesk's own
+/// decoder must also decode exactly as mail-parser does. A `0xFF` splits off the attachment's
+/// headers (application/pdf when absent; their length picks the encodings and the charset), a
+/// second one what follows the body's delimiter, so every input exercises every path.
 pub fn email_normalize_lean(data: &[u8]) {
     same_message_lean_and_full(data);
     let [body, headers, rest] = pieces::<3>(data);
@@ -120,6 +124,26 @@ pub fn email_normalize_lean(data: &[u8]) {
         b"Content-Transfer-Encoding: 7bit"
     });
     raw.extend_from_slice(b"\r\n\r\n");
+    raw.extend_from_slice(body);
+    raw.extend_from_slice(b"--=_b-1");
+    raw.extend_from_slice(rest);
+    same_message_lean_and_full(&raw);
+
+    // the same pieces as a text/plain part the lean path decodes itself
+    check_plain_text_decoding(body);
+    let mut raw = b"From: a@x.test\r\nContent-Type: multipart/mixed; boundary=\"=_b-1\"\r\n\r\n\
+--=_b-1\r\nContent-Type: text/plain; charset="
+        .to_vec();
+    raw.extend_from_slice(match headers.len() % 3 {
+        0 => &b"utf-8"[..],
+        1 => b"x-unknown",
+        _ => b"iso-8859-1",
+    });
+    raw.extend_from_slice(if headers.len() % 2 == 0 {
+        b"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+    } else {
+        b"\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    });
     raw.extend_from_slice(body);
     raw.extend_from_slice(b"--=_b-1");
     raw.extend_from_slice(rest);

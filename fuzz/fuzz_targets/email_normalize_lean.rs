@@ -1,4 +1,5 @@
-//! Skipping base64 attachments changes no normalized message (`frontdesk::fuzzing::email_normalize_lean`).
+//! The lean path (undecoded attachments and HTML halves, text/plain decoded by frontdesk) changes
+//! no normalized message (`frontdesk::fuzzing::email_normalize_lean`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::message::{Address, Automation, Direction, Message, Origin, ParseStatus};
 
 mod lean;
+mod plain_text;
 
 /// The header frontdesk puts on everything it sends (digests, alerts); mail carrying it is
 /// frontdesk's own and is never ingested as a client message (the loop guard).
@@ -47,27 +48,57 @@ pub fn normalize_unoptimized(
     assemble(source, origin, raw, received_at, fields)
 }
 
-/// How many body bytes `normalize` skips decoding in `raw` (0 when it parses the whole message).
+/// How many body bytes `normalize` never decodes in `raw`: attachments and unread HTML halves
+/// (0 when it parses the whole message).
 #[doc(hidden)]
 pub fn lean_skipped_bytes(raw: &[u8]) -> usize {
+    lean_removed(raw, |copy| {
+        raw.len() - copy.bytes().len() - copy.text_removed()
+    })
+}
+
+/// How many bytes of text/plain bodies in `raw` `normalize` decodes itself, not through
+/// mail-parser.
+#[doc(hidden)]
+pub fn lean_text_bytes(raw: &[u8]) -> usize {
+    lean_removed(raw, |copy| copy.text_removed())
+}
+
+/// Panics when frontdesk's own decoding of a text/plain body `body` differs from mail-parser's,
+/// as quoted-printable and as undecoded (the fuzz harness).
+#[doc(hidden)]
+pub fn check_plain_text_decoding(body: &[u8]) {
+    for encoding in [
+        mail_parser::Encoding::QuotedPrintable,
+        mail_parser::Encoding::None,
+    ] {
+        for delimited in [true, false] {
+            if let Some(how) = plain_text::disagreement(body, encoding, delimited) {
+                panic!("text/plain decoding differs from mail-parser's: {how}");
+            }
+        }
+    }
+}
+
+/// `count` of `raw`'s lean copy when the lean path is taken, else 0.
+fn lean_removed(raw: &[u8], count: impl FnOnce(&lean::LeanCopy<'_>) -> usize) -> usize {
     catch_unwind(AssertUnwindSafe(|| {
-        with_lean_parse(raw, |_, skipped| skipped)
+        with_lean_parse(raw, |_, copy| count(copy))
     }))
     .ok()
     .flatten()
     .unwrap_or(0)
 }
 
-/// `then` applied to the parse of `raw`'s lean copy and the number of bytes left out, when there
-/// is a lean copy and its parse explains every body left out.
+/// `then` applied to the parse of `raw`'s lean copy and the copy, when there is a lean copy and
+/// its parse explains every body left out.
 fn with_lean_parse<T>(
     raw: &[u8],
-    then: impl FnOnce(&mail_parser::Message<'_>, usize) -> T,
+    then: impl FnOnce(&mail_parser::Message<'_>, &lean::LeanCopy<'_>) -> T,
 ) -> Option<T> {
     let copy = lean::LeanCopy::new(raw, &MIME_PARSER)?;
     let msg = FULL_PARSER.parse(copy.bytes())?;
-    copy.explains(&msg)
-        .then(|| then(&msg, raw.len() - copy.bytes().len()))
+    copy.explains(&msg).then(|| then(&msg, &copy))
 }
 
 /// `extract` in `catch_unwind`: mail-parser has panicked on crafted input before.
@@ -193,7 +224,7 @@ struct Fields {
 fn extract_lean(raw: &[u8]) -> Fields {
     // a panic here says nothing about the original bytes: they get their own parse below
     let lean = catch_unwind(AssertUnwindSafe(|| {
-        with_lean_parse(raw, |msg, _| fields_of(msg, raw))
+        with_lean_parse(raw, |msg, copy| fields_of(msg, raw, Some(copy)))
     }));
     match lean {
         Ok(Some(fields)) => fields,
@@ -203,7 +234,7 @@ fn extract_lean(raw: &[u8]) -> Fields {
 
 fn extract(raw: &[u8]) -> Fields {
     match FULL_PARSER.parse(raw) {
-        Some(msg) => fields_of(&msg, raw),
+        Some(msg) => fields_of(&msg, raw, None),
         None => Fields {
             reasons: vec!["no header found".to_string()],
             ..Fields::default()
@@ -211,9 +242,13 @@ fn extract(raw: &[u8]) -> Fields {
     }
 }
 
-/// The fields of `msg`, parsed from `raw` or from its lean copy: everything read here lies in the
-/// headers or in parts the two have in common.
-fn fields_of(msg: &mail_parser::Message<'_>, raw: &[u8]) -> Fields {
+/// The fields of `msg`, parsed from `raw` or from its `lean` copy: everything read here lies in
+/// the headers, in parts the two have in common, or in the text the copy decoded itself.
+fn fields_of(
+    msg: &mail_parser::Message<'_>,
+    raw: &[u8],
+    lean: Option<&lean::LeanCopy<'_>>,
+) -> Fields {
     let mut f = Fields {
         from: msg.from().and_then(|a| a.iter().find_map(address)),
         ..Fields::default()
@@ -244,9 +279,18 @@ fn fields_of(msg: &mail_parser::Message<'_>, raw: &[u8]) -> Fields {
     // when a part has no plain alternative)
     let mut texts = Vec::new();
     for i in 0..msg.text_body_count() {
-        let text = match msg.text_part(i as u32).map(|p| &p.body) {
-            Some(PartType::Text(t)) => clean_text(t),
-            Some(PartType::Html(h)) => html_to_text(h),
+        let Some(part) = msg.text_part(i as u32) else {
+            continue;
+        };
+        let text = match &part.body {
+            // a body left out of the lean copy: its text is the copy's
+            PartType::Text(_)
+                if let Some(t) = lean.and_then(|c| c.text_at(part.offset_body as usize)) =>
+            {
+                clean_text(t)
+            }
+            PartType::Text(t) => clean_text(t),
+            PartType::Html(h) => html_to_text(h),
             _ => continue,
         };
         if !text.is_empty() {
@@ -304,24 +348,28 @@ fn clean_text(t: &str) -> String {
             i = end;
             continue;
         }
-        while i < end {
-            let b = bytes[i];
-            let skip = if !needs_look(b) {
-                0
-            } else if b != 0xc2 {
-                1
-            } else if bytes.get(i + 1).is_some_and(|n| (0x80..=0x9f).contains(n)) {
-                2
-            } else {
-                0
-            };
-            if skip > 0 {
-                out.push_str(&t[run..i]);
-                i += skip;
-                run = i;
-            } else {
-                i += 1;
-            }
+        // handle the first byte that needs a look, then go back to whole chunks from the byte
+        // after it: CRLF text has one hit per line, and finishing the chunk byte by byte would
+        // scan most of every line slowly
+        let Some(at) = bytes[i..end].iter().position(|&b| needs_look(b)) else {
+            i = end;
+            continue;
+        };
+        i += at;
+        let b = bytes[i];
+        let skip = if b != 0xc2 {
+            1
+        } else if bytes.get(i + 1).is_some_and(|n| (0x80..=0x9f).contains(n)) {
+            2
+        } else {
+            0
+        };
+        if skip > 0 {
+            out.push_str(&t[run..i]);
+            i += skip;
+            run = i;
+        } else {
+            i += 1;
         }
     }
     out.push_str(&t[run..]);
@@ -764,6 +812,89 @@ Content-Type: application/zip\r\nContent-Transfer-Encoding: base64\r\n\r\nUEsD\r
         }
     }
 
+    /// A multipart/mixed message whose first part is a text/plain `body` with these headers.
+    fn text_part(headers: &str, body: &str) -> Vec<u8> {
+        format!(
+            "From: a@x.test\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n\
+--b\r\nContent-Type: text/plain{headers}\r\n\r\n{body}--b\r\n{}--b--\r\n",
+            pdf("QUJD\r\n")
+        )
+        .into_bytes()
+    }
+
+    /// Text bodies the lean path decodes itself, and ones it leaves to mail-parser: the message
+    /// is the full parse's either way.
+    #[test]
+    fn text_decoded_by_the_lean_path_is_mail_parsers() {
+        let qp = "; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable";
+        let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+            (
+                "escapes, soft break, blanks",
+                text_part(qp, "caf=C3=A9 =E2=82=AC  \r\nsoft =\r\nbreak\t\r\n"),
+                true,
+            ),
+            (
+                "7bit",
+                text_part("; charset=UTF-8", "plain\r\ntext\r\n"),
+                true,
+            ),
+            ("no charset", text_part("", "plain\r\n"), true),
+            (
+                "unknown charset",
+                text_part("; charset=x-made-up", "caf\u{e9}\r\n"),
+                true,
+            ),
+            ("bad utf-8", text_part(qp, "bad =FF=FE bytes\r\n"), true),
+            ("delimiter mid-line", text_part(qp, "see x"), true),
+            (
+                "soft break before the delimiter",
+                text_part(qp, "abc=\r\n"),
+                true,
+            ),
+            ("lone cr", text_part(qp, "a\rb\nc\r\n"), true),
+            ("empty lines only", text_part(qp, "\r\n\r\n"), true),
+            ("decoding error", text_part(qp, "a==b\r\n"), false),
+            (
+                "one part",
+                format!("From: a@x\r\nContent-Type: text/plain{qp}\r\n\r\ncaf=C3=A9  \r\nend=\r\n")
+                    .into_bytes(),
+                true,
+            ),
+            (
+                "one untyped part",
+                b"From: a@x\r\n\r\nhello\r\n".to_vec(),
+                true,
+            ),
+            (
+                "one part, escape open at the end",
+                format!("From: a@x\r\nContent-Type: text/plain{qp}\r\n\r\nend=A").into_bytes(),
+                false,
+            ),
+            ("escape cut by the delimiter", text_part(qp, "end=A"), false),
+            (
+                "latin-1",
+                text_part("; charset=iso-8859-1", "caf\u{e9}\r\n"),
+                false,
+            ),
+            (
+                "base64",
+                text_part("\r\nContent-Transfer-Encoding: base64", "aGk=\r\n"),
+                false,
+            ),
+        ];
+        for (name, raw, decoded_here) in cases {
+            let origin = || Origin::Imap {
+                folder: "INBOX".into(),
+                uid_validity: 1,
+                uid: 1,
+            };
+            let lean = normalize("t", origin(), raw.clone(), DateTime::UNIX_EPOCH);
+            let full = normalize_unoptimized("t", origin(), raw.clone(), DateTime::UNIX_EPOCH);
+            assert_eq!(lean, full, "{name}");
+            assert_eq!(lean_text_bytes(&raw) > 0, decoded_here, "{name}");
+        }
+    }
+
     /// What `clean_text` replaced: CRLF made LF, every control character but tab and newline
     /// dropped char by char, then trimmed.
     fn char_filter(s: &str) -> String {
@@ -787,6 +918,24 @@ Content-Type: application/zip\r\nContent-Transfer-Encoding: base64\r\n\r\nUEsD\r
             proptest::prop_assert_eq!(&lean.parse, &ParseStatus::Ok);
             proptest::prop_assert_eq!(lean, full);
             proptest::prop_assert_eq!(lean_skipped_bytes(&raw), body.len());
+        }
+
+        /// Any quoted-printable text body normalizes as the full parse does, decoded by the lean
+        /// path or not.
+        #[test]
+        fn any_quoted_printable_text_normalizes_as_the_full_parse(
+            body in "[=A3fZ \t\x0c\r\n\u{e9}.-]{0,60}",
+            charset in "(utf-8|UTF-8|x-unknown|latin1)",
+        ) {
+            let headers = format!("; charset={charset}\r\nContent-Transfer-Encoding: quoted-printable");
+            // as a part of a multipart and as a message that is one text part
+            let one_part = format!("From: a@x\r\nContent-Type: text/plain{headers}\r\n\r\n{body}");
+            for raw in [text_part(&headers, &body), one_part.into_bytes()] {
+                let origin = || Origin::Imap { folder: "INBOX".into(), uid_validity: 1, uid: 1 };
+                let lean = normalize("t", origin(), raw.clone(), DateTime::UNIX_EPOCH);
+                let full = normalize_unoptimized("t", origin(), raw.clone(), DateTime::UNIX_EPOCH);
+                proptest::prop_assert_eq!(lean, full);
+            }
         }
 
         /// The byte-run `clean_text` keeps exactly what the char filter it replaced kept.

@@ -1,11 +1,17 @@
 //! The lean copy: a message without the bodies `normalize` never reads, which mail-parser would
-//! otherwise decode only for them to be thrown away. Two kinds are left out:
+//! otherwise decode only for them to be thrown away, and without the text/plain bodies that
+//! `plain_text` decodes faster than mail-parser. Three kinds are left out:
 //! - the bodies of base64 attachments (7.6% of `frontdesk sync`'s CPU on the bench mailbox, plus
 //!   the page faults of the decoded buffers);
 //! - the HTML half of a `multipart/alternative` that has a plain-text half, in quoted-printable or
 //!   no transfer encoding (decoding and converting it was ~10% of the sync's CPU: most mail is
 //!   such an alternative, and the HTML half is the larger one). `normalize` reads the HTML only
-//!   when there is no plain text.
+//!   when there is no plain text;
+//! - the body of a `text/plain` part of a multipart, in quoted-printable or no transfer encoding,
+//!   without a charset decoder of its own (UTF-8, an unknown charset or none). mail-parser's
+//!   byte-at-a-time quoted-printable decoder and lossy UTF-8 step were ~8% of the sync's CPU;
+//!   `plain_text` gives the same text from the original bytes, and `normalize` reads it instead
+//!   of the copy's empty body.
 //!
 //! mail-parser 0.11 decodes every part and cannot be told not to. So a pre-scan walks the MIME
 //! structure the way mail-parser's `parse_` loop does and picks the leaf parts whose bodies are safe
@@ -27,9 +33,14 @@
 //!   with the decoder's own rules and hex table. The lean copy's empty body decodes without error.
 //!   Membership in the text or HTML body lists depends on the part's type and that verdict, not on
 //!   the bytes.
+//! - **Text.** `R` ends as the HTML one does, at the first delimiter after the body start.
+//!   `plain_text::decode` reproduces both decoders on `R` and their lossy UTF-8 step, and declines
+//!   wherever mail-parser's decoder could fail, so the verdict is "no problem" in both copies and
+//!   the text is mail-parser's (its differential tests and the fuzz harness hold it to that).
 //!
 //! After `R`, the bytes are the same again. What differs is only the dropped part's decoded body
-//! and the offsets of that part, which `normalize` never reads. `LeanCopy::explains` checks the
+//! (`normalize` never reads it, or reads the copy's decoding of a text body instead) and the
+//! offsets of that part, which `normalize` never reads. `LeanCopy::explains` checks the
 //! rest on the lean parse itself, so a pre-scan that misread the structure costs a second parse,
 //! never a different `Message`:
 //! - each dropped base64 body is, in the lean parse, the body of a base64 part decoded without a
@@ -37,17 +48,23 @@
 //! - each dropped HTML body is, in the lean parse, an HTML part decoded without a problem, with the
 //!   transfer encoding the pre-scan saw, not among the text bodies `normalize` reads, and a direct
 //!   child of a `multipart/alternative` whose boundary is the one the pre-scan ended it at;
+//! - each decoded text body is, in the lean parse, a text part decoded without a problem, with the
+//!   transfer encoding the pre-scan saw and no charset decoder, and a direct child of a multipart
+//!   whose boundary is the one the pre-scan ended it at;
 //! - no boundary contains `\n`: the byte before each `R` is `\n`, so a boundary delimiter could
 //!   otherwise straddle `R` and be found in one copy but not the other.
 
+use std::borrow::Cow;
 use std::ops::Range;
-use std::sync::LazyLock;
 
+use mail_parser::decoders::charsets::map::charset_decoder;
 use mail_parser::decoders::quoted_printable::HEX_MAP;
 use mail_parser::{
     ContentType, Encoding, GetHeader, HeaderName, HeaderValue, Message, MessageParser, PartType,
 };
 use memchr::memmem;
+
+use super::plain_text;
 
 /// Open multiparts beyond this depth end the walk (the rest is parsed whole): a bound on the work
 /// and memory a hostile message can make the pre-scan spend.
@@ -55,7 +72,7 @@ const MAX_DEPTH: usize = 64;
 
 /// A body the lean copy leaves out.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Skipped {
+pub(super) enum Skipped<'r> {
     /// A base64 attachment's body.
     Base64,
     /// The HTML half of an alternative, ended at the first delimiter of `boundary`.
@@ -65,31 +82,44 @@ pub(super) enum Skipped {
         /// Its transfer encoding: quoted-printable or none.
         encoding: Encoding,
     },
+    /// A `text/plain` part's body, decoded here (`plain_text`) rather than by mail-parser: in a
+    /// multipart, ended at the first delimiter of `boundary`, or the whole message's, to its end.
+    Text {
+        /// The boundary of the enclosing multipart, without the leading `--`; None for the body
+        /// of a message that is one text part.
+        boundary: Option<Vec<u8>>,
+        /// Its transfer encoding: quoted-printable or none.
+        encoding: Encoding,
+        /// The part's text, as mail-parser would have decoded it.
+        text: Cow<'r, str>,
+    },
 }
 
 /// A body the pre-scan found safe to leave out: where it is in the original and what it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Skip {
+pub(super) struct Skip<'r> {
     /// The body's bytes in the original.
     pub(super) range: Range<usize>,
     /// What kind of body it is.
-    pub(super) kind: Skipped,
+    pub(super) kind: Skipped<'r>,
 }
 
 /// A message with some bodies removed, and where each removed body began.
-pub(super) struct LeanCopy {
+pub(super) struct LeanCopy<'r> {
     bytes: Vec<u8>,
     /// Offsets in `bytes` where a removed body was, ascending, with what it was.
-    holes: Vec<(usize, Skipped)>,
+    holes: Vec<(usize, Skipped<'r>)>,
+    /// Bytes of the original removed from text/plain bodies.
+    text_removed: usize,
 }
 
-impl LeanCopy {
+impl<'r> LeanCopy<'r> {
     /// The lean copy of `raw`, or None when there is nothing worth removing. `parser` reads the
     /// part headers; it needs the MIME headers only (`explains` checks the result on the parse
     /// that counts).
-    pub(super) fn new(raw: &[u8], parser: &MessageParser) -> Option<LeanCopy> {
+    pub(super) fn new(raw: &'r [u8], parser: &MessageParser) -> Option<LeanCopy<'r>> {
         // offsets in mail-parser are u32
-        if u32::try_from(raw.len()).is_err() || !(mentions_base64(raw) || mentions_html(raw)) {
+        if u32::try_from(raw.len()).is_err() {
             return None;
         }
         let skips = skippable_bodies(raw, parser);
@@ -99,23 +129,47 @@ impl LeanCopy {
         let removed: usize = skips.iter().map(|s| s.range.len()).sum();
         let mut bytes = Vec::with_capacity(raw.len() - removed);
         let mut holes = Vec::with_capacity(skips.len());
+        let mut text_removed = 0;
         let mut from = 0;
         for Skip { range: r, kind } in skips {
             // strictly apart: two holes at one offset would be explained by one part
             if r.start <= from || r.is_empty() {
                 return None;
             }
+            if let Skipped::Text { .. } = kind {
+                text_removed += r.len();
+            }
             bytes.extend_from_slice(raw.get(from..r.start)?);
             holes.push((bytes.len(), kind));
             from = r.end;
         }
         bytes.extend_from_slice(raw.get(from..)?);
-        Some(LeanCopy { bytes, holes })
+        Some(LeanCopy {
+            bytes,
+            holes,
+            text_removed,
+        })
     }
 
     /// The bytes to parse.
     pub(super) fn bytes(&self) -> &[u8] {
         &self.bytes
+    }
+
+    /// The text of the `text/plain` part whose body was removed at `at` in `bytes()`, decoded
+    /// from the original (meaningful once `explains` holds).
+    pub(super) fn text_at(&self, at: usize) -> Option<&str> {
+        let i = self.holes.binary_search_by_key(&at, |(o, _)| *o).ok()?;
+        match &self.holes[i].1 {
+            Skipped::Text { text, .. } => Some(text),
+            _ => None,
+        }
+    }
+
+    /// How many bytes of text/plain bodies the copy leaves to `plain_text`; the rest of what it
+    /// removed is never decoded at all.
+    pub(super) fn text_removed(&self) -> usize {
+        self.text_removed
     }
 
     /// Whether `msg`, the parse of `bytes()`, shows that each removed body belonged to a part
@@ -136,42 +190,96 @@ impl LeanCopy {
         self.holes.iter().all(|(at, kind)| match kind {
             Skipped::Base64 => binary_bodies.binary_search(at).is_ok(),
             Skipped::Html { boundary, encoding } => unread_html_at(msg, *at, boundary, *encoding),
+            Skipped::Text {
+                boundary, encoding, ..
+            } => plain_text_at(msg, *at, boundary.as_deref(), *encoding),
         }) && !any_boundary_has_newline(msg)
     }
+}
+
+/// The part of `msg` whose body starts at offset `at` and is of the kind `is_kind` accepts, when
+/// it was decoded without a problem from `encoding` and is a direct child of a multipart with
+/// `boundary` (a `multipart/alternative` when `alternative`).
+fn leaf_at(
+    msg: &Message<'_>,
+    at: usize,
+    boundary: &[u8],
+    encoding: Encoding,
+    alternative: bool,
+    is_kind: impl Fn(&PartType<'_>) -> bool,
+) -> Option<usize> {
+    let id = msg
+        .parts
+        .iter()
+        .position(|p| p.offset_body as usize == at && is_kind(&p.body))?;
+    let part = &msg.parts[id];
+    if part.is_encoding_problem || part.encoding != encoding {
+        return None;
+    }
+    msg.parts
+        .iter()
+        .any(|parent| {
+            matches!(&parent.body, PartType::Multipart(ids) if ids.iter().any(|&c| c as usize == id))
+                && parent
+                    .headers
+                    .header_value(&HeaderName::ContentType)
+                    .and_then(HeaderValue::as_content_type)
+                    .is_some_and(|ct| {
+                        ct.ctype().eq_ignore_ascii_case("multipart")
+                            && (!alternative
+                                || ct
+                                    .subtype()
+                                    .is_some_and(|s| s.eq_ignore_ascii_case("alternative")))
+                            && ct.attribute("boundary").map(str::as_bytes) == Some(boundary)
+                    })
+        })
+        .then_some(id)
 }
 
 /// Whether `msg` has, at body offset `at`, an HTML part decoded without a problem from
 /// `encoding`, which `normalize` does not read (not a text body), and which is a direct child of
 /// a `multipart/alternative` with `boundary`.
 fn unread_html_at(msg: &Message<'_>, at: usize, boundary: &[u8], encoding: Encoding) -> bool {
-    let Some(id) = msg
-        .parts
-        .iter()
-        .position(|p| p.offset_body as usize == at && matches!(p.body, PartType::Html(_)))
-    else {
-        return false;
-    };
-    let part = &msg.parts[id];
-    if part.is_encoding_problem
-        || part.encoding != encoding
-        || msg.text_body.iter().any(|&t| t as usize == id)
-    {
-        return false;
-    }
-    msg.parts.iter().any(|parent| {
-        matches!(&parent.body, PartType::Multipart(ids) if ids.iter().any(|&c| c as usize == id))
-            && parent
-                .headers
-                .header_value(&HeaderName::ContentType)
-                .and_then(HeaderValue::as_content_type)
-                .is_some_and(|ct| {
-                    ct.ctype().eq_ignore_ascii_case("multipart")
-                        && ct
-                            .subtype()
-                            .is_some_and(|s| s.eq_ignore_ascii_case("alternative"))
-                        && ct.attribute("boundary").map(str::as_bytes) == Some(boundary)
-                })
+    leaf_at(msg, at, boundary, encoding, true, |b| {
+        matches!(b, PartType::Html(_))
     })
+    .is_some_and(|id| !msg.text_body.iter().any(|&t| t as usize == id))
+}
+
+/// Whether `msg` has, at body offset `at`, a text part decoded without a problem from
+/// `encoding`, without a charset decoder (so mail-parser reads it as lossy UTF-8, as
+/// `plain_text` does), and a direct child of a multipart with `boundary`, or with no boundary
+/// the message's root part (which mail-parser reads to the end).
+fn plain_text_at(
+    msg: &Message<'_>,
+    at: usize,
+    boundary: Option<&[u8]>,
+    encoding: Encoding,
+) -> bool {
+    let is_text = |b: &PartType<'_>| matches!(b, PartType::Text(_));
+    let id = match boundary {
+        Some(boundary) => leaf_at(msg, at, boundary, encoding, false, is_text),
+        None => msg.parts.first().and_then(|root| {
+            (root.offset_body as usize == at
+                && is_text(&root.body)
+                && !root.is_encoding_problem
+                && root.encoding == encoding)
+                .then_some(0)
+        }),
+    };
+    id.is_some_and(|id| {
+        !has_charset_decoder(msg.parts[id].headers.header_value(&HeaderName::ContentType))
+    })
+}
+
+/// Whether mail-parser decodes a text part with this `Content-Type` through a charset decoder
+/// (UTF-8, an unknown charset and none have none: those are read as lossy UTF-8).
+fn has_charset_decoder(content_type: Option<&HeaderValue<'_>>) -> bool {
+    content_type
+        .and_then(HeaderValue::as_content_type)
+        .and_then(|ct| ct.attribute("charset"))
+        .and_then(|c| charset_decoder(c.as_bytes()))
+        .is_some()
 }
 
 /// Whether any part, nested messages included, declares a boundary containing `\n`.
@@ -198,34 +306,6 @@ fn any_boundary_has_newline(msg: &Message<'_>) -> bool {
     false
 }
 
-/// Whether `text/html` or `text/HTML` appears, `text` in any case: a message without either has
-/// no HTML part worth the walk (other spellings only miss the shortcut).
-fn mentions_html(raw: &[u8]) -> bool {
-    // searchers built once: building one cost more than a short message's search
-    static NEEDLES: LazyLock<[memmem::Finder<'static>; 2]> =
-        LazyLock::new(|| [memmem::Finder::new(b"/html"), memmem::Finder::new(b"/HTML")]);
-    NEEDLES.iter().any(|needle| {
-        needle.find_iter(raw).any(|i| {
-            i >= 4
-                && raw
-                    .get(i - 4..i)
-                    .is_some_and(|b| b.eq_ignore_ascii_case(b"text"))
-        })
-    })
-}
-
-/// Whether `base64` appears in any case: a message without it has no base64 part, and mail
-/// without it or `text/html` skips the walk on these scans.
-fn mentions_base64(raw: &[u8]) -> bool {
-    static NEEDLE: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"64"));
-    NEEDLE.find_iter(raw).any(|i| {
-        i >= 4
-            && raw
-                .get(i - 4..i)
-                .is_some_and(|b| b.eq_ignore_ascii_case(b"base"))
-    })
-}
-
 /// An open multipart in the pre-scan.
 struct Open {
     /// Finds `--` + its boundary (built once per multipart, not once per part).
@@ -241,7 +321,7 @@ struct Open {
 
 /// The leaf bodies the full parse can skip, ascending. Follows mail-parser 0.11's `parse_` loop
 /// and stops (keeping what it found so far) wherever it would have to guess.
-pub(super) fn skippable_bodies(raw: &[u8], parser: &MessageParser) -> Vec<Skip> {
+pub(super) fn skippable_bodies<'r>(raw: &'r [u8], parser: &MessageParser) -> Vec<Skip<'r>> {
     let mut found = Vec::new();
     // the open multiparts, innermost last
     let mut open: Vec<Open> = Vec::new();
@@ -304,8 +384,26 @@ pub(super) fn skippable_bodies(raw: &[u8], parser: &MessageParser) -> Vec<Skip> 
             // a message inline in the stream, parsed by rules of its own: not followed here
             break;
         }
-        // a leaf; at the top level it runs to the end, so nothing follows it
+        // untyped is text/plain outside a digest (a digest's were taken for messages above)
+        let plain = (ctype.is_none() || is("text") && subtype_is("plain"))
+            && matches!(encoding, Encoding::QuotedPrintable | Encoding::None)
+            && !has_charset_decoder(headers.and_then(|h| h.header_value(&HeaderName::ContentType)));
+        // a leaf; at the top level it is the message's only part and runs to the end, so nothing
+        // follows it
         let Some(parent) = open.last_mut() else {
+            if plain
+                && body < raw.len()
+                && let Some(text) = plain_text::decode(&raw[body..], encoding, false)
+            {
+                found.push(Skip {
+                    range: body..raw.len(),
+                    kind: Skipped::Text {
+                        boundary: None,
+                        encoding,
+                        text,
+                    },
+                });
+            }
             break;
         };
         let html = parent.alternative
@@ -353,6 +451,20 @@ pub(super) fn skippable_bodies(raw: &[u8], parser: &MessageParser) -> Vec<Skip> 
                     kind: Skipped::Html {
                         boundary: delimiter.needle()[2..].to_vec(),
                         encoding,
+                    },
+                });
+            } else if plain
+                && i > body
+                && let Some(text) = raw
+                    .get(body..i)
+                    .and_then(|r| plain_text::decode(r, encoding, true))
+            {
+                found.push(Skip {
+                    range: body..i,
+                    kind: Skipped::Text {
+                        boundary: Some(delimiter.needle()[2..].to_vec()),
+                        encoding,
+                        text,
                     },
                 });
             }
@@ -500,10 +612,26 @@ mod tests {
             .default_header_raw()
     }
 
+    /// The bodies left undecoded (attachments, HTML halves).
     fn regions(raw: &[u8]) -> Vec<&str> {
         skippable_bodies(raw, &parser())
             .into_iter()
+            .filter(|s| !matches!(s.kind, Skipped::Text { .. }))
             .map(|s| std::str::from_utf8(&raw[s.range]).unwrap())
+            .collect()
+    }
+
+    /// The text/plain bodies left to `plain_text`, with their decoded text.
+    fn text_regions(raw: &[u8]) -> Vec<(&str, String)> {
+        skippable_bodies(raw, &parser())
+            .into_iter()
+            .filter_map(|s| match s.kind {
+                Skipped::Text { text, .. } => Some((
+                    std::str::from_utf8(&raw[s.range]).unwrap(),
+                    text.into_owned(),
+                )),
+                _ => None,
+            })
             .collect()
     }
 
@@ -646,6 +774,104 @@ Content-Type: text/html\r\n\r\n<p>cut"
     }
 
     #[test]
+    fn decodes_text_plain_parts_itself() {
+        let qp = "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n\
+caf=C3=A9 au lait,=\r\n soft break\r\n";
+        let raw = mixed(
+            "b1",
+            &[
+                qp,
+                "Content-Type: text/plain\r\n\r\nno charset, no encoding\r\n",
+                "Content-Type: text/plain; charset=x-unknown\r\nContent-Transfer-Encoding: 8bit\r\n\r\nna\u{ef}ve\r\n",
+            ],
+        );
+        assert_eq!(
+            text_regions(raw.as_bytes()),
+            [
+                (
+                    "caf=C3=A9 au lait,=\r\n soft break\r\n",
+                    "caf\u{e9} au lait, soft break".to_string()
+                ),
+                (
+                    "no charset, no encoding\r\n",
+                    "no charset, no encoding".into()
+                ),
+                ("na\u{ef}ve\r\n", "na\u{ef}ve".into()),
+            ]
+        );
+        let p = parser();
+        let lean = LeanCopy::new(raw.as_bytes(), &p).unwrap();
+        let msg = p.parse(lean.bytes()).unwrap();
+        assert!(lean.explains(&msg));
+        let first = msg.text_body[0] as usize;
+        assert_eq!(
+            lean.text_at(msg.parts[first].offset_body as usize),
+            Some("caf\u{e9} au lait, soft break")
+        );
+        // the same bytes with a charset mail-parser decodes itself (same length) are not explained
+        let latin = String::from_utf8(lean.bytes().to_vec())
+            .unwrap()
+            .replace("charset=utf-8", "charset=cp850");
+        assert!(!lean.explains(&p.parse(&latin).unwrap()));
+    }
+
+    #[test]
+    fn decodes_a_message_that_is_one_text_part() {
+        // the body runs to the end, line end included; untyped is text/plain
+        for (raw, text) in [
+            (
+                "From: a@x\r\nContent-Type: text/plain; charset=utf-8\r\n\
+Content-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9\r\nline  \r\n",
+                "caf\u{e9}\r\nline\r\n",
+            ),
+            ("From: a@x\r\n\r\nhello\r\n", "hello\r\n"),
+        ] {
+            let found = text_regions(raw.as_bytes());
+            assert_eq!(found.len(), 1, "{raw:?}");
+            assert_eq!(found[0].1, text, "{raw:?}");
+            let p = parser();
+            let lean = LeanCopy::new(raw.as_bytes(), &p).unwrap();
+            assert!(lean.bytes().ends_with(b"\r\n\r\n"));
+            let msg = p.parse(lean.bytes()).unwrap();
+            assert!(lean.explains(&msg), "{raw:?}");
+            assert_eq!(lean.text_at(msg.parts[0].offset_body as usize), Some(text));
+        }
+        // an escape open at the end, a charset with its own decoder: left to mail-parser
+        for raw in [
+            "From: a@x\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nend=",
+            "From: a@x\r\nContent-Type: text/plain; charset=koi8-r\r\n\r\nhello\r\n",
+        ] {
+            assert!(text_regions(raw.as_bytes()).is_empty(), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn leaves_other_text_plain_parts_to_mail_parser() {
+        for part in [
+            // a charset with a decoder of its own
+            "Content-Type: text/plain; charset=iso-8859-1\r\n\r\ncaf\u{e9}\r\n",
+            "Content-Type: text/plain; charset=US-ASCII\r\n\r\nplain\r\n",
+            // base64 text
+            "Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\naGk=\r\n",
+            // a quoted-printable error, an escape cut by the delimiter
+            "Content-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\na==b\r\n",
+            "Content-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nend=A",
+            // not text/plain
+            "Content-Type: text/csv\r\n\r\na,b\r\n",
+        ] {
+            let raw = mixed("b1", &[part]);
+            assert!(text_regions(raw.as_bytes()).is_empty(), "{part:?}");
+        }
+        // a message that is one part of another kind
+        let raw = "From: a@x\r\nContent-Type: text/html\r\n\r\n<p>hello</p>\r\n";
+        assert!(text_regions(raw.as_bytes()).is_empty());
+        // never closed: the part runs to the end
+        let raw = "From: a@x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\
+Content-Type: text/plain\r\n\r\ncut";
+        assert!(text_regions(raw.as_bytes()).is_empty());
+    }
+
+    #[test]
     fn blanks_a_base64_attachment() {
         let raw = mixed(
             "b1",
@@ -768,7 +994,11 @@ Content-Transfer-Encoding: base64\r\n\r\nQUJD\r\n",
         );
         let p = parser();
         let lean = LeanCopy::new(raw.as_bytes(), &p).unwrap();
-        assert_eq!(lean.bytes().len(), raw.len() - PDF.len());
+        assert_eq!(
+            lean.bytes().len(),
+            raw.len() - PDF.len() - "hello\r\n".len()
+        );
+        assert_eq!(lean.text_removed(), "hello\r\n".len());
         let msg = p.parse(lean.bytes()).unwrap();
         assert!(lean.explains(&msg));
         // the same bytes with the part made text (same length, so the same offsets) do not
