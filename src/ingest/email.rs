@@ -145,8 +145,9 @@ fn assemble(
 }
 
 /// The full parse: only the headers `extract` reads are parsed into values; every other header
-/// (Received chains, DKIM signatures, List-*) is kept as raw text, which costs a scan instead of a
-/// tokenizer run. `raw_header` reads from the raw bytes, so it is unaffected.
+/// (Received chains, DKIM signatures, List-*) is only scanned to its end, which costs less than a
+/// tokenizer run and allocates no value. Such a header keeps its name and offsets, and
+/// `raw_header` reads from the raw bytes, so it is unaffected.
 static FULL_PARSER: LazyLock<MessageParser> = LazyLock::new(|| {
     MessageParser::new()
         .with_mime_headers()
@@ -158,7 +159,7 @@ static FULL_PARSER: LazyLock<MessageParser> = LazyLock::new(|| {
         .header_id(HeaderName::MessageId)
         .header_id(HeaderName::InReplyTo)
         .header_id(HeaderName::References)
-        .default_header_raw()
+        .default_header_ignore()
 });
 
 /// The lean pre-scan's part headers: the MIME headers, every other header skipped unparsed (the
