@@ -4,10 +4,11 @@
 //! CPU on the bench mailbox, where most text parts are in a multipart and a third are
 //! quoted-printable.
 //!
-//! Only the case the lean pre-scan meets is covered: a body that a boundary delimiter ends, with
-//! no charset decoder (UTF-8, an unknown charset or none, all read as lossy UTF-8). Where the
-//! outcome is not certain (a decoding error, an escape cut by the delimiter, a trim past the
-//! start), the answer is None and mail-parser decodes the part itself. The differential tests
+//! Only the cases the lean pre-scan meets are covered: a body that a boundary delimiter ends, or
+//! the body of a message that is one text part, with no charset decoder (UTF-8, an unknown
+//! charset or none, all read as lossy UTF-8). Where the outcome is not certain (a decoding error,
+//! an escape left open at the end, a trim past the start), the answer is None and mail-parser
+//! decodes the part itself. The differential tests
 //! below and the `email_normalize_lean` fuzz target hold this to mail-parser's own decoders.
 
 use std::borrow::Cow;
