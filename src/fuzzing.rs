@@ -21,7 +21,7 @@ use crate::digest::{
     Rendered, ReplyRow, SourceHealthRow, SourceKind, TargetKind,
 };
 use crate::ingest::email::{
-    check_plain_text_decoding, fingerprint, html_to_text, normalize, normalize_unoptimized,
+    check_plain_text_decoding, fingerprint, html_to_text, lean_and_full, normalize,
 };
 use crate::ingest::webhook::auth::{Encoding, Inbound, Scheme, Verifier};
 use crate::ingest::webhook::preset::{self, Delivery, DirectionRule, Mapping, Outcome, Preset};
@@ -151,13 +151,7 @@ pub fn email_normalize_lean(data: &[u8]) {
 }
 
 fn same_message_lean_and_full(raw: &[u8]) {
-    let origin = || Origin::Imap {
-        folder: "INBOX".into(),
-        uid_validity: 1,
-        uid: 1,
-    };
-    let lean = normalize("fuzz", origin(), raw.to_vec(), DateTime::UNIX_EPOCH);
-    let full = normalize_unoptimized("fuzz", origin(), raw.to_vec(), DateTime::UNIX_EPOCH);
+    let (lean, full) = lean_and_full(raw);
     assert_eq!(lean, full, "the lean path changed the message");
 }
 

@@ -64,6 +64,21 @@ pub fn lean_text_bytes(raw: &[u8]) -> usize {
     lean_removed(raw, |copy| copy.text_removed())
 }
 
+/// `raw` normalized by the lean path and by the decode-everything reference, as one IMAP message
+/// (the tests and the fuzz harness compare the two).
+#[doc(hidden)]
+pub fn lean_and_full(raw: &[u8]) -> (Message, Message) {
+    let origin = || Origin::Imap {
+        folder: "INBOX".into(),
+        uid_validity: 1,
+        uid: 1,
+    };
+    (
+        normalize("check", origin(), raw.to_vec(), DateTime::UNIX_EPOCH),
+        normalize_unoptimized("check", origin(), raw.to_vec(), DateTime::UNIX_EPOCH),
+    )
+}
+
 /// Panics when frontdesk's own decoding of a text/plain body `body` differs from mail-parser's,
 /// as quoted-printable and as undecoded (the fuzz harness).
 #[doc(hidden)]
@@ -801,13 +816,7 @@ Content-Type: application/zip\r\nContent-Transfer-Encoding: base64\r\n\r\nUEsD\r
             ),
         ];
         for (name, raw, skipped) in cases {
-            let origin = || Origin::Imap {
-                folder: "INBOX".into(),
-                uid_validity: 1,
-                uid: 1,
-            };
-            let lean = normalize("t", origin(), raw.clone(), DateTime::UNIX_EPOCH);
-            let full = normalize_unoptimized("t", origin(), raw.clone(), DateTime::UNIX_EPOCH);
+            let (lean, full) = lean_and_full(&raw);
             assert_eq!(lean, full, "{name}");
             assert_eq!(lean_skipped_bytes(&raw) > 0, skipped, "{name}");
         }
@@ -884,13 +893,7 @@ Content-Type: application/zip\r\nContent-Transfer-Encoding: base64\r\n\r\nUEsD\r
             ),
         ];
         for (name, raw, decoded_here) in cases {
-            let origin = || Origin::Imap {
-                folder: "INBOX".into(),
-                uid_validity: 1,
-                uid: 1,
-            };
-            let lean = normalize("t", origin(), raw.clone(), DateTime::UNIX_EPOCH);
-            let full = normalize_unoptimized("t", origin(), raw.clone(), DateTime::UNIX_EPOCH);
+            let (lean, full) = lean_and_full(&raw);
             assert_eq!(lean, full, "{name}");
             assert_eq!(lean_text_bytes(&raw) > 0, decoded_here, "{name}");
         }
@@ -913,9 +916,7 @@ Content-Type: application/zip\r\nContent-Transfer-Encoding: base64\r\n\r\nUEsD\r
         #[test]
         fn any_base64_alphabet_body_is_skipped(body in "[A-Za-z0-9+/= \t\r\n]{1,120}") {
             let raw = mixed_with("b", &(pdf(&body) + "--b--\r\n"));
-            let origin = || Origin::Imap { folder: "INBOX".into(), uid_validity: 1, uid: 1 };
-            let lean = normalize("t", origin(), raw.clone(), DateTime::UNIX_EPOCH);
-            let full = normalize_unoptimized("t", origin(), raw.clone(), DateTime::UNIX_EPOCH);
+            let (lean, full) = lean_and_full(&raw);
             proptest::prop_assert_eq!(&lean.parse, &ParseStatus::Ok);
             proptest::prop_assert_eq!(lean, full);
             proptest::prop_assert_eq!(lean_skipped_bytes(&raw), body.len());
@@ -932,9 +933,7 @@ Content-Type: application/zip\r\nContent-Transfer-Encoding: base64\r\n\r\nUEsD\r
             // as a part of a multipart and as a message that is one text part
             let one_part = format!("From: a@x\r\nContent-Type: text/plain{headers}\r\n\r\n{body}");
             for raw in [text_part(&headers, &body), one_part.into_bytes()] {
-                let origin = || Origin::Imap { folder: "INBOX".into(), uid_validity: 1, uid: 1 };
-                let lean = normalize("t", origin(), raw.clone(), DateTime::UNIX_EPOCH);
-                let full = normalize_unoptimized("t", origin(), raw.clone(), DateTime::UNIX_EPOCH);
+                let (lean, full) = lean_and_full(&raw);
                 proptest::prop_assert_eq!(lean, full);
             }
         }

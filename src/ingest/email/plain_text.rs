@@ -158,7 +158,6 @@ fn quoted_printable(body: &[u8], delimited: bool) -> Option<Vec<u8>> {
 /// harness), or None when they agree or `decode` declines. When `delimited`, `body` is followed by
 /// the delimiter of boundary `b`, and a body where that delimiter occurs earlier is not a body and
 /// gives None.
-#[doc(hidden)]
 pub(super) fn disagreement(body: &[u8], encoding: Encoding, delimited: bool) -> Option<String> {
     let mut bytes = body.to_vec();
     let boundary: &[u8] = if delimited { b"b" } else { b"" };
