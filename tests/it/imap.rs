@@ -561,6 +561,42 @@ async fn backfill_duration_and_none_skip_old_mail_and_count_it_on(backend: Backe
     );
 }
 
+/// The receipt time is the server's INTERNALDATE whether the first listing read the dates (a
+/// backfill cutoff compares them) or only the fetch did (`backfill: all` lists without them).
+#[tokio::test]
+async fn the_receipt_time_is_the_internaldate_whether_or_not_the_listing_reads_it() {
+    let rig = Rig::shared();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // whole seconds (an mtime's fraction is not in INTERNALDATE), a few days apart
+    let dates: Vec<u64> = (0..4).map(|i| now - 86_400 * (i + 1) - 7 * i).collect();
+    for (tag, backfill) in [("rtall", "all"), ("rt30d", "30d")] {
+        let user = rig.new_mailbox(tag);
+        rig.append_many_dated(
+            &user,
+            "INBOX",
+            dates.iter().enumerate().map(|(i, d)| {
+                (
+                    simple(i, tag),
+                    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(*d)),
+                )
+            }),
+        );
+        let s = Setup::new(rig, &user, &format!("      backfill: {backfill}\n")).await;
+        assert_eq!(s.inserted().await, 4, "{backfill}");
+        let pool = s.sqlite_pool().await;
+        let got: Vec<i64> = sqlx::query_scalar("SELECT received_at FROM messages ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let want: Vec<i64> = dates.iter().map(|d| *d as i64 * 1000).collect();
+        assert_eq!(got, want, "backfill: {backfill}");
+    }
+}
+
 #[tokio::test]
 async fn starttls_works_and_wrong_password_is_a_clear_error() {
     let rig = Rig::shared();
