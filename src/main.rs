@@ -781,6 +781,10 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
 async fn sync(config: &config::Config, only: Option<&str>) -> Result<(), Failure> {
     use frontdesk::ingest::imap;
     use std::io::IsTerminal;
+    // the first source's TLS handshake and login overlap the store's opening
+    let mut early = imap::source_configs(config, only)
+        .next()
+        .map(|(name, cfg)| imap::connect_early(name, cfg));
     let store = open_store(config).await?;
     let sources = imap::sources(config, &store, only);
     if sources.is_empty() {
@@ -837,7 +841,7 @@ async fn sync(config: &config::Config, only: Option<&str>) -> Result<(), Failure
             None => {}
         };
         let mut poison = imap::PoisonTracker::default();
-        let result = imap::sync_once(ctx, &mut poison, &mut progress).await;
+        let result = imap::sync_once_over(ctx, early.take(), &mut poison, &mut progress).await;
         if let Some(bar) = &bar {
             bar.finish_and_clear();
         }
