@@ -586,7 +586,7 @@ struct Listed {
 }
 
 /// What a listing asks for besides UID and size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 enum ListDates {
     /// INTERNALDATE too: a backfill cutoff or a fingerprint match compares it.
     With,
@@ -611,10 +611,13 @@ async fn list(
     let mut out = Vec::new();
     let listed = async {
         let id = session
-            .run_command(match dates {
-                ListDates::With => format!("UID FETCH {set} (UID RFC822.SIZE INTERNALDATE)"),
-                ListDates::Without => format!("UID FETCH {set} (UID RFC822.SIZE)"),
-            })
+            .run_command(format!(
+                "UID FETCH {set} (UID RFC822.SIZE{})",
+                match dates {
+                    ListDates::With => " INTERNALDATE",
+                    ListDates::Without => "",
+                }
+            ))
             .await?;
         loop {
             let Some(resp) = session.read_response().await? else {
@@ -1194,12 +1197,6 @@ impl SourceCtx {
         uid_validity: u32,
     ) -> Result<(ImapCursor, Vec<Listed>), ImapError> {
         let now = Utc::now();
-        // `all` compares no date: the fetch reads each one with its body
-        let dates = match self.cfg.backfill {
-            Backfill::All => ListDates::Without,
-            Backfill::None | Backfill::Within(_) => ListDates::With,
-        };
-        let listed = list(session, "1:*", dates, self.cfg.timeout).await?;
         let cutoff = match self.cfg.backfill {
             Backfill::All => None,
             Backfill::None => Some(now),
@@ -1207,6 +1204,12 @@ impl SourceCtx {
                 Some(now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX))
             }
         };
+        // without a cutoff no date is compared: the fetch reads each one with its body
+        let dates = match cutoff {
+            Some(_) => ListDates::With,
+            None => ListDates::Without,
+        };
+        let listed = list(session, "1:*", dates, self.cfg.timeout).await?;
         let floor = match cutoff {
             None => 0,
             Some(cutoff) => listed
